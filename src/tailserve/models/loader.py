@@ -189,7 +189,7 @@ def gguf_weights(reader: Any, config: ModelConfig) -> dict[str, torch.Tensor]:
             w = dequantize(t.data, t.tensor_type)
         except NotImplementedError as e:
             raise ModelLoadError(f"tensor {t.name}: quantization {t.tensor_type.name} is not supported") from e
-        w = np.ascontiguousarray(w, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
+        w = np.require(w, np.float32, ["C", "W"]).reshape(tuple(int(d) for d in reversed(t.shape)))
         parts = t.name.split(".")
         if parts[0] == "blk":
             kind = _GGUF_LAYER_NAMES.get(parts[2])

@@ -1,0 +1,172 @@
+"""Seeded, deterministic workloads: the same name, size and seed always give the same prompts.
+
+Text is synthetic (sentences drawn from a built-in word list), so nothing is downloaded and the
+prompts do not depend on any model. Lengths are in *approx tokens*: words x TOKENS_PER_WORD, which
+the server's reported usage replaces in the results.
+
+A workload is a list of sessions; a session is a list of turns sent one after another, each turn
+carrying the whole history so far (single-turn workloads have one turn per session). Arrivals
+(closed loop, Poisson, bursts) are a property of the run, not of the workload.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+# Calibrated on SmolLM2's BPE over this word list (about 1.1 tokens per word with punctuation).
+TOKENS_PER_WORD = 1.1
+
+WORKLOADS = ("chat", "straggler", "multiturn", "burst", "copy", "disconnect", "oversized", "slowreader")
+
+_WORDS = (
+    "the of and to in is that for it as was with be by on not he this are or his from at which but "
+    "have an they you were her she there been one all we their has would when if so no what up out "
+    "about who into them can more some time could these two may then first any like other over such "
+    "our new only also after most made many before must through back years where much your way well "
+    "down should because each just those people how too little state good very make world still own "
+    "see men work long get here between both life being under never day same another know while last "
+    "might great old year off come since against go came right used take three system water river "
+    "mountain garden window kitchen library engine signal market letter morning evening winter summer "
+    "village harbor bridge forest island candle mirror ladder pencil orange silver copper marble "
+    "thunder planet lantern compass saddle blanket kettle feather meadow valley canyon glacier "
+    "desert harvest festival journey whisper shadow sunlight question answer number pattern reason "
+    "history science music theory measure quickly slowly gently rarely always often carefully "
+    "brightly quietly loudly early late bright dark warm cold heavy light narrow wide ancient modern"
+).split()
+
+_QUESTIONS = (
+    "Explain the following in simple terms.",
+    "Summarize the passage below.",
+    "What is the main idea here?",
+    "Write a short story that continues this.",
+    "List three questions about the text below.",
+    "Rewrite the following more formally.",
+)
+
+
+def est_tokens(text: str) -> int:
+    """Approximate token count of `text` (the words-to-tokens estimate used everywhere here)."""
+    return max(1, round(len(text.split()) * TOKENS_PER_WORD))
+
+
+def synth_text(rng: random.Random, approx_tokens: int) -> str:
+    """Sentences of common words totalling about `approx_tokens` tokens."""
+    target_words = max(1, round(approx_tokens / TOKENS_PER_WORD))
+    sentences: list[str] = []
+    n = 0
+    while n < target_words:
+        k = min(rng.randint(6, 16), target_words - n)
+        words = rng.choices(_WORDS, k=k)
+        sentences.append(" ".join(words).capitalize() + ".")
+        n += k
+    return " ".join(sentences)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One request's user message and how the client treats it."""
+
+    user: str
+    max_tokens: int
+    tag: str = "normal"  # normal | long | disconnect | oversized | slowreader: results group by it
+    disconnect_after: int | None = None  # the client drops the stream after this many tokens
+    slow_read: bool = False  # the client reads this stream slowly through a small socket buffer
+
+
+@dataclass(frozen=True)
+class Session:
+    turns: tuple[Turn, ...]
+    system: str | None = None
+
+
+@dataclass
+class Workload:
+    name: str
+    sessions: list[Session]
+    default_arrival: str = "closed"  # the arrival mode used when none is asked for
+    params: dict[str, float | int | None] = field(default_factory=dict)
+
+    @property
+    def num_requests(self) -> int:
+        return sum(len(s.turns) for s in self.sessions)
+
+
+@dataclass(frozen=True)
+class WorkloadParams:
+    """The knobs of the workloads; the defaults are what the names promise."""
+
+    output_tokens: int = 128
+    system_tokens: int = 400  # chat: the shared system prompt
+    straggler_every: int = 10  # straggler: every n-th request is the long one
+    long_tokens: int = 2048
+    turns: tuple[int, int] = (3, 6)  # multiturn: turns per session (inclusive range)
+    disconnect_share: float = 0.3
+    oversized_share: float = 0.25
+    slowreader_every: int = 8
+    context_len: int | None = None  # oversized: the server's context length
+
+
+def _user_turn(rng: random.Random, lo: int, hi: int) -> str:
+    """A question plus a passage of log-uniform length in [lo, hi] approx tokens."""
+    n = round(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+    return f"{rng.choice(_QUESTIONS)}\n\n{synth_text(rng, n)}"
+
+
+def build_workload(name: str, num_requests: int, seed: int, params: WorkloadParams | None = None) -> Workload:
+    """`num_requests` requests of workload `name`, fully determined by `seed`."""
+    p = params or WorkloadParams()
+    if name not in WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+    if num_requests < 1:
+        raise ValueError("the workload needs at least one request")
+    rng = random.Random(f"{name}:{seed}")
+    out = p.output_tokens
+    sessions: list[Session] = []
+    if name == "multiturn":
+        system = "You are a helpful assistant. Answer briefly and stay on topic."
+        left = num_requests
+        while left > 0:
+            k = min(left, rng.randint(*p.turns))
+            turns = tuple(Turn(_user_turn(rng, 32, 160), out) for _ in range(k))
+            sessions.append(Session(turns, system))
+            left -= k
+        return Workload(name, sessions, params={"turns_min": p.turns[0], "turns_max": p.turns[1]})
+    if name == "oversized" and not p.context_len:
+        raise ValueError("the oversized workload needs the context length (--context-len)")
+    system = synth_text(rng, p.system_tokens) if name == "chat" else None
+    for i in range(num_requests):
+        if name == "chat":
+            turn = Turn(_user_turn(rng, 16, 400), out)
+        elif name == "straggler":
+            if i % p.straggler_every == p.straggler_every - 1:
+                turn = Turn(f"{_QUESTIONS[0]}\n\n{synth_text(rng, p.long_tokens)}", out, tag="long")
+            else:
+                turn = Turn(_user_turn(rng, 32, 128), out)
+        elif name == "copy":
+            passage = synth_text(rng, out)
+            turn = Turn(f"Repeat the following passage word for word.\n\n{passage}", out, tag="copy")
+        elif name == "disconnect" and rng.random() < p.disconnect_share:
+            drop = rng.randint(1, max(1, out // 2))
+            turn = Turn(_user_turn(rng, 16, 400), out, tag="disconnect", disconnect_after=drop)
+        elif name == "oversized" and rng.random() < p.oversized_share:
+            assert p.context_len is not None
+            turn = Turn(synth_text(rng, int(p.context_len * 1.5) + 64), out, tag="oversized")
+        elif name == "slowreader" and i % p.slowreader_every == 0:
+            turn = Turn(_user_turn(rng, 16, 400), out, tag="slowreader", slow_read=True)
+        else:  # burst, and the well-behaved share of the unhappy workloads
+            turn = Turn(_user_turn(rng, 16, 400), out)
+        sessions.append(Session((turn,), system))
+    params: dict[str, float | int | None] = {}
+    if name == "straggler":
+        params = {"straggler_every": p.straggler_every, "long_tokens": p.long_tokens}
+    elif name == "disconnect":
+        params = {"disconnect_share": p.disconnect_share}
+    elif name == "oversized":
+        params = {"oversized_share": p.oversized_share, "context_len": p.context_len}
+    elif name == "slowreader":
+        params = {"slowreader_every": p.slowreader_every}
+    elif name == "chat":
+        params = {"system_tokens": p.system_tokens}
+    return Workload(name, sessions, "burst" if name == "burst" else "closed", params)

@@ -1,0 +1,169 @@
+"""Fixed-size KV blocks: allocation, reference counts, and the hash-chained prefix cache.
+
+A full block whose KV has been computed is keyed by hash(parent key, its token ids); another request
+with the same prefix maps the same physical block (read-only: only full blocks are shared, and a
+request only ever writes into its own last, partial block). When the last reader lets go, a cached
+block is kept on an LRU list and handed out again only when no never-cached block is left.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    key: int | None = None  # prefix-cache key while registered
+    token_ids: tuple[int, ...] = ()  # the tokens behind `key`, to rule out hash collisions
+
+
+@dataclass
+class BlockTable:
+    """One sequence's view: its physical blocks in order and the keys of its full, computed blocks."""
+
+    blocks: list[int] = field(default_factory=list)
+    keys: list[int] = field(default_factory=list)
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self._free: deque[int] = deque(range(num_blocks))  # ref 0, not cached
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # ref 0, cached, oldest first
+        self._cached: dict[int, int] = {}  # key -> block id
+        self.prefix_queries = 0  # tokens looked up
+        self.prefix_hits = 0  # tokens found
+        self.evictions = 0
+
+    # --- accounting -------------------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # --- prefix cache -----------------------------------------------------------------------------
+
+    @staticmethod
+    def block_key(parent: int | None, token_ids: tuple[int, ...]) -> int:
+        return hash((parent, token_ids))
+
+    def lookup(self, token_ids: list[int]) -> list[int]:
+        """Block ids caching the longest prefix of `token_ids` in full blocks.
+
+        The last token is never a hit: its logits must be computed, so at least one token is left to run.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        bs = self.block_size
+        n_full = (len(token_ids) - 1) // bs
+        hits: list[int] = []
+        parent: int | None = None
+        for i in range(n_full):
+            chunk = tuple(token_ids[i * bs : (i + 1) * bs])
+            key = self.block_key(parent, chunk)
+            bid = self._cached.get(key)
+            if bid is None or self.blocks[bid].token_ids != chunk:
+                break
+            hits.append(bid)
+            parent = key
+        self.prefix_queries += len(token_ids)
+        self.prefix_hits += len(hits) * bs
+        return hits
+
+    def register_full_blocks(self, table: BlockTable, token_ids: list[int], num_computed: int) -> None:
+        """Key every block of `table` whose tokens are now all computed, so later requests can share it."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        parent = table.keys[-1] if table.keys else None
+        for i in range(len(table.keys), num_computed // bs):
+            chunk = tuple(token_ids[i * bs : (i + 1) * bs])
+            key = self.block_key(parent, chunk)
+            block = self.blocks[table.blocks[i]]
+            if key not in self._cached and block.key is None:
+                block.key, block.token_ids = key, chunk
+                self._cached[key] = block.block_id
+            table.keys.append(key)
+            parent = key
+
+    # --- allocation -------------------------------------------------------------------------------
+
+    def can_allocate(self, table: BlockTable, num_tokens: int, hits: list[int] = ()) -> bool:
+        """Whether `table` (plus `hits`, not yet taken) can grow to hold `num_tokens` tokens."""
+        need = self.blocks_needed(num_tokens) - len(table.blocks) - len(hits)
+        if need <= 0:
+            return True
+        revived = sum(1 for b in hits if b in self._evictable)
+        return need <= self.num_free_blocks - revived
+
+    def allocate(self, table: BlockTable, num_tokens: int, hits: list[int] = ()) -> bool:
+        """Take the cached `hits` (for an empty table) and enough fresh blocks for `num_tokens` tokens.
+
+        All or nothing: on False nothing changed.
+        """
+        if not self.can_allocate(table, num_tokens, hits):
+            return False
+        for bid in hits:
+            self._take(bid)
+            table.blocks.append(bid)
+            table.keys.append(self.blocks[bid].key)  # type: ignore[arg-type]
+        while len(table.blocks) < self.blocks_needed(num_tokens):
+            table.blocks.append(self._take(self._pop_free()))
+        return True
+
+    def free(self, table: BlockTable) -> None:
+        """Release a sequence's blocks, tail first so the LRU evicts a prefix's end before its start."""
+        for bid in reversed(table.blocks):
+            block = self.blocks[bid]
+            assert block.ref_count > 0, f"double free of block {bid}"
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                if block.key is not None:
+                    self._evictable[bid] = None
+                else:
+                    self._free.append(bid)
+        table.blocks.clear()
+        table.keys.clear()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every unreferenced cached block (e.g. after weights change)."""
+        while self._evictable:
+            bid, _ = self._evictable.popitem(last=False)
+            self._uncache(bid)
+            self._free.append(bid)
+
+    def _take(self, bid: int) -> int:
+        block = self.blocks[bid]
+        if block.ref_count == 0:
+            self._evictable.pop(bid, None)
+        block.ref_count += 1
+        return bid
+
+    def _pop_free(self) -> int:
+        if self._free:
+            return self._free.popleft()
+        bid, _ = self._evictable.popitem(last=False)
+        self._uncache(bid)
+        self.evictions += 1
+        return bid
+
+    def _uncache(self, bid: int) -> None:
+        block = self.blocks[bid]
+        if block.key is not None and self._cached.get(block.key) == bid:
+            del self._cached[block.key]
+        block.key, block.token_ids = None, ()

@@ -1,0 +1,462 @@
+"""LLMEngine: the step loop (schedule → run → sample → update). AsyncEngine: the same loop on its own
+thread, with async streams of deltas and aborts, so HTTP never waits on a model step nor the other way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import torch
+
+from tailserve.config import EngineConfig
+from tailserve.engine.block_manager import BlockManager
+from tailserve.engine.model_runner import ModelRunner, kv_bytes_per_block
+from tailserve.engine.outputs import RequestOutput, TokenLogprob
+from tailserve.engine.scheduler import Scheduler, SchedulerOutput
+from tailserve.engine.sequence import Sequence, Status
+from tailserve.layers.sampler import Sampler, SampleRow
+from tailserve.models.llama import LlamaModel
+from tailserve.sampling import SamplingParams
+
+log = logging.getLogger("tailserve.engine")
+
+
+@dataclass
+class EngineStats:
+    """A consistent snapshot, replaced whole after each step, that other threads may read freely."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_waiting_tokens: int = 0
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+    kv_cache_usage: float = 0.0
+    prefill_tokens_per_s: float = 0.0  # smoothed rate of prompt tokens through steps that prefill
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    last_step_time: float = 0.0
+    last_batch_size: int = 0
+    last_batch_tokens: int = 0
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        if device == "cuda":
+            return torch.bfloat16
+        return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model: LlamaModel, tokenizer=None) -> None:  # noqa: ANN001
+        """Build from a loaded model; `from_config` loads one. tokenizer may be None (token ids only)."""
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = str(next(model.parameters()).device)
+        self.dtype = model.embed.dtype
+        mc = model.config
+        per_block = kv_bytes_per_block(model, config.block_size, self.dtype)
+        num_blocks = int(config.kv_cache_memory * (1 << 30)) // per_block
+        if num_blocks < 2:
+            raise ValueError(f"kv_cache_memory {config.kv_cache_memory} GiB holds fewer than 2 blocks")
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.max_model_len = min(self.max_model_len, num_blocks * config.block_size)
+        if config.max_num_batched_tokens < config.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs so every running sequence can decode")
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill
+        )
+        self.runner = ModelRunner(model, num_blocks, config.block_size, self.dtype, self.device)
+        self.sampler = Sampler(config.seed)
+        eos = set(getattr(tokenizer, "eos_token_ids", None) or mc.eos_token_ids)
+        self.eos_token_ids: frozenset[int] = frozenset(eos)
+        self.requests: dict[str, Sequence] = {}
+        self._order = itertools.count()
+        self._prefill_rate = 0.0
+        self.stats = EngineStats(num_free_blocks=num_blocks, num_total_blocks=num_blocks)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLMEngine:
+        from tailserve.models.loader import load_config_and_weights, resolve_model
+        from tailserve.tokenizer import Tokenizer
+
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        path = resolve_model(config.model)
+        model_config, weights = load_config_and_weights(path)
+        device = resolve_device(config.device)
+        model = LlamaModel(model_config, weights, resolve_dtype(config.dtype, device)).to(device).eval()
+        del weights
+        return cls(config, model, Tokenizer.load(path))
+
+    # --- requests ---------------------------------------------------------------------------------
+
+    def make_sequence(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+        arrival: float | None = None,
+        deadline: float | None = None,
+    ) -> Sequence:
+        """Validate and tokenize a request without touching engine state (safe from any thread)."""
+        params.validate()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer: pass prompt token ids")
+            if not prompt:
+                raise ValueError("prompt is empty")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model.config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but the request asks for "
+                f"{len(ids) + params.max_tokens} ({len(ids)} in the prompt + {params.max_tokens} max_tokens)"
+            )
+        seq = Sequence(request_id, ids, params, priority=priority, deadline=deadline)
+        if arrival is not None:
+            seq.times.arrival = arrival
+        if self.tokenizer is not None:
+            from tailserve.tokenizer import IncrementalDetokenizer
+
+            seq.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop
+            )
+        elif params.stop:
+            raise ValueError("stop strings need a tokenizer")
+        return seq
+
+    def add_sequence(self, seq: Sequence) -> None:
+        if seq.request_id in self.requests:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        seq.arrival_order = next(self._order)
+        seq.times.admitted = time.perf_counter()
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, **kw) -> Sequence:
+        seq = self.make_sequence(request_id, prompt, params, **kw)
+        self.add_sequence(seq)
+        return seq
+
+    def abort(self, request_id: str, reason: str = "abort", error: str | None = None) -> RequestOutput | None:
+        """Stop a request now and give back its blocks; the returned delta is its last."""
+        seq = self.requests.get(request_id)
+        if seq is None:
+            return None
+        self._finish(seq, reason, error=error)
+        return self._output(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # --- the step -----------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One iteration: every running sequence advances by its scheduled tokens."""
+        outputs = self._expire_deadlines()
+        t0 = time.perf_counter()
+        sched = self.scheduler.schedule()
+        if sched.scheduled:
+            try:
+                self._run(sched, t0)
+            except Exception as e:  # a failed batch fails its requests, never the loop
+                log.exception("model step failed")
+                for s in sched.scheduled:
+                    if not s.seq.finished:
+                        self._finish(s.seq, "error", error=f"engine error: {type(e).__name__}: {e}")
+        for s in sched.scheduled:
+            seq = s.seq
+            if seq.pending_tokens or seq.finished:
+                outputs.append(self._output(seq))
+        self._snapshot(sched, time.perf_counter() - t0)
+        return outputs
+
+    def _run(self, sched: SchedulerOutput, t0: float) -> None:
+        now = t0
+        for s in sched.scheduled:
+            if s.seq.times.first_scheduled is None:
+                s.seq.times.first_scheduled = now
+        result = self.runner.run(sched.scheduled)
+        rows = [SampleRow(s.seq.params, s.seq.generator, self._banned(s.seq)) for s in result.sampled]
+        sample = self.sampler(result.logits, rows) if rows else None
+        now = time.perf_counter()
+        for s in sched.scheduled:
+            s.seq.num_computed += s.num_new_tokens
+            self.block_manager.register_full_blocks(s.seq.table, s.seq.token_ids, s.seq.num_computed)
+        for j, s in enumerate(result.sampled):
+            assert sample is not None
+            self._append(s.seq, sample.token_ids[j], sample.logprobs[j], now)
+        prefill = sum(s.num_new_tokens for s in sched.scheduled if s.num_new_tokens > 1)
+        if prefill:
+            rate = sched.num_tokens / max(now - t0, 1e-6)
+            self._prefill_rate = rate if not self._prefill_rate else 0.8 * self._prefill_rate + 0.2 * rate
+
+    def _banned(self, seq: Sequence) -> list[int]:
+        p = seq.params
+        if seq.num_output_tokens >= p.min_tokens:
+            return []
+        banned = list(p.stop_token_ids)
+        if not p.ignore_eos:
+            banned.extend(self.eos_token_ids)
+        return banned
+
+    def _append(self, seq: Sequence, token: int, logprob, now: float) -> None:  # noqa: ANN001
+        try:
+            seq.token_ids.append(token)
+            times = seq.times
+            if times.first_token is None:
+                times.first_token = now
+            times.last_token = now
+            times.token_times.append(now)
+            seq.pending_tokens.append(token)
+            if seq.detokenizer is not None:
+                seq.pending_text += seq.detokenizer.add(token)
+            if logprob is not None:
+                seq.pending_logprobs.append(self._token_logprob(token, logprob))
+            self._check_stop(seq, token)
+        except Exception as e:
+            log.exception("request %s failed", seq.request_id)
+            self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+
+    def _token_logprob(self, token: int, logprob: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
+        piece = self.tokenizer.id_to_piece if self.tokenizer is not None else str
+        lp, top = logprob
+        return TokenLogprob(token, piece(token), lp, [(t, piece(t), v) for t, v in top])
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.params  # before min_tokens, end tokens were never sampled (see _banned)
+        if not p.ignore_eos and token in self.eos_token_ids:
+            self._finish(seq, "stop")
+        elif token in p.stop_token_ids:
+            self._finish(seq, "stop", stop_reason=token)
+        elif seq.detokenizer is not None and seq.detokenizer.stop_hit is not None:
+            self._finish(seq, "stop", stop_reason=seq.detokenizer.stop_hit)
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str, *, stop_reason: str | int | None = None, error: str | None = None) -> None:
+        if seq.finished:
+            return
+        self.scheduler.remove(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason, seq.stop_reason, seq.error = reason, stop_reason, error
+        seq.times.finished = time.perf_counter()
+        if seq.detokenizer is not None and reason != "error":
+            seq.pending_text += seq.detokenizer.flush()
+        self.requests.pop(seq.request_id, None)
+
+    def _expire_deadlines(self) -> list[RequestOutput]:
+        now = time.perf_counter()
+        late = [s for s in self.requests.values() if s.deadline is not None and now > s.deadline]
+        outs = []
+        for seq in late:
+            self._finish(seq, "abort", error="deadline exceeded: the request ran past its timeout")
+            outs.append(self._output(seq))
+        return outs
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        out = RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=seq.pending_tokens,
+            new_text=seq.pending_text,
+            finished=seq.finished,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            error=seq.error,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            logprobs=seq.pending_logprobs if seq.params.logprobs is not None else None,
+            times=seq.times,
+        )
+        seq.pending_tokens, seq.pending_text, seq.pending_logprobs = [], "", []
+        return out
+
+    def _snapshot(self, sched: SchedulerOutput, elapsed: float) -> None:
+        bm = self.block_manager
+        self.stats = EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_waiting_tokens=self.scheduler.num_waiting_tokens,
+            num_free_blocks=bm.num_free_blocks,
+            num_total_blocks=bm.num_blocks,
+            kv_cache_usage=bm.usage,
+            prefill_tokens_per_s=self._prefill_rate,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=bm.prefix_queries,
+            prefix_cache_hits=bm.prefix_hits,
+            last_step_time=elapsed,
+            last_batch_size=len(sched.scheduled),
+            last_batch_tokens=sched.num_tokens,
+        )
+
+
+class AsyncEngine:
+    """Runs an LLMEngine on a dedicated thread; callers get async streams of RequestOutput deltas."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="tailserve-engine", daemon=True)
+        self.step_hooks: list[Callable[[LLMEngine, list[RequestOutput]], None]] = []
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        return cls(LLMEngine.from_config(config))
+
+    @property
+    def tokenizer(self):  # noqa: ANN201
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def stats(self) -> EngineStats:
+        return self.engine.stats
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str,
+        *,
+        priority: int = 0,
+        arrival: float | None = None,
+        deadline: float | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's deltas; raises ValueError before queueing on bad input.
+
+        Leaving the iteration early (client gone, task cancelled) aborts the request in the engine.
+        """
+        seq = self.engine.make_sequence(
+            request_id, prompt, params, priority=priority, arrival=arrival, deadline=deadline
+        )
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        q: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        self._send("add", seq)
+        finished = False
+        try:
+            while True:
+                out = await q.get()
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._send("abort", request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._send("abort", request_id)
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _send(self, kind: str, payload: object) -> None:
+        self._inbox.put((kind, payload))
+        self._wake.set()
+
+    def _drain_inbox(self) -> list[RequestOutput]:
+        outs: list[RequestOutput] = []
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return outs
+            if kind == "add":
+                seq = payload
+                assert isinstance(seq, Sequence)
+                try:
+                    self.engine.add_sequence(seq)
+                except ValueError as e:
+                    seq.status, seq.finish_reason, seq.error = Status.FINISHED, "error", str(e)
+                    outs.append(self.engine._output(seq))
+            else:
+                out = self.engine.abort(str(payload))
+                if out is not None:
+                    outs.append(out)
+
+    def _loop(self) -> None:
+        while not self._stop:
+            outs = self._drain_inbox()
+            if self.engine.has_unfinished():
+                try:
+                    outs += self.engine.step()
+                except Exception:  # the loop must survive anything a step throws
+                    log.exception("engine step raised")
+            elif not outs:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            for hook in self.step_hooks:
+                with contextlib.suppress(Exception):
+                    hook(self.engine, outs)
+            self._publish(outs)
+
+    def _publish(self, outs: list[RequestOutput]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]] = {}
+        for out in outs:
+            target = self._streams.get(out.request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], out))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening
+                loop.call_soon_threadsafe(_deliver, items)
+
+
+def _deliver(items: list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]) -> None:
+    for q, out in items:
+        q.put_nowait(out)
