@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tailserve.config import DEFAULT_MODEL
+from tailserve.bench.cli import add_parser as add_bench_parser
+from tailserve.config import DEFAULT_MODEL, EngineConfig, add_dataclass_args, dataclass_from_args
 
 
 def _fetch(args: argparse.Namespace) -> int:
@@ -15,12 +16,58 @@ def _fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[])
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from tailserve.llm import LLM
+    from tailserve.sampling import SamplingParams
+
+    config = dataclass_from_args(EngineConfig, args)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
+    )
+    llm = LLM(**asdict(config))
+    prompt = args.prompt
+    if args.command == "chat":
+        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    for out in llm.stream(prompt, params):
+        sys.stdout.write(out.new_text)
+        sys.stdout.flush()
+        if out.finished:
+            sys.stdout.write("\n")
+            if out.error:
+                print(f"error: {out.error}", file=sys.stderr)
+                return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tailserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("fetch", help="download the default model into the cache (offline once cached)")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.set_defaults(func=_fetch)
+    add_bench_parser(sub)
+    for name, text in (("generate", "complete a prompt"), ("chat", "answer one chat message")):
+        p = sub.add_parser(name, help=f"{text}, streaming the text to the terminal")
+        p.add_argument("prompt")
+        add_dataclass_args(p, EngineConfig)
+        _sampling_args(p)
+        p.set_defaults(func=_generate)
     return parser
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+from dataclasses import dataclass, fields
+from typing import TypeVar
+
+T = TypeVar("T")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -17,8 +21,8 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512  # per-step token budget (decodes + prefill chunks)
     max_model_len: int | None = None  # defaults to the model's context length, capped by the pool
-    enable_chunked_prefill: bool = True
-    enable_prefix_caching: bool = True
+    chunked_prefill: bool = True
+    prefix_cache: bool = True
     quantization: str = "none"
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
@@ -36,3 +40,25 @@ class ServerConfig:
     request_timeout: float | None = None  # seconds; abort requests running longer
     max_body_bytes: int = 4 << 20
     shutdown_grace: float = 30.0
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field (`max_num_seqs` → `--max-num-seqs`); booleans get `--x/--no-x`."""
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        default = f.default
+        if kind == "bool":
+            parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction)
+        elif kind.startswith("int"):
+            parser.add_argument(flag, type=int, default=default)
+        elif kind.startswith("float"):
+            parser.add_argument(flag, type=float, default=default)
+        else:
+            parser.add_argument(flag, default=default)
+
+
+def dataclass_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})

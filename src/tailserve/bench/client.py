@@ -149,7 +149,9 @@ async def send(
     rec.start = time.perf_counter()
     try:
         await asyncio.wait_for(
-            _stream(client, cfg.base_url + path, body, headers, rec, disconnect_after, slow_read, cfg.read_delay),
+            _stream(
+                client, cfg.base_url + path, body, headers, rec, disconnect_after, slow_read, cfg.read_delay
+            ),
             cfg.timeout,
         )
     except asyncio.TimeoutError:

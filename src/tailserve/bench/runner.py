@@ -81,7 +81,8 @@ class Runner:
         records: list[RequestRecord] = []
         first_ids = [0, *itertools.accumulate(len(s.turns) for s in workload.sessions)]
         jobs = [
-            (lambda i=i, s=s: self._session(i, s, first_ids[i], records)) for i, s in enumerate(workload.sessions)
+            (lambda i=i, s=s: self._session(i, s, first_ids[i], records))
+            for i, s in enumerate(workload.sessions)
         ]
         t0 = time.perf_counter()
         capped = False

@@ -91,9 +91,9 @@ class LLMEngine:
         self.max_model_len = min(self.max_model_len, num_blocks * config.block_size)
         if config.max_num_batched_tokens < config.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs so every running sequence can decode")
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.prefix_cache)
         self.scheduler = Scheduler(
-            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, config.chunked_prefill
         )
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.dtype, self.device)
         self.sampler = Sampler(config.seed)
@@ -209,6 +209,7 @@ class LLMEngine:
         self._snapshot(sched, time.perf_counter() - t0)
         return outputs
 
+    @torch.inference_mode()
     def _run(self, sched: SchedulerOutput, t0: float) -> None:
         now = t0
         for s in sched.scheduled:

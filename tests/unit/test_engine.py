@@ -1,0 +1,236 @@
+"""The engine's batched, chunked, preempted and sampled paths must agree with the plain path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tailserve.sampling import SamplingParams
+from tests.tiny import TINY, run_all, tiny_engine, tiny_model
+
+MODEL = tiny_model()
+LENGTHS = [1, 3, 7, 16, 29, 64, 130]
+
+
+def prompts(seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, TINY.vocab_size, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+def greedy(n: int = 12) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def sequential(ps: list[list[int]], params: SamplingParams, **options) -> list[list[int]]:  # noqa: ANN003
+    outs = []
+    for p in ps:
+        eng = tiny_engine(MODEL, **options)
+        eng.add_request("r", p, params)
+        outs.append(run_all(eng)["r"])
+    return outs
+
+
+def batched(ps: list[list[int]], params: SamplingParams, **options) -> list[list[int]]:  # noqa: ANN003
+    eng = tiny_engine(MODEL, **options)
+    for i, p in enumerate(ps):
+        eng.add_request(str(i), p, params)
+    got = run_all(eng)
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+    return [got[str(i)] for i in range(len(ps))]
+
+
+def test_batched_equals_sequential() -> None:
+    ps = prompts()
+    ref = sequential(ps, greedy())
+    assert all(len(r) == 12 for r in ref)
+    assert batched(ps, greedy()) == ref
+
+
+def test_chunked_equals_unchunked() -> None:
+    ps = prompts(1)
+    ref = batched(ps, greedy(), max_num_batched_tokens=512, chunked_prefill=False)
+    assert batched(ps, greedy(), max_num_batched_tokens=8, max_num_seqs=8) == ref
+    assert batched(ps, greedy(), max_num_batched_tokens=13, max_num_seqs=4) == ref
+
+
+def test_preempted_and_recomputed_equals_uninterrupted() -> None:
+    ps = prompts(2)
+    ref = batched(ps, greedy(24))
+    eng = tiny_engine(MODEL, kv_cache_memory=60 * 4 * 2 * 2 * 2 * 16 * 4 / (1 << 30), prefix_cache=False)
+    assert eng.block_manager.num_blocks == 60
+    for i, p in enumerate(ps):
+        eng.add_request(str(i), p, greedy(24))
+    got = run_all(eng)
+    assert eng.scheduler.num_preemptions > 0
+    assert [got[str(i)] for i in range(len(ps))] == ref
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_prefix_cache_on_equals_off() -> None:
+    shared = prompts(3)[-1]
+    ps = [shared + p for p in prompts(4)]
+    off = batched(ps, greedy(), prefix_cache=False)
+    eng = tiny_engine(MODEL)
+    eng.add_request("warm", shared, greedy(2))
+    run_all(eng)
+    for i, p in enumerate(ps):
+        eng.add_request(str(i), p, greedy())
+    got = run_all(eng)
+    assert [got[str(i)] for i in range(len(ps))] == off
+    assert eng.block_manager.prefix_hits >= len(ps) * (len(shared) // 4 * 4)
+
+
+def test_seeded_sampling_is_reproducible_across_batches() -> None:
+    ps = prompts(5)
+    seeded = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    alone = sequential([ps[3]], seeded)[0]
+    eng = tiny_engine(MODEL, max_num_batched_tokens=16, max_num_seqs=8)
+    for i, p in enumerate(ps):
+        params = seeded if i == 3 else SamplingParams(max_tokens=9, temperature=0.8, ignore_eos=True)
+        eng.add_request(str(i), p, params)
+    assert run_all(eng)["3"] == alone
+    other_seed = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=99, ignore_eos=True)
+    assert sequential([ps[3]], other_seed)[0] != alone
+
+
+def test_stop_conditions() -> None:
+    eng = tiny_engine(MODEL)
+    p = prompts(6)[4]
+    free_run = sequential([p], greedy(20))[0]
+    stop_tok = free_run[5]
+    first = free_run.index(stop_tok)
+    eng.add_request("stop", p, SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[stop_tok]))
+    eng.add_request("len", p, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    outs = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            outs.setdefault(o.request_id, []).append(o)
+    assert [t for o in outs["stop"] for t in o.new_token_ids] == free_run[: first + 1]
+    assert outs["stop"][-1].finish_reason == "stop" and outs["stop"][-1].stop_reason == stop_tok
+    assert outs["len"][-1].finish_reason == "length" and outs["len"][-1].num_output_tokens == 3
+
+
+def test_eos_and_min_tokens() -> None:
+    eos = TINY.eos_token_ids[0]
+    # Make the end token the obvious choice from the first step on.
+    model = tiny_model(seed=7)
+    bonus = torch.zeros(TINY.vocab_size)
+    bonus[eos] = 1e4
+    plain_logits = model.logits
+    model.logits = lambda hidden: plain_logits(hidden) + bonus
+    eng = tiny_engine(model)
+    eng.add_request("eos", [5, 6, 7], SamplingParams(max_tokens=10, temperature=0))
+    eng.add_request("min", [5, 6, 7], SamplingParams(max_tokens=10, min_tokens=4, temperature=0))
+    eng.add_request("ign", [5, 6, 7], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    got = run_all(eng)
+    assert got["eos"] == [eos]
+    assert len(got["min"]) == 5 and eos not in got["min"][:4] and got["min"][4] == eos
+    assert got["ign"] == [eos] * 6
+
+
+def test_logprobs() -> None:
+    eng = tiny_engine(MODEL)
+    eng.add_request("lp", prompts(8)[3], SamplingParams(max_tokens=4, temperature=0, logprobs=3, ignore_eos=True))
+    lps = []
+    while eng.has_unfinished():
+        for o in eng.step():
+            lps.extend(o.logprobs or [])
+    assert len(lps) == 4
+    for lp in lps:
+        assert lp.logprob <= 0 and len(lp.top) == 3
+        assert lp.top[0][0] == lp.token_id and lp.top[0][2] == pytest.approx(lp.logprob)
+
+
+def test_abort_frees_blocks_and_others_continue() -> None:
+    eng = tiny_engine(MODEL)
+    ps = prompts(9)
+    for i, p in enumerate(ps):
+        eng.add_request(str(i), p, greedy(30))
+    counts = dict.fromkeys(map(str, range(len(ps))), 0)
+    for _ in range(3):
+        for o in eng.step():
+            counts[o.request_id] += len(o.new_token_ids)
+    out = eng.abort("5")
+    assert out is not None and out.finished and out.finish_reason == "abort"
+    assert eng.abort("5") is None
+    for rid, toks in run_all(eng).items():
+        counts[rid] += len(toks)
+    assert all(counts[str(i)] == 30 for i in range(len(ps)) if i != 5)
+    assert counts["5"] < 30
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_deadline_aborts_with_error() -> None:
+    eng = tiny_engine(MODEL)
+    eng.add_request("late", prompts(10)[2], greedy(1000 - 7), deadline=0.0)
+    outs = eng.step()
+    assert outs[0].finished and outs[0].finish_reason == "abort" and "deadline" in outs[0].error
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "message"),
+    [
+        ([], {}, "prompt is empty"),
+        ([1] * 1000, {"max_tokens": 100}, "maximum context length is 1024"),
+        ([1, 2], {"max_tokens": 0}, "max_tokens"),
+        ([1, 2], {"temperature": -0.5}, "temperature"),
+        ([1, 2], {"top_p": 0.0}, "top_p"),
+        ([1, 2], {"top_p": 1.5}, "top_p"),
+        ([1, 999], {}, "token ids"),
+    ],
+)
+def test_bad_input_is_rejected_before_queueing(prompt: list[int], params: dict, message: str) -> None:
+    eng = tiny_engine(MODEL)
+    eng.add_request("ok", [3, 4, 5], greedy(4))
+    with pytest.raises(ValueError, match=message):
+        eng.add_request("bad", prompt, SamplingParams(**params))
+    assert "bad" not in eng.requests
+    assert len(run_all(eng)["ok"]) == 4
+
+
+def test_duplicate_request_id_is_rejected() -> None:
+    eng = tiny_engine(MODEL)
+    eng.add_request("same", [3, 4], greedy(2))
+    with pytest.raises(ValueError, match="already in use"):
+        eng.add_request("same", [3, 4], greedy(2))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 3), st.integers(1, 40), st.integers(1, 12)), min_size=1, max_size=10),
+    st.sampled_from([8, 16, 64]),
+    st.integers(24, 80),
+    st.sets(st.integers(0, 9), max_size=3),
+)
+def test_random_request_streams_under_kv_pressure(
+    reqs: list[tuple[int, int, int]], budget: int, num_blocks: int, aborted: set[int]
+) -> None:
+    """Every admitted request finishes or is aborted, outputs match the plain path, no block leaks."""
+    bases = prompts(11)
+    ps = [bases[6][:40][: 4 * pre] + bases[5][:n] for pre, n, _ in reqs]
+    per_block = 2 * TINY.num_layers * 4 * TINY.num_kv_heads * TINY.head_dim * 4
+    eng = tiny_engine(MODEL, kv_cache_memory=num_blocks * per_block / (1 << 30), max_num_batched_tokens=budget,
+                      max_num_seqs=8)
+    for i, (p, (_, _, m)) in enumerate(zip(ps, reqs)):
+        eng.add_request(str(i), p, greedy(m))
+    got: dict[str, list[int]] = {}
+    finished = set()
+    step = 0
+    while eng.has_unfinished():
+        outs = eng.step()
+        step += 1
+        if step == 2:
+            outs += [o for i in aborted if (o := eng.abort(str(i))) is not None]
+        for o in outs:
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+            if o.finished:
+                finished.add(o.request_id)
+        assert step < 2000, "the engine stopped making progress"
+    assert finished == {str(i) for i in range(len(ps))}
+    for i, (p, (_, _, m)) in enumerate(zip(ps, reqs)):
+        if i not in aborted:
+            assert got[str(i)] == sequential([p], greedy(m))[0]
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
