@@ -7,6 +7,7 @@ import sys
 
 from tailserve.bench.cli import add_parser as add_bench_parser
 from tailserve.config import DEFAULT_MODEL, EngineConfig, add_dataclass_args, dataclass_from_args
+from tailserve.server.cli import add_parser as add_serve_parser
 
 
 def _fetch(args: argparse.Namespace) -> int:
@@ -21,7 +22,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", dest="request_seed", type=int, default=None, help="per-request sampling seed")
     p.add_argument("--stop", action="append", default=[])
 
 
@@ -37,7 +38,7 @@ def _generate(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
-        seed=args.seed,
+        seed=args.request_seed,
         stop=args.stop,
     )
     llm = LLM(**asdict(config))
@@ -62,10 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.set_defaults(func=_fetch)
     add_bench_parser(sub)
+    add_serve_parser(sub)
     for name, text in (("generate", "complete a prompt"), ("chat", "answer one chat message")):
         p = sub.add_parser(name, help=f"{text}, streaming the text to the terminal")
         p.add_argument("prompt")
-        add_dataclass_args(p, EngineConfig)
+        add_dataclass_args(p, EngineConfig, skip=("seed",))
         _sampling_args(p)
         p.set_defaults(func=_generate)
     return parser

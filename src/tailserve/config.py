@@ -40,6 +40,7 @@ class ServerConfig:
     request_timeout: float | None = None  # seconds; abort requests running longer
     max_body_bytes: int = 4 << 20
     shutdown_grace: float = 30.0
+    access_log: bool = False  # a log line per request costs the event loop time
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:

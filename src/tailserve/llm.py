@@ -8,7 +8,7 @@ from typing import Any
 
 from tailserve.config import DEFAULT_MODEL, EngineConfig
 from tailserve.engine.engine import LLMEngine
-from tailserve.engine.outputs import RequestOutput, TokenLogprob
+from tailserve.engine.outputs import RequestOutput, RequestTimes, TokenLogprob
 from tailserve.sampling import SamplingParams
 
 Prompt = str | list[int]
@@ -25,6 +25,7 @@ class Completion:
     num_cached_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None
+    times: RequestTimes | None = None
 
 
 class LLM:
@@ -86,6 +87,7 @@ def _merge(c: Completion, out: RequestOutput) -> None:
     c.token_ids.extend(out.new_token_ids)
     c.text += out.new_text
     c.num_cached_tokens = out.num_cached_tokens
+    c.times = out.times
     if out.logprobs is not None:
         c.logprobs = (c.logprobs or []) + out.logprobs
     if out.finished:

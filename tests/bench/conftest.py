@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,8 +38,9 @@ class FakeServer:
         self.b = behaviour
         self.arrivals = 0
         self.bodies: list[dict] = []
-        self.disconnects: list[tuple[int, int]] = []  # (ordinal, tokens sent before the drop)
-        self.completed: list[int] = []
+        self.emits: dict[str, list[float]] = {}  # X-Request-ID -> perf_counter of each token event sent
+        self.disconnects: list[tuple[str, int]] = []  # (request id, tokens sent before the drop)
+        self.completed: list[str] = []
         self.connections = 0
         reg = CollectorRegistry()
         self._reg = reg
@@ -52,7 +54,9 @@ class FakeServer:
         self._hits = Counter("tailserve:prefix_cache_hits", "h", registry=reg)
         self._draft = Counter("tailserve:spec_decode_num_draft_tokens", "d", registry=reg)
         self._accepted = Counter("tailserve:spec_decode_num_accepted_tokens", "a", registry=reg)
-        self._ttfts = itertools.cycle(behaviour.ttft if isinstance(behaviour.ttft, Sequence) else [behaviour.ttft])
+        self._ttfts = itertools.cycle(
+            behaviour.ttft if isinstance(behaviour.ttft, Sequence) else [behaviour.ttft]
+        )
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -68,16 +72,24 @@ class FakeServer:
         return self
 
     def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
         self._thread.join(10)
+
+    async def _shutdown(self) -> None:
+        self._server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._loop.call_soon(self._loop.stop)
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
-        self.port = server.sockets[0].getsockname()[1]
+        self._server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
+        self.port = self._server.sockets[0].getsockname()[1]
         self._ready.set()
         self._loop.run_forever()
-        server.close()
+        self._loop.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -94,7 +106,9 @@ class FakeServer:
                 elif path == "/metrics" and self.b.metrics:
                     await _send(writer, 200, generate_latest(self._reg), "text/plain; version=0.0.4")
                 elif method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):
-                    if not await self._generate(json.loads(body), reader, writer, path.endswith("chat/completions")):
+                    rid = headers.get("x-request-id", str(self.arrivals))
+                    chat = path.endswith("chat/completions")
+                    if not await self._generate(rid, json.loads(body), reader, writer, chat):
                         return
                 else:
                     await _send(writer, 404, b'{"error": {"message": "not found"}}')
@@ -106,7 +120,7 @@ class FakeServer:
             writer.close()
 
     async def _generate(
-        self, body: dict, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, chat: bool
+        self, rid: str, body: dict, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, chat: bool
     ) -> bool:
         """Stream one answer; False when the client went away (the connection is done)."""
         i = self.arrivals
@@ -137,37 +151,47 @@ class FakeServer:
             return {"choices": [{"index": 0, **c, "finish_reason": finish}]}
 
         if chat:  # the role-only first event carries no token
-            writer.write(event({"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}))
+            writer.write(
+                event({"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]})
+            )
         await asyncio.sleep(ttft)
         self._ttft.observe(ttft * self.b.server_ttft_scale)
         self._queries.inc(prompt_tokens)
         self._hits.inc(prompt_tokens / 2)
         self._draft.inc(n)
         self._accepted.inc(n * 0.75)
+        emits = self.emits.setdefault(rid, [])
         for sent in range(0, n, self.b.tokens_per_event):
             if sent:
                 await asyncio.sleep(self.b.itl)
             if reader.at_eof() or writer.is_closing():
-                self.disconnects.append((i, sent))
+                self.disconnects.append((rid, sent))
                 return False
             k = min(self.b.tokens_per_event, n - sent)
+            emits.append(time.perf_counter())  # before the write: the client may run first
             writer.write(event(choice("".join(f" w{sent + j}" for j in range(k)))))
             try:
                 await writer.drain()
             except ConnectionError:
-                self.disconnects.append((i, sent))
+                self.disconnects.append((rid, sent))
                 return False
         writer.write(event(choice("", "length")))
         if self.b.usage and (body.get("stream_options") or {}).get("include_usage"):
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": n,
+                "total_tokens": prompt_tokens + n,
+            }
             writer.write(event({"choices": [], "usage": usage}))
         writer.write(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
         await writer.drain()
-        self.completed.append(i)
+        self.completed.append(rid)
         return True
 
 
-async def _send(writer: asyncio.StreamWriter, status: int, body: bytes, ctype: str = "application/json") -> None:
+async def _send(
+    writer: asyncio.StreamWriter, status: int, body: bytes, ctype: str = "application/json"
+) -> None:
     extra = "Retry-After: 1\r\n" if status in (429, 503) else ""
     head = f"HTTP/1.1 {status} X\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
     writer.write(head.encode() + body)

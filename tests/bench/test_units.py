@@ -8,14 +8,13 @@ import random
 import numpy as np
 import pytest
 
-from tailserve.bench.cli import _seconds
+from tailserve.bench.cli import _seconds, add_parser
 from tailserve.bench.client import RequestRecord
 from tailserve.bench.main import base_url, ladder
 from tailserve.bench.prom import histogram_quantile, parse, server_view
 from tailserve.bench.runner import Load, arrival_times
 from tailserve.bench.stats import SLO, bucket_of, capacity, percentile, summarize
 from tailserve.bench.workloads import WORKLOADS, WorkloadParams, build_workload, est_tokens
-from tailserve.cli import build_parser
 
 
 def _texts(name: str, seed: int, n: int = 30) -> list[str]:
@@ -81,7 +80,7 @@ def test_summary_definitions_and_goodput() -> None:
     assert s["counts"]["shed"] == 1 and s["counts"]["measured"] == 6
     assert s["goodput"]["met"] == 2  # TTFT 0.1 and 0.2 with TPOT 0.01
     assert s["goodput"]["share"] == pytest.approx(2 / 6) and s["goodput"]["req_per_s"] == pytest.approx(1.0)
-    assert s["throughput"]["req_per_s"] == pytest.approx(3 / 2.0)  # every completed request
+    assert s["throughput"]["req_per_s"] == pytest.approx(6 / 2.0)  # every completed request
     assert s["by_tag"]["slowreader"]["n"] == 1 and "slowreader" in s["by_tag"]
     assert s["errors_by_status"] == {"shed": 1}
     assert bucket_of(100) == "0-127" and bucket_of(600) == "512-1023" and bucket_of(5000) == ">=2048"
@@ -89,7 +88,11 @@ def test_summary_definitions_and_goodput() -> None:
 
 def test_capacity_stops_at_first_miss() -> None:
     pts = [(float(c), {"goodput": {"share": sh}}) for c, sh in ((1, 1.0), (2, 0.95), (4, 0.5), (8, 0.95))]
-    assert capacity(pts, 0.9) == {"attainment": 0.9, "max_load_meeting_slo": 2.0, "first_load_missing_slo": 4.0}
+    assert capacity(pts, 0.9) == {
+        "attainment": 0.9,
+        "max_load_meeting_slo": 2.0,
+        "first_load_missing_slo": 4.0,
+    }
     assert capacity([(1.0, {"goodput": None})], 0.9) is None
 
 
@@ -145,7 +148,11 @@ def test_flags() -> None:
         _seconds("fast")
     assert base_url("http://h:1/v1/") == "http://h:1" and base_url("http://h:1") == "http://h:1"
     assert ladder("closed", 12) == [1, 2, 4, 8, 12] and ladder("poisson", 8) == [1, 2, 4, 8]
-    args = build_parser().parse_args(["bench", "--url", "http://x", "--rate", "1,2", "--slo-ttft", "1s"])
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["bench", "--url", "http://x", "--rate", "1,2", "--slo-ttft", "1s"])
     assert args.rate == [1.0, 2.0] and args.slo_ttft == 1.0 and args.bench_command is None
-    args = build_parser().parse_args(["bench", "compare", "a.json", "b.json"])
+    args = parser.parse_args(["bench", "compare", "a.json", "b.json"])
     assert args.bench_command == "compare"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--concurrency", "0"])

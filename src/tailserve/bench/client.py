@@ -9,6 +9,7 @@ keeps both counts so the report can say so).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -68,7 +69,7 @@ class RequestRecord:
     @property
     def itl(self) -> list[float]:
         t = self.token_times
-        return [b - a for a, b in zip(t, t[1:])]
+        return [b - a for a, b in itertools.pairwise(t)]
 
     @property
     def tpot(self) -> float | None:

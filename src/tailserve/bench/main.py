@@ -213,7 +213,9 @@ async def benchmark(args: argparse.Namespace, loads: list[Load], slo: SLO, progr
             "slo_attainment": args.slo_attainment,
         },
         "runs": runs,
-        "capacity": capacity([(ld.value, r["summary"]) for ld, r in zip(loads, runs)], args.slo_attainment)
+        "capacity": capacity(
+            [(ld.value, r["summary"]) for ld, r in zip(loads, runs, strict=True)], args.slo_attainment
+        )
         if len(runs) > 1
         else None,
     }

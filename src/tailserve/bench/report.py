@@ -69,7 +69,8 @@ def print_run(console: Console, run: dict) -> None:
     )
     if s["tokens"]["multi_token_events"]:
         console.print(
-            f"note: {s['tokens']['multi_token_events']} requests got several tokens per event; ITL is per event"
+            f"note: {s['tokens']['multi_token_events']} requests got several tokens per event: "
+            "their ITL is per event"
         )
     g = s["goodput"]
     if g:
@@ -97,7 +98,8 @@ def print_run(console: Console, run: dict) -> None:
     sv = run.get("server")
     if sv:
         console.print(
-            f"server view ({' '.join(sv['metric_prefixes']) or 'metrics'}): TTFT mean {_ms(sv['ttft_mean_s'])} ms, "
+            f"server view ({' '.join(sv['metric_prefixes']) or 'metrics'}): "
+            f"TTFT mean {_ms(sv['ttft_mean_s'])} ms, "
             f"p50 ~{_ms(sv['ttft_p50_s'])} ms (client mean {_ms(sv['client_ttft_mean_s'])} ms); "
             f"prefix-cache hit rate {_num(sv['prefix_cache_hit_rate'], '.1%')}; "
             f"spec-decode acceptance {_num(sv['spec_decode_acceptance_rate'], '.1%')}"
@@ -171,7 +173,7 @@ def plot_cdfs(result: dict, path: Path) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     slo = result["config"].get("slo") or {}
-    for ax, (key, name) in zip(axes.flat, METRICS):
+    for ax, (key, name) in zip(axes.flat, METRICS, strict=True):
         for run in result["runs"]:
             xs = [x * 1e3 for x in _measured_values(run, key)]
             if xs:
@@ -200,7 +202,7 @@ def plot_load_curves(result: dict, path: Path) -> None:
     loads = [_load_value(r) for r in runs]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     slo = result["config"].get("slo") or {}
-    for ax, (key, name) in zip(axes.flat, (METRICS[0], METRICS[2], METRICS[3])):
+    for ax, (key, name) in zip(axes.flat, (METRICS[0], METRICS[2], METRICS[3]), strict=False):
         for p in ("p50", "p90", "p99"):
             ys = [_pct(r["summary"]["latency"][key], p) for r in runs]
             ax.plot(loads, [None if y is None else y * 1e3 for y in ys], marker="o", label=p)
@@ -278,7 +280,7 @@ def _pairs(a: dict, b: dict) -> list[tuple[dict, dict]]:
     """Runs paired by load value where both have it, else by position."""
     by_load = {_load_value(r): r for r in b["runs"]}
     pairs = [(r, by_load[_load_value(r)]) for r in a["runs"] if _load_value(r) in by_load]
-    return pairs or list(zip(a["runs"], b["runs"]))
+    return pairs or list(zip(a["runs"], b["runs"], strict=False))
 
 
 def compare(paths: Sequence[Path], console: Console) -> int:

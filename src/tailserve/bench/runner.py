@@ -129,7 +129,7 @@ async def _closed_loop(jobs: list[Callable[[], Awaitable[None]]], concurrency: i
 async def _open_loop(jobs: list[Callable[[], Awaitable[None]]], at: list[float], t0: float) -> None:
     tasks: list[asyncio.Future[None]] = []
     try:
-        for job, t in zip(jobs, at):
+        for job, t in zip(jobs, at, strict=True):
             delay = t0 + t - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)

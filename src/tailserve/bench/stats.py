@@ -131,7 +131,7 @@ def summarize(records: Sequence[RequestRecord], wall_s: float, slo: SLO, not_sen
         ),
         "wall_s": wall_s,
         "throughput": {
-            "req_per_s": len(ok) / wall,
+            "req_per_s": statuses["ok"] / wall,
             "output_tok_per_s": out_tokens / wall,
             "input_tok_per_s": in_tokens / wall,
         },

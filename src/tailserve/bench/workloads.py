@@ -20,7 +20,7 @@ TOKENS_PER_WORD = 1.1
 
 WORKLOADS = ("chat", "straggler", "multiturn", "burst", "copy", "disconnect", "oversized", "slowreader")
 
-_WORDS = (
+_WORD_TEXT = (
     "the of and to in is that for it as was with be by on not he this are or his from at which but "
     "have an they you were her she there been one all we their has would when if so no what up out "
     "about who into them can more some time could these two may then first any like other over such "
@@ -34,7 +34,8 @@ _WORDS = (
     "desert harvest festival journey whisper shadow sunlight question answer number pattern reason "
     "history science music theory measure quickly slowly gently rarely always often carefully "
     "brightly quietly loudly early late bright dark warm cold heavy light narrow wide ancient modern"
-).split()
+)
+_WORDS = _WORD_TEXT.split()
 
 _QUESTIONS = (
     "Explain the following in simple terms.",

@@ -97,6 +97,8 @@ class LLMEngine:
         )
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.dtype, self.device)
         self.sampler = Sampler(config.seed)
+        # A model may pad its vocabulary past the tokenizer's: those ids must never be sampled.
+        self.num_sampleable = min(mc.vocab_size, getattr(tokenizer, "vocab_size", mc.vocab_size))
         eos = set(getattr(tokenizer, "eos_token_ids", None) or mc.eos_token_ids)
         self.eos_token_ids: frozenset[int] = frozenset(eos)
         self.requests: dict[str, Sequence] = {}
@@ -217,7 +219,7 @@ class LLMEngine:
                 s.seq.times.first_scheduled = now
         result = self.runner.run(sched.scheduled)
         rows = [SampleRow(s.seq.params, s.seq.generator, self._banned(s.seq)) for s in result.sampled]
-        sample = self.sampler(result.logits, rows) if rows else None
+        sample = self.sampler(result.logits[:, : self.num_sampleable], rows) if rows else None
         now = time.perf_counter()
         for s in sched.scheduled:
             s.seq.num_computed += s.num_new_tokens

@@ -1,0 +1,74 @@
+"""Graceful shutdown: on the first SIGTERM/SIGINT, drain, then let uvicorn close.
+
+Draining refuses new work with 503 while the socket stays open (clients see a clear error, not a
+refused connection), gives in-flight requests `--shutdown-grace` seconds, then aborts the rest. A
+second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from tailserve.server.app import SHUTDOWN_MESSAGE, OpenAIServer
+
+log = logging.getLogger("tailserve.server")
+
+
+async def drain(app: FastAPI, grace: float, poll: float = 0.05) -> None:
+    """Graceful shutdown: refuse new work (503), let in-flight requests finish for up to `grace` seconds,
+    then abort the rest (their clients get finish_reason "abort" and an error), and wait for them to end."""
+    server: OpenAIServer = app.state.server
+    server.admission.draining = True
+    end = time.monotonic() + grace
+    while server.admission.in_flight and time.monotonic() < end:
+        await asyncio.sleep(poll)
+    if server.admission.in_flight:
+        log.warning(
+            "aborting %d requests still running after the %g s grace period",
+            server.admission.in_flight,
+            grace,
+        )
+        for gen in list(server.live):
+            gen.abort(SHUTDOWN_MESSAGE)
+        end = time.monotonic() + 5.0
+        while server.live and time.monotonic() < end:
+            await asyncio.sleep(poll)
+    log.info("drained")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with a drain before its own shutdown."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, grace: float) -> None:
+        super().__init__(config)
+        self.app = app
+        self.grace = grace
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain: asyncio.Future[None] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain is not None or self._loop is None:  # a second signal, or not serving yet: leave now
+            self.force_exit = self._drain is not None
+            self.should_exit = True
+            return
+        log.info("signal %d: draining for up to %g s", sig, self.grace)
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        async def run() -> None:
+            await drain(self.app, self.grace)
+            self.should_exit = True
+
+        if self._drain is None:
+            self._drain = asyncio.ensure_future(run())
