@@ -27,10 +27,12 @@ class Behaviour:
     tokens: int | None = None  # output tokens; None = the request's max_tokens
     tokens_per_event: int = 1
     statuses: dict[int, int] = field(default_factory=dict)  # arrival ordinal -> status to answer with
+    stream_errors: dict[int, int] = field(default_factory=dict)  # arrival ordinal -> tokens, then an error
     usage: bool = True  # honour stream_options.include_usage
     context_len: int = 4096
     server_ttft_scale: float = 1.0  # what /metrics reports, as a multiple of the injected TTFT
     metrics: bool = True
+    chunked: bool = True  # False: an HTTP/1.0-style body that ends when the connection closes
 
 
 class FakeServer:
@@ -138,13 +140,16 @@ class FakeServer:
             return True
         n = self.b.tokens or body["max_tokens"]
         writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            + (b"Transfer-Encoding: chunked\r\n\r\n" if self.b.chunked else b"Connection: close\r\n\r\n")
         )
         obj = "chat.completion.chunk" if chat else "text_completion"
 
+        def frame(data: bytes) -> bytes:
+            return f"{len(data):x}\r\n".encode() + data + b"\r\n" if self.b.chunked else data
+
         def event(payload: dict) -> bytes:
-            data = b"data: " + json.dumps({"object": obj, **payload}).encode() + b"\n\n"
-            return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+            return frame(b"data: " + json.dumps({"object": obj, **payload}).encode() + b"\n\n")
 
         def choice(piece: str, finish: str | None = None) -> dict:
             c = {"delta": {"content": piece}} if chat else {"text": piece}
@@ -167,6 +172,9 @@ class FakeServer:
             if reader.at_eof() or writer.is_closing():
                 self.disconnects.append((rid, sent))
                 return False
+            if self.b.stream_errors.get(i) == sent:
+                writer.write(event({"error": {"message": "injected mid-stream error", "code": 500}}))
+                break
             k = min(self.b.tokens_per_event, n - sent)
             emits.append(time.perf_counter())  # before the write: the client may run first
             writer.write(event(choice("".join(f" w{sent + j}" for j in range(k)))))
@@ -175,7 +183,8 @@ class FakeServer:
             except ConnectionError:
                 self.disconnects.append((rid, sent))
                 return False
-        writer.write(event(choice("", "length")))
+        else:
+            writer.write(event(choice("", "length")))
         if self.b.usage and (body.get("stream_options") or {}).get("include_usage"):
             usage = {
                 "prompt_tokens": prompt_tokens,
@@ -183,10 +192,10 @@ class FakeServer:
                 "total_tokens": prompt_tokens + n,
             }
             writer.write(event({"choices": [], "usage": usage}))
-        writer.write(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+        writer.write(frame(b"data: [DONE]\n\n") + (b"0\r\n\r\n" if self.b.chunked else b""))
         await writer.drain()
         self.completed.append(rid)
-        return True
+        return self.b.chunked
 
 
 async def _send(

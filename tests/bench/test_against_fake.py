@@ -70,17 +70,20 @@ def test_measured_latency_matches_injected(fake_server: Callable[..., Any]) -> N
     s = summarize(res.records, res.wall_s, SLO())
     lat = s["latency"]
     assert s["counts"]["ok"] == 20 and s["tokens"]["source"] == {"usage": 20}
-    # Against the injected delays (loose: a loaded 2-core machine oversleeps the server's sleeps)...
-    assert lat["ttft_s"]["p50"] == pytest.approx(0.065, abs=0.02)
-    assert lat["ttft_s"]["p90"] == pytest.approx(0.101, abs=0.025)
+    # Against the injected delays, which are lower bounds: never measured below them, and above
+    # by little (the slack is for a loaded 2-core machine oversleeping the fake server's sleeps)...
+    assert 0.065 - 0.003 < lat["ttft_s"]["p50"] < 0.065 + 0.03
+    assert 0.101 - 0.003 < lat["ttft_s"]["p90"] < 0.101 + 0.035
     assert lat["itl_s"]["n"] == 20 * 19
     assert lat["itl_s"]["p50"] == pytest.approx(0.010, abs=0.004)
     assert lat["itl_s"]["mean"] == pytest.approx(0.010, abs=0.004)
     assert lat["tpot_s"]["p50"] == pytest.approx(0.010, abs=0.004)
-    assert lat["e2e_s"]["p50"] == pytest.approx(0.065 + 19 * 0.010, abs=0.06)
+    assert 0.065 + 19 * 0.010 - 0.01 < lat["e2e_s"]["p50"] < 0.065 + 19 * 0.010 + 0.1
     # ...and tightly against when the server really sent each token (same clock, same process).
     lag = sorted(t - e for r in res.records for t, e in zip(r.token_times, srv.emits[_rid(r)], strict=True))
-    assert lag[0] >= 0 and lag[len(lag) // 2] < 0.003
+    assert lag[0] >= 0 and lag[len(lag) // 2] < 0.005
+    tail = sorted(r.end - srv.emits[_rid(r)][-1] for r in res.records if r.end is not None)
+    assert tail[0] >= 0 and tail[len(tail) // 2] < 0.005
     assert s["tokens"]["output"]["min"] == s["tokens"]["output"]["max"] == 20
     assert s["tokens"]["prompt"]["min"] > 400  # the shared system prompt, as the server counted it
     assert s["throughput"]["output_tok_per_s"] == pytest.approx(20 * 20 / res.wall_s)
@@ -93,14 +96,31 @@ def test_measured_latency_matches_injected(fake_server: Callable[..., Any]) -> N
 
 
 def test_shed_and_failed_are_counted(fake_server: Callable[..., Any]) -> None:
-    srv = fake_server(ttft=0.005, itl=0.002, tokens=5, statuses={1: 429, 4: 503, 6: 500})
+    srv = fake_server(
+        ttft=0.005, itl=0.002, tokens=5, statuses={1: 429, 4: 503, 6: 500}, stream_errors={8: 2}
+    )
     res = _run(srv.url, build_workload("chat", 10, 0, WorkloadParams(output_tokens=5)), Load("closed", 2))
     s = summarize(res.records, res.wall_s, SLO(ttft=1.0))
     c = s["counts"]
-    assert (c["sent"], c["ok"], c["shed"], c["failed"]) == (10, 7, 2, 1)
-    assert s["errors_by_status"] == {"429": 1, "503": 1, "500": 1}
-    assert s["goodput"]["met"] == 7 and s["goodput"]["share"] == pytest.approx(0.7)
+    assert (c["sent"], c["ok"], c["shed"], c["failed"]) == (10, 6, 2, 2)
+    assert s["errors_by_status"] == {"429": 1, "503": 1, "500": 1, "stream error": 1}
+    assert s["goodput"]["met"] == 6 and s["goodput"]["share"] == pytest.approx(0.6)
     assert "injected 500" in next(r.error for r in res.records if r.http_status == 500)
+    broken = next(r for r in res.records if r.error and r.error.startswith("stream error"))
+    assert len(broken.token_times) == 2 and "mid-stream" in broken.error
+
+
+def test_unreachable_server(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    res = _run(url, build_workload("chat", 2, 0), Load("closed", 1))
+    assert [r.status for r in res.records] == ["error", "error"]
+    assert summarize(res.records, res.wall_s, SLO())["errors_by_status"] == {"ConnectionRefusedError": 2}
+    assert main(["bench", "--url", url, "--quiet", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "--url", "localhost:8000", "--quiet", "--model", "m"]) == 2
 
 
 @pytest.mark.parametrize("keep_alive", [False, True])
@@ -132,12 +152,15 @@ def test_open_loop_arrivals(fake_server: Callable[..., Any]) -> None:
     res = _run(srv.url, wl, load)
     at = arrival_times(load, 20, 0)
     lags = [r.start - res.t0 - t for r, t in zip(res.records, at, strict=True)]
-    assert all(-0.001 < lag < 0.03 for lag in lags)
+    assert min(lags) > -0.001 and sorted(lags)[10] < 0.01 and max(lags) < 0.1  # on schedule, never early
     burst = _run(
         srv.url, build_workload("burst", 6, 0, WorkloadParams(output_tokens=3)), Load("burst", 3, 0.15)
     )
     starts = [r.start - burst.t0 for r in burst.records]
-    assert all(0.15 <= t < 0.18 for t in starts[:3]) and all(0.30 <= t < 0.33 for t in starts[3:])
+    first, second = starts[:3], starts[3:]
+    assert min(first) >= 0.15 and min(second) >= 0.30  # idle first, never early
+    assert max(first) - min(first) < 0.02 and max(second) - min(second) < 0.02  # all at once
+    assert min(second) - max(first) > 0.08
     assert all(r.status == "ok" for r in res.records + burst.records)
 
 
@@ -150,6 +173,10 @@ def test_duration_cap_stops_and_cancels(fake_server: Callable[..., Any]) -> None
     s = summarize(res.records, res.wall_s, SLO(ttft=1.0), not_sent=3)
     assert s["counts"]["cancelled"] == 3 and s["counts"]["not_sent"] == 3 and s["goodput"]["share"] == 0.0
     assert _wait_for(lambda: len(srv.disconnects) == 3)  # cancelling closed the streams
+    res = _run(srv.url, build_workload("chat", 2, 0), Load("closed", 2), timeout=0.2)
+    assert [r.status for r in res.records] == ["timeout"] * 2 and res.wall_s < 1.0
+    assert summarize(res.records, res.wall_s, SLO())["errors_by_status"] == {"timeout": 2}
+    assert _wait_for(lambda: len(srv.disconnects) == 5)
 
 
 def test_multiturn_sends_growing_history(fake_server: Callable[..., Any]) -> None:
@@ -171,8 +198,8 @@ def test_multiturn_sends_growing_history(fake_server: Callable[..., Any]) -> Non
         assert r.approx_prompt_tokens > prev.approx_prompt_tokens
 
 
-def test_completions_without_usage_and_multi_token_events(fake_server: Callable[..., Any]) -> None:
-    srv = fake_server(ttft=0.005, itl=0.005, tokens=10, tokens_per_event=2, usage=False)
+def test_completions_without_usage_multi_token_events_unchunked(fake_server: Callable[..., Any]) -> None:
+    srv = fake_server(ttft=0.005, itl=0.005, tokens=10, tokens_per_event=2, usage=False, chunked=False)
     wl = build_workload("copy", 4, 0, WorkloadParams(output_tokens=10))
     res = _run(srv.url, wl, Load("closed", 2), endpoint="completions", count_tokens=lambda t: len(t.split()))
     assert all(b["prompt"].endswith("Assistant:") and b["ignore_eos"] for b in srv.bodies)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tailserve.bench.cli import _seconds, add_parser
 from tailserve.bench.client import RequestRecord
-from tailserve.bench.main import base_url, ladder
+from tailserve.bench.main import UsageError, _token_counter, base_url, ladder
 from tailserve.bench.prom import histogram_quantile, parse, server_view
 from tailserve.bench.runner import Load, arrival_times
 from tailserve.bench.stats import SLO, bucket_of, capacity, percentile, summarize
@@ -140,6 +141,17 @@ def test_arrivals() -> None:
     assert at == sorted(at) and at == arrival_times(Load("poisson", 50.0), 2000, seed=3)
     assert at[-1] / len(at) == pytest.approx(1 / 50, rel=0.1)
     assert arrival_times(Load("burst", 2, burst_interval=1.5), 5, 0) == [1.5, 1.5, 3.0, 3.0, 4.5]
+
+
+def test_tokenizer_counter(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tk = Tokenizer(models.WordLevel({"[UNK]": 0, "w0": 1}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.save(str(tmp_path / "tokenizer.json"))
+    assert _token_counter(tmp_path)(" w0 w1 w2") == 3
+    with pytest.raises(UsageError):
+        _token_counter(tmp_path / "missing.json")
 
 
 def test_flags() -> None:

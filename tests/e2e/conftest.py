@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 import uvicorn
+from fastapi import FastAPI
 
 from tailserve.config import EngineConfig, ServerConfig
 from tailserve.engine.engine import AsyncEngine
@@ -35,12 +36,19 @@ ENGINE_FLAGS = {"kv_cache_memory": 0.5, "max_num_seqs": 48}
 class LiveServer:
     url: str  # http://127.0.0.1:PORT
     engine: AsyncEngine | None = None
+    app: FastAPI | None = None
     proc: subprocess.Popen[bytes] | None = None
     log_path: str | None = None
 
     @property
     def base_url(self) -> str:
         return self.url + "/v1"
+
+    @property
+    def in_flight(self) -> int:
+        """Engine requests the server has admitted and not yet seen end."""
+        assert self.app is not None
+        return self.app.state.server.admission.in_flight
 
     def log(self) -> str:
         if self.log_path is None:
@@ -74,7 +82,7 @@ def server() -> Iterator[LiveServer]:
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
         wait_ready(url, timeout=30)
-        yield LiveServer(url, engine=engine)
+        yield LiveServer(url, engine=engine, app=app)
     finally:
         uv.should_exit = True
         thread.join(timeout=10)
@@ -94,7 +102,9 @@ def spawn_server(*flags: str) -> Iterator[LiveServer]:
     engine_flags = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE_FLAGS.items()]
     cmd = [sys.executable, "-m", "tailserve.cli", "serve", "--port", str(port), *engine_flags, *flags]
     with tempfile.NamedTemporaryFile("wb", suffix=".log", delete=False) as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
     live = LiveServer(f"http://127.0.0.1:{port}", proc=proc, log_path=log.name)
     try:
         wait_ready(live.url, proc)

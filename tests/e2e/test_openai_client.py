@@ -61,13 +61,23 @@ def test_chat_stream_equals_non_stream(client: openai.OpenAI) -> None:
 
 
 def test_completions_length_and_usage(client: openai.OpenAI, server: LiveServer) -> None:
-    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=7, temperature=0,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=7, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert r.object == "text_completion" and r.id.startswith("cmpl-")
     assert r.choices[0].finish_reason == "length" and r.choices[0].text
     assert r.usage.completion_tokens == 7 and r.usage.prompt_tokens == prompt_tokens(server, prompt=PROMPT)
-    streamed = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=7, temperature=0, stream=True,
-                                              stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    streamed = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=7,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in streamed if c.choices) == r.choices[0].text
     assert streamed[-1].usage.completion_tokens == 7
 
@@ -81,14 +91,30 @@ def test_batch_prompts_and_token_ids(client: openai.OpenAI, server: LiveServer) 
 
 
 def test_n_choices(client: openai.OpenAI) -> None:
-    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, n=3, temperature=1.0, seed=7,
-                                       extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=6,
+        n=3,
+        temperature=1.0,
+        seed=7,
+        extra_body={"ignore_eos": True},
+    )
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert r.usage.completion_tokens == 18
     assert len({c.message.content for c in r.choices}) > 1  # seeds seed, seed+1, seed+2 differ
-    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, n=2, temperature=1.0,
-                                            stream=True, stream_options={"include_usage": True},
-                                            extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=5,
+            n=2,
+            temperature=1.0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
     finished = sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason)
     assert finished == [0, 1]
     assert chunks[-1].usage.completion_tokens == 10
@@ -107,7 +133,13 @@ def test_stop_string(client: openai.OpenAI) -> None:
 
 
 def test_seed_reproducible(client: openai.OpenAI) -> None:
-    kw = {"model": MODEL, "messages": MESSAGES, "max_tokens": 10, "temperature": 1.0, "extra_body": {"ignore_eos": True}}
+    kw = {
+        "model": MODEL,
+        "messages": MESSAGES,
+        "max_tokens": 10,
+        "temperature": 1.0,
+        "extra_body": {"ignore_eos": True},
+    }
     a = client.chat.completions.create(**kw, seed=1234).choices[0].message.content
     b = client.chat.completions.create(**kw, seed=1234).choices[0].message.content
     others = {client.chat.completions.create(**kw, seed=s).choices[0].message.content for s in (1, 2, 3)}
@@ -115,8 +147,15 @@ def test_seed_reproducible(client: openai.OpenAI) -> None:
 
 
 def test_chat_logprobs(client: openai.OpenAI) -> None:
-    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True,
-                                       top_logprobs=3, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens == 6
     assert "".join(t.token for t in content) == r.choices[0].message.content
@@ -129,21 +168,30 @@ def test_chat_logprobs(client: openai.OpenAI) -> None:
 
 
 def test_completion_logprobs_streamed(client: openai.OpenAI) -> None:
-    kw = {"model": MODEL, "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "logprobs": 2,
-          "extra_body": {"ignore_eos": True}}
+    kw = {
+        "model": MODEL,
+        "prompt": PROMPT,
+        "max_tokens": 5,
+        "temperature": 0,
+        "logprobs": 2,
+        "extra_body": {"ignore_eos": True},
+    }
     whole = client.completions.create(**kw)
     lp = whole.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
     assert "".join(lp.tokens) == whole.choices[0].text
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
     assert all(len(top) == 2 for top in lp.top_logprobs)
-    streamed = [c.choices[0].logprobs for c in client.completions.create(**kw, stream=True) if c.choices[0].logprobs]
+    streamed = [
+        c.choices[0].logprobs for c in client.completions.create(**kw, stream=True) if c.choices[0].logprobs
+    ]
     assert [t for s in streamed for t in s.tokens] == lp.tokens
 
 
 def test_request_id_header(client: openai.OpenAI) -> None:
-    raw = client.completions.with_raw_response.create(model=MODEL, prompt="Hi", max_tokens=2,
-                                                      extra_headers={"X-Request-ID": "my-id-42"})
+    raw = client.completions.with_raw_response.create(
+        model=MODEL, prompt="Hi", max_tokens=2, extra_headers={"X-Request-ID": "my-id-42"}
+    )
     assert raw.headers["x-request-id"] == "my-id-42" and raw.parse().id == "my-id-42"
 
 
@@ -153,21 +201,32 @@ def test_timeout_extension(client: openai.OpenAI) -> None:
         client.completions.create(**kw, extra_body={"timeout": 0.3, "ignore_eos": True})
     assert e.value.status_code == 504 and e.value.body["code"] == "deadline_exceeded"
     with pytest.raises(openai.APIError, match="deadline exceeded"):
-        for _ in client.completions.create(**kw, stream=True, extra_body={"timeout": 0.3, "ignore_eos": True}):
+        for _ in client.completions.create(
+            **kw, stream=True, extra_body={"timeout": 0.3, "ignore_eos": True}
+        ):
             pass
 
 
 def test_async_client_chat_and_completions(server: LiveServer) -> None:
     async def main() -> None:
         aclient = openai.AsyncOpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=60)
-        chat = await aclient.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5, temperature=0)
+        chat = await aclient.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=5, temperature=0
+        )
         assert chat.choices[0].message.content
-        stream = await aclient.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, stream=True,
-                                                  stream_options={"include_usage": True},
-                                                  extra_body={"ignore_eos": True})
+        stream = await aclient.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
         chunks = [c async for c in stream]
         assert chunks[-1].usage.completion_tokens == 5
-        cstream = await aclient.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5, stream=True)
+        cstream = await aclient.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=5, stream=True
+        )
         text = "".join([c.choices[0].delta.content or "" async for c in cstream])
         assert text
         await aclient.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import pytest
@@ -18,12 +19,14 @@ class Load:
     prefill_tokens_per_s: float = 0.0
 
 
-def admission(**kw) -> Admission:  # noqa: ANN003
+def admission(**kw) -> Admission:
     limits = {"max_num_seqs": 2, "max_num_batched_tokens": 100, "max_queue": 2, "max_queue_tokens": 1000} | kw
     return Admission(Limits(**limits))
 
 
-def rejected(adm: Admission, load: Load, count: int = 1, tokens: int = 10, timeout: float | None = None) -> Rejected:
+def rejected(
+    adm: Admission, load: Load, count: int = 1, tokens: int = 10, timeout: float | None = None
+) -> Rejected:
     with pytest.raises(Rejected) as e:
         adm.admit(load, count, tokens, timeout)
     return e.value
@@ -134,10 +137,8 @@ def test_counters_return_to_zero(ops: list[tuple[str, int]]) -> None:
     load, tickets = Load(), []
     for op, k in ops:
         if op == "admit":
-            try:
+            with contextlib.suppress(Rejected):
                 tickets.append(adm.admit(load, 1 + k % 3, 10 * k, None))
-            except Rejected:
-                pass
         elif tickets:
             t = tickets[k % len(tickets)]
             if op == "start":

@@ -31,9 +31,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     load = p.add_argument_group("load (one of --concurrency, --rate, --burst-size; comma lists sweep)")
     load.add_argument("--workload", choices=WORKLOADS, default="chat")
-    load.add_argument("--concurrency", type=_list(int), help="closed loop: requests in flight (default 8)")
-    load.add_argument("--rate", type=_list(float), help="open loop: Poisson arrivals per second")
-    load.add_argument("--burst-size", type=_list(int), help="open loop: sessions arriving at once per burst")
+    load.add_argument(
+        "--concurrency",
+        type=_list(int),
+        metavar="C[,C..]",
+        help="closed loop: requests in flight (default 8)",
+    )
+    load.add_argument(
+        "--rate", type=_list(float), metavar="R[,R..]", help="open loop: Poisson arrivals per second"
+    )
+    load.add_argument(
+        "--burst-size",
+        type=_list(int),
+        metavar="B[,B..]",
+        help="open loop: sessions arriving at once per burst",
+    )
     load.add_argument("--burst-interval", type=float, default=5.0, help="seconds between bursts (default 5)")
     load.add_argument(
         "--arrival",
@@ -79,7 +91,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--disconnect-share", type=float, default=0.3, help="disconnect: share of clients that drop"
     )
     req.add_argument(
-        "--read-delay", type=float, default=0.1, help="slowreader: seconds slept after each read"
+        "--read-delay", type=float, default=0.1, help="slowreader: seconds slept after each streamed chunk"
     )
     req.add_argument(
         "--tokenizer",
@@ -88,9 +100,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
 
     slo = p.add_argument_group("SLO (values like 500ms, 0.5s; a bare number is milliseconds)")
-    slo.add_argument("--slo-ttft", type=_seconds)
-    slo.add_argument("--slo-tpot", type=_seconds)
-    slo.add_argument("--slo-e2e", type=_seconds)
+    slo.add_argument("--slo-ttft", type=_seconds, metavar="TIME", help="time to first token")
+    slo.add_argument(
+        "--slo-tpot", type=_seconds, metavar="TIME", help="time per output token after the first"
+    )
+    slo.add_argument("--slo-e2e", type=_seconds, metavar="TIME", help="whole request")
     slo.add_argument(
         "--slo-attainment",
         type=float,
@@ -138,11 +152,9 @@ def _seconds(text: str) -> float:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from tailserve.bench.report import compare, make_console
 
-    from tailserve.bench.report import compare
-
-    return compare([args.a, args.b], Console())
+    return compare([args.a, args.b], make_console())
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """One streaming request, measured from the client's side, into a RequestRecord.
 
-Time stamps are `time.perf_counter()` taken the moment each network chunk is handed over, before
-any JSON is parsed, so parsing cost never shows up as latency. A token is a non-empty content delta;
+Time stamps are `time.perf_counter()` taken the moment each HTTP chunk arrives, before any JSON is
+parsed, so parsing cost never shows up as latency. A token is a non-empty content delta;
 when a server packs several tokens into one SSE event, the gaps measured are per event (the record
 keeps both counts so the report can say so).
 """
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+from tailserve.bench.http import StreamClient
 
 SHED_STATUSES = (429, 503)
 
@@ -33,7 +33,7 @@ class ClientConfig:
     temperature: float = 0.0
     timeout: float = 300.0  # seconds for one whole request
     keep_alive: bool = False  # reuse connections (llama.cpp closes them after each stream anyway)
-    read_delay: float = 0.1  # slow readers sleep this long after each network read
+    read_delay: float = 0.1  # slow readers sleep this long after each HTTP chunk (about one event)
     count_tokens: Callable[[str], int] | None = None  # a tokenizer, when the server gives no usage
 
 
@@ -68,8 +68,7 @@ class RequestRecord:
 
     @property
     def itl(self) -> list[float]:
-        t = self.token_times
-        return [b - a for a, b in itertools.pairwise(t)]
+        return [b - a for a, b in itertools.pairwise(self.token_times)]
 
     @property
     def tpot(self) -> float | None:
@@ -104,17 +103,6 @@ class RequestRecord:
         }
 
 
-def make_http_client(keep_alive: bool, rcvbuf: int | None = None) -> httpx.AsyncClient:
-    """An HTTP client without a connection cap (the load generator must never queue requests itself)
-    and without proxies from the environment (only the given URL is contacted)."""
-    import socket
-
-    opts = [(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)] if rcvbuf else None
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None if keep_alive else 0)
-    transport = httpx.AsyncHTTPTransport(limits=limits, socket_options=opts)
-    return httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(None, connect=30.0), trust_env=False)
-
-
 def request_body(cfg: ClientConfig, messages: list[dict[str, str]], max_tokens: int) -> tuple[str, dict]:
     """The (path, JSON body) of one streaming request; completions get the chat flattened to text."""
     body: dict[str, Any] = {
@@ -135,7 +123,7 @@ def request_body(cfg: ClientConfig, messages: list[dict[str, str]], max_tokens: 
 
 
 async def send(
-    client: httpx.AsyncClient,
+    client: StreamClient,
     cfg: ClientConfig,
     rec: RequestRecord,
     messages: list[dict[str, str]],
@@ -144,20 +132,31 @@ async def send(
 ) -> None:
     """Send one request and fill `rec` in place (so a cancelled request still leaves its record)."""
     path, body = request_body(cfg, messages, rec.max_tokens)
-    headers = {"Accept": "text/event-stream", "X-Request-ID": f"tailserve-bench-{rec.id}"}
+    headers = {
+        "Content-Type": "application/json",
+        "Accept": "text/event-stream",
+        "X-Request-ID": f"tailserve-bench-{rec.id}",
+    }
     if cfg.api_key:
         headers["Authorization"] = f"Bearer {cfg.api_key}"
     rec.start = time.perf_counter()
     try:
         await asyncio.wait_for(
             _stream(
-                client, cfg.base_url + path, body, headers, rec, disconnect_after, slow_read, cfg.read_delay
+                client,
+                path,
+                json.dumps(body).encode(),
+                headers,
+                rec,
+                disconnect_after,
+                slow_read,
+                cfg.read_delay,
             ),
             cfg.timeout,
         )
     except asyncio.TimeoutError:
-        rec.status, rec.error = "timeout", f"no complete answer within {cfg.timeout:g} s"
-    except (httpx.HTTPError, OSError, ValueError) as e:  # connection trouble, malformed stream
+        rec.status, rec.error = "timeout", f"timeout: no complete answer within {cfg.timeout:g} s"
+    except (OSError, EOFError, ValueError) as e:  # connection trouble, malformed stream
         rec.status, rec.error = "error", f"{type(e).__name__}: {e}"[:300]
     if rec.end is None and rec.status != "cancelled":
         rec.end = time.perf_counter()
@@ -165,9 +164,9 @@ async def send(
 
 
 async def _stream(
-    client: httpx.AsyncClient,
-    url: str,
-    body: dict,
+    client: StreamClient,
+    path: str,
+    body: bytes,
     headers: dict[str, str],
     rec: RequestRecord,
     disconnect_after: int | None,
@@ -178,16 +177,16 @@ async def _stream(
     pieces: list[str] = []
     finished = False
     try:
-        async with client.stream("POST", url, json=body, headers=headers) as resp:
-            rec.http_status = resp.status_code
-            if resp.status_code != 200:
-                detail = (await resp.aread()).decode(errors="replace")
+        async with client.post(path, body, headers) as resp:
+            rec.http_status = resp.status
+            if resp.status != 200:
+                detail = (await resp.read(4096)).decode(errors="replace")
                 rec.end = time.perf_counter()
-                rec.status = "shed" if resp.status_code in SHED_STATUSES else "error"
-                rec.error = f"HTTP {resp.status_code}: {detail[:200]}"
+                rec.status = "shed" if resp.status in SHED_STATUSES else "error"
+                rec.error = f"HTTP {resp.status}: {detail[:200]}"
                 return
             buf = b""
-            async for data in resp.aiter_raw():
+            async for data in resp.chunks():
                 now = time.perf_counter()
                 lines = (buf + data).split(b"\n")
                 buf = lines.pop()
@@ -199,10 +198,11 @@ async def _stream(
                         finished = True
                         continue
                     ev = json.loads(payload)
-                    if "error" in ev:
-                        err = ev["error"]
+                    err = ev.get("error")
+                    if err:
                         rec.status = "error"
-                        rec.error = str(err.get("message", err) if isinstance(err, dict) else err)[:300]
+                        msg = err.get("message", err) if isinstance(err, dict) else err
+                        rec.error = f"stream error: {msg}"[:300]
                         rec.end = now
                         return
                     for choice in ev.get("choices") or ():
@@ -225,7 +225,7 @@ async def _stream(
             rec.end = time.perf_counter()
             rec.status = "ok" if finished else "error"
             if not finished:
-                rec.error = "the stream ended without a finish_reason or [DONE]"
+                rec.error = "incomplete stream: it ended without a finish_reason or [DONE]"
     except asyncio.CancelledError:
         rec.status = "cancelled"
         raise

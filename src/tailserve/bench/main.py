@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import tailserve
 from tailserve.bench.client import ClientConfig, RequestRecord
 from tailserve.bench.prom import scrape, server_view
-from tailserve.bench.report import SCHEMA, print_run, print_sweep, write_outputs
+from tailserve.bench.report import SCHEMA, make_console, print_run, print_sweep, write_outputs
 from tailserve.bench.runner import Load, Runner, context_len_of, discover
 from tailserve.bench.stats import SLO, capacity, summarize
 from tailserve.bench.workloads import WorkloadParams, build_workload
@@ -34,6 +34,8 @@ class UsageError(ValueError):
 def base_url(url: str) -> str:
     """The server root: `http://host:port/v1/` and `http://host:port` both give the latter."""
     url = url.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"--url must start with http:// or https://, got {url!r}")
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
@@ -72,7 +74,11 @@ def loads_from_args(args: argparse.Namespace) -> list[Load]:
 def _token_counter(path: Path) -> Callable[[str], int]:
     from tokenizers import Tokenizer
 
-    tk = Tokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path))
+    file = path / "tokenizer.json" if path.is_dir() else path
+    try:
+        tk = Tokenizer.from_file(str(file))
+    except Exception as e:  # the tokenizers library raises plain Exceptions
+        raise UsageError(f"cannot load the tokenizer {file}: {e}") from None
     return lambda text: len(tk.encode(text, add_special_tokens=False).ids)
 
 
@@ -123,6 +129,8 @@ async def benchmark(args: argparse.Namespace, loads: list[Load], slo: SLO, progr
     card = None
     if args.model is None or (args.workload == "oversized" and args.context_len is None):
         card = await discover(url, args.api_key)
+        if card is None and args.model is None:
+            raise UsageError(f"{url}/v1/models lists no model: name one with --model")
     model = args.model or card["id"]
     params = WorkloadParams(
         output_tokens=args.output_tokens,
@@ -222,7 +230,7 @@ async def benchmark(args: argparse.Namespace, loads: list[Load], slo: SLO, progr
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    console = Console()
+    console = make_console()
     try:
         loads = loads_from_args(args)
         slo = SLO(args.slo_ttft, args.slo_tpot, args.slo_e2e)
@@ -231,7 +239,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     except UsageError as e:
         console.print(f"[red]tailserve bench: {e}[/]")
         return 2
-    except (httpx.HTTPError, RuntimeError) as e:
+    except (httpx.HTTPError, ValueError) as e:  # unreachable, refused, or not an OpenAI server
         console.print(f"[red]tailserve bench: cannot use {args.url}: {type(e).__name__}: {e}[/]")
         return 2
     if len(result["runs"]) == 1:

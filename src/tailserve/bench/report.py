@@ -20,6 +20,12 @@ SCHEMA = "tailserve-bench/1"
 METRICS = (("ttft_s", "TTFT"), ("itl_s", "ITL"), ("tpot_s", "TPOT"), ("e2e_s", "E2E"))
 
 
+def make_console() -> Console:
+    """Rich's console, wide enough for the tables when the output goes to a file or pipe."""
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
 def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x * 1e3:.1f}"
 
@@ -112,28 +118,17 @@ def print_run(console: Console, run: dict) -> None:
 
 
 def print_sweep(console: Console, result: dict) -> None:
-    t = Table(title="capacity curve", title_justify="left")
-    for col in (
-        "load",
-        "ok",
-        "shed",
-        "failed",
-        "req/s",
-        "tok/s",
-        "TTFT p50",
-        "TTFT p99",
-        "TPOT p50",
-        "TPOT p99",
-        "E2E p99",
-        "goodput",
-    ):
+    t = Table(title="capacity curve (latencies in ms)", title_justify="left")
+    unit = result["runs"][0]["label"].split("=")[0]
+    cols = (unit, "ok", "shed", "failed", "req/s", "tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99")
+    for col in (*cols, "E2E p99", "goodput"):
         t.add_column(col, justify="right")
     for run in result["runs"]:
         s = run["summary"]
         lat = s["latency"]
         g = s["goodput"]
         t.add_row(
-            run["label"],
+            f"{_load_value(run):g}",
             str(s["counts"]["ok"]),
             str(s["counts"]["shed"]),
             str(s["counts"]["failed"]),
@@ -202,6 +197,12 @@ def plot_load_curves(result: dict, path: Path) -> None:
     loads = [_load_value(r) for r in runs]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     slo = result["config"].get("slo") or {}
+    unit = runs[0]["label"].split("=")[0]
+    for ax in axes.flat:
+        ax.set_xlabel(f"{runs[0]['load']['mode']} load: {unit}")
+        if loads[0] > 0 and loads[-1] / loads[0] >= 4:  # doubling ladders read best on a log axis
+            ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
     for ax, (key, name) in zip(axes.flat, (METRICS[0], METRICS[2], METRICS[3]), strict=False):
         for p in ("p50", "p90", "p99"):
             ys = [_pct(r["summary"]["latency"][key], p) for r in runs]
@@ -209,8 +210,6 @@ def plot_load_curves(result: dict, path: Path) -> None:
         if slo.get(key) is not None:
             ax.axhline(slo[key] * 1e3, color="red", linestyle="--", linewidth=1, label="SLO")
         ax.set_ylabel(f"{name} (ms)")
-        ax.set_xlabel(runs[0]["load"]["mode"] + " load: " + runs[0]["label"].split("=")[0])
-        ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     ax = axes.flat[3]
     ax.plot(loads, [r["summary"]["throughput"]["req_per_s"] for r in runs], marker="o", label="req/s")
@@ -219,8 +218,6 @@ def plot_load_curves(result: dict, path: Path) -> None:
             loads, [r["summary"]["goodput"]["req_per_s"] for r in runs], marker="o", label="goodput req/s"
         )
     ax.set_ylabel("requests / s")
-    ax.set_xlabel(runs[0]["label"].split("=")[0])
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.suptitle(_title(result))
     fig.tight_layout()
@@ -257,14 +254,18 @@ def write_outputs(result: dict, out_dir: Path, plots: bool = True) -> list[Path]
     return paths
 
 
-COMPARE_ROWS: tuple[tuple[str, str], ...] = (
-    *((f"{name} {p}", f"latency.{key}.{p}") for key, name in METRICS for p in ("mean", "p50", "p90", "p99")),
-    ("req/s", "throughput.req_per_s"),
-    ("output tok/s", "throughput.output_tok_per_s"),
-    ("goodput share", "goodput.share"),
-    ("ok", "counts.ok"),
-    ("shed", "counts.shed"),
-    ("failed", "counts.failed"),
+COMPARE_ROWS: tuple[tuple[str, str, str], ...] = (  # (name, path in the summary, format)
+    *(
+        (f"{name} {p} (ms)", f"latency.{key}.{p}", "ms")
+        for key, name in METRICS
+        for p in ("mean", "p50", "p90", "p99")
+    ),
+    ("req/s", "throughput.req_per_s", ".2f"),
+    ("output tok/s", "throughput.output_tok_per_s", ".1f"),
+    ("goodput share", "goodput.share", ".1%"),
+    ("ok", "counts.ok", "d"),
+    ("shed", "counts.shed", "d"),
+    ("failed", "counts.failed", "d"),
 )
 
 
@@ -295,13 +296,12 @@ def compare(paths: Sequence[Path], console: Console) -> int:
         t = Table(title=f"A {ra['label']}  vs  B {rb['label']}", title_justify="left")
         for col in ("metric", "A", "B", "B/A"):
             t.add_column(col, justify="right")
-        for name, dotted in COMPARE_ROWS:
+        for name, dotted, fmt in COMPARE_ROWS:
             va, vb = _get(ra["summary"], dotted), _get(rb["summary"], dotted)
             if va is None and vb is None:
                 continue
-            timed = dotted.startswith("latency.")
-            fa, fb = ((_ms(v) if timed else _num(v, ".3g")) for v in (va, vb))
+            fa, fb = ((_ms(v) if fmt == "ms" else _num(v, fmt)) for v in (va, vb))
             ratio = "-" if va is None or vb is None or va == 0 else f"{vb / va:.2f}x"
-            t.add_row(name + (" (ms)" if timed else ""), fa, fb, ratio)
+            t.add_row(name, fa, fb, ratio)
         console.print(t)
     return 0

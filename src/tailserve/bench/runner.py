@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from tailserve.bench.client import ClientConfig, RequestRecord, make_http_client, send
+from tailserve.bench.client import ClientConfig, RequestRecord, send
+from tailserve.bench.http import StreamClient
 from tailserve.bench.workloads import Session, Workload, est_tokens
 
 SLOW_READER_RCVBUF = 4096  # bytes; small, so a slow reader pushes back on the server sooner
@@ -69,8 +70,8 @@ class Runner:
     def __init__(self, cfg: ClientConfig, on_done: Callable[[RequestRecord], None] | None = None) -> None:
         self.cfg = cfg
         self.on_done = on_done
-        self.client = make_http_client(cfg.keep_alive)
-        self.slow_client = make_http_client(cfg.keep_alive, rcvbuf=SLOW_READER_RCVBUF)
+        self.client = StreamClient(cfg.base_url, cfg.keep_alive)
+        self.slow_client = StreamClient(cfg.base_url, cfg.keep_alive, rcvbuf=SLOW_READER_RCVBUF)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -155,16 +156,14 @@ async def _cancel(tasks: list[asyncio.Future[None]]) -> None:
         await asyncio.gather(*pending, return_exceptions=True)
 
 
-async def discover(base_url: str, api_key: str | None) -> dict:
+async def discover(base_url: str, api_key: str | None) -> dict | None:
     """GET /v1/models: the first model's card (its id, and the context length where given)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(timeout=30.0, trust_env=False) as c:
         resp = await c.get(base_url + "/v1/models", headers=headers)
         resp.raise_for_status()
         data = resp.json().get("data") or []
-    if not data:
-        raise RuntimeError(f"{base_url}/v1/models lists no model")
-    return data[0]
+    return data[0] if data else None
 
 
 def context_len_of(card: dict) -> int | None:

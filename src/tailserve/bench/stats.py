@@ -91,10 +91,11 @@ def latency(records: Sequence[RequestRecord]) -> dict[str, dict[str, float] | No
 
 
 def _outcome(r: RequestRecord) -> str:
-    """The key a request is counted under in errors_by_status."""
+    """The key a request is counted under in errors_by_status: the HTTP status, else the error's
+    kind (errors read "kind: detail"), else the status (timeout, cancelled)."""
     if r.http_status is not None and r.http_status != 200:
         return str(r.http_status)
-    return r.status if r.status != "error" else (r.error or "error").split(":", 1)[0]
+    return (r.error or r.status).split(":", 1)[0] if r.status == "error" else r.status
 
 
 def summarize(records: Sequence[RequestRecord], wall_s: float, slo: SLO, not_sent: int = 0) -> dict:
@@ -139,7 +140,7 @@ def summarize(records: Sequence[RequestRecord], wall_s: float, slo: SLO, not_sen
         "tokens": {
             "prompt": dist(float(prompt_tokens(r)) for r in ok),
             "output": dist(float(r.output_tokens or 0) for r in ok),
-            "source": dict(Counter(r.token_source for r in records if r.status != "cancelled")),
+            "source": dict(Counter(r.token_source for r in records if r.status in ("ok", "disconnected"))),
             # requests whose events carried several tokens: their ITL is per event, not per token
             "multi_token_events": sum(1 for r in ok if (r.output_tokens or 0) > len(r.token_times) > 0),
         },

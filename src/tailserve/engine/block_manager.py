@@ -81,9 +81,13 @@ class BlockManager:
                 break
             hits.append(bid)
             parent = key
-        self.prefix_queries += len(token_ids)
-        self.prefix_hits += len(hits) * bs
         return hits
+
+    def record_query(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Count one admitted request's lookup (not every retry while it waits for room)."""
+        if self.enable_prefix_caching:
+            self.prefix_queries += num_tokens
+            self.prefix_hits += num_hit_tokens
 
     def register_full_blocks(self, table: BlockTable, token_ids: list[int], num_computed: int) -> None:
         """Key every block of `table` whose tokens are now all computed, so later requests can share it."""

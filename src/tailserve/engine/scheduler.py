@@ -104,6 +104,7 @@ class Scheduler:
             if not self.bm.allocate(seq.table, cached + n, hits):
                 break
             self.waiting.popleft()
+            self.bm.record_query(seq.num_tokens, cached)
             seq.num_computed = cached
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = cached

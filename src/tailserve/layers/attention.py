@@ -2,8 +2,12 @@
 
 The pool of one layer is `[num_slots, num_kv_heads, head_dim]`, num_slots = blocks × block_size; a
 token's slot is `block_table[pos // block_size] * block_size + pos % block_size`. The batch is flat:
-decode tokens first (one per sequence, attended together in one padded call), then prefill chunks
-(each attended on its own, since their query lengths differ).
+decode tokens first (one per sequence, attended together in one call), then prefill chunks (each
+attended on its own, since their query lengths differ).
+
+On CPU, decode attention runs the C++ kernel (layers/kernels.py), which reads every sequence's K/V
+rows in place through its block table: no gather copy of each context per layer, no padding to the
+longest one. Elsewhere, or when the kernel cannot be built, the padded gather + SDPA path runs.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from tailserve.layers import kernels
 
 
 @dataclass
@@ -27,11 +33,58 @@ class PrefillChunk:
 
 @dataclass
 class AttentionMetadata:
+    """Where the batch's tokens live in the pool. Decodes are described either by block tables and
+    context lengths (preferred: what the kernel reads) or by padded slot matrices and masks; the
+    missing form is derived once per step, on first use."""
+
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
     num_decode: int = 0
     decode_slots: torch.Tensor | None = None  # [B, L] context slots per decode sequence (padded)
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] bool, True = attend
     prefills: list[PrefillChunk] = field(default_factory=list)
+    block_size: int = 0
+    decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] int64 block ids (padding: any valid id)
+    decode_context_lens: torch.Tensor | None = None  # [B] int64 tokens attended, the new one included
+
+    def to(self, device: torch.device) -> AttentionMetadata:
+        """A copy with every tensor on `device` (non-blocking)."""
+
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping.to(device, non_blocking=True),
+            num_decode=self.num_decode,
+            decode_slots=mv(self.decode_slots),
+            decode_mask=mv(self.decode_mask),
+            prefills=[
+                PrefillChunk(p.start, p.length, p.context_len, mv(p.context_slots), mv(p.causal_mask))
+                for p in self.prefills
+            ],
+            block_size=self.block_size,
+            decode_block_tables=mv(self.decode_block_tables),
+            decode_context_lens=mv(self.decode_context_lens),
+        )
+
+    def decode_lookup(self) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """(table, block_size, context_lens) for the kernel; a slot matrix is a table of block size 1."""
+        if self.decode_context_lens is None:
+            assert self.decode_mask is not None, "decode metadata needs context lengths or a mask"
+            self.decode_context_lens = self.decode_mask.flatten(1).sum(1)
+        if self.decode_block_tables is not None:
+            return self.decode_block_tables, self.block_size, self.decode_context_lens
+        assert self.decode_slots is not None, "decode metadata needs block tables or slots"
+        return self.decode_slots, 1, self.decode_context_lens
+
+    def padded_decode(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots [B, L], mask [B, 1, 1, L]) for the SDPA path; derived from block tables if absent."""
+        if self.decode_slots is None or self.decode_mask is None:
+            tables, lens, bs = self.decode_block_tables, self.decode_context_lens, self.block_size
+            assert tables is not None and lens is not None, "decode metadata needs block tables or slots"
+            pos = torch.arange(int(lens.max()), device=tables.device)
+            self.decode_slots = tables[:, pos // bs] * bs + pos % bs
+            self.decode_mask = (pos[None, :] < lens[:, None]).view(len(lens), 1, 1, -1)
+        return self.decode_slots, self.decode_mask
 
 
 def write_kv(
@@ -56,13 +109,21 @@ def paged_attention(
     group = num_heads // num_kv
     out = torch.empty_like(q)
     nd = meta.num_decode
-    if nd:
+    ops = kernels.ops() if q.device.type == "cpu" else None
+    if nd and ops is not None:
+        table, block_size, lens = meta.decode_lookup()
+        od = ops.decode_attention(q[:nd].contiguous(), k_cache, v_cache, table, block_size, lens, scale)
+        if nd == q.shape[0]:
+            return od
+        out[:nd] = od
+    elif nd:
         # One query token per sequence: a KV head's `group` query heads play the role of the query
         # length, so grouped-query attention needs no repeat of K/V.
+        slots, mask = meta.padded_decode()
         qd = q[:nd].view(nd, num_kv, group, head_dim)
-        kd = k_cache[meta.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
-        vd = v_cache[meta.decode_slots].transpose(1, 2)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale)
+        kd = k_cache[slots].transpose(1, 2)  # [B, Hkv, L, D]
+        vd = v_cache[slots].transpose(1, 2)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)
         out[:nd] = od.reshape(nd, num_heads, head_dim)
     for p in meta.prefills:
         rows = slice(p.start, p.start + p.length)

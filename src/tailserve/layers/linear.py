@@ -1,22 +1,145 @@
-"""Linear layers behind one interface: `y = layer(x)` with x of shape [..., in_features]."""
+"""Linear layers behind one interface, `y = layer(x)` with x of shape [..., in_features]: dense, and
+weight-only int8 (per channel) and int4 (group-wise). `make_linear` picks the layer for a precision.
+
+Each layer runs on one of three backends, chosen once from the weight's device:
+  kernel  the C++ AVX512-BF16 kernels (block-packed weights, bf16 activations): CPU, fastest here;
+  torch   PyTorch's packed CPU ops (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`);
+  plain   dequantize-and-matmul, correct on any device.
+Dense float32 layers always use `F.linear` (MKL's fp32 GEMV already runs near bandwidth).
+"""
 
 from __future__ import annotations
+
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tailserve.layers import kernels, quant
 
-class DenseLinear(nn.Module):
-    """A bias-free linear layer over a plain weight of shape [out_features, in_features]."""
+QUANTIZATIONS = ("none", "int8", "int4")
 
-    def __init__(self, weight: torch.Tensor) -> None:
+
+def default_backend(weight: torch.Tensor) -> str:
+    if weight.device.type != "cpu":
+        return "plain"
+    mod = kernels.ops()
+    return "kernel" if mod is not None and mod.has_bf16_linear() else "torch"
+
+
+class Linear(nn.Module, ABC):
+    """The shared interface: a bias-free `[out_features, in_features]` map on the last dim of x."""
+
+    def __init__(self, out_features: int, in_features: int, backend: str) -> None:
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
+        self.out_features, self.in_features, self.backend = out_features, in_features, backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = self._mm(x.reshape(-1, self.in_features))
+        return y.reshape(*lead, self.out_features)
+
+    @abstractmethod
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        """[M, in_features] → [M, out_features]."""
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}→{self.out_features}, backend={self.backend}"
+
+
+class DenseLinear(Linear):
+    """An unquantized weight; bf16 on a kernel-capable CPU is block-packed for the C++ GEMV."""
+
+    def __init__(self, weight: torch.Tensor, backend: str | None = None) -> None:
+        backend = backend or default_backend(weight)
+        if weight.dtype != torch.bfloat16 and backend == "kernel":
+            backend = "torch"
+        super().__init__(weight.shape[0], weight.shape[1], backend)
+        if backend == "kernel":
+            self.register_buffer("packed", quant.pack_pairs(weight))
+        else:
+            self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "kernel":
+            return kernels.ops().linear_bf16(x.contiguous(), self.packed, self.out_features)
         return F.linear(x, self.weight)
+
+
+class Int8Linear(Linear):
+    """Per-channel symmetric int8 weights: a quarter of fp32's bytes, a fraction of a percent of error."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, backend: str | None = None) -> None:
+        """Quantizes `weight` as given (pass the source weights, not a bf16 rounding of them)."""
+        backend = backend or default_backend(weight)
+        super().__init__(weight.shape[0], weight.shape[1], backend)
+        q, scale = quant.quantize_int8(weight)
+        if backend == "kernel":
+            self.register_buffer("packed", quant.pack_pairs(q))
+            self.register_buffer("scale", quant.pad_rows(scale))
+        else:
+            self.register_buffer("q", q)
+            self.register_buffer("scale", scale.to(dtype))
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "kernel":
+            xb = x.to(torch.bfloat16).contiguous()
+            return kernels.ops().linear_int8(xb, self.packed, self.scale, self.out_features).to(x.dtype)
+        if self.backend == "torch":
+            return torch._weight_int8pack_mm(x.contiguous(), self.q, self.scale)
+        return F.linear(x, self.q.to(x.dtype)) * self.scale
+
+
+class Int4Linear(Linear):
+    """Group-wise (32) asymmetric int4 weights with fp16 scale and minimum: GGUF Q4_1's precision."""
+
+    def __init__(
+        self, weight: torch.Tensor, backend: str | None = None, group: int = quant.INT4_GROUP
+    ) -> None:
+        """Quantizes `weight` as given (pass the source weights, not a bf16 rounding of them)."""
+        backend = backend or default_backend(weight)
+        if backend == "torch" and weight.shape[0] % 16:
+            backend = "plain"  # PyTorch's CPU int4 packing needs out_features divisible by 16
+        super().__init__(weight.shape[0], weight.shape[1], backend)
+        self.group = group
+        q, scale, lo = quant.quantize_int4(weight, group)
+        if backend == "kernel":
+            self.register_buffer("packed", quant.pack_int4(q))
+            self.register_buffer("scales", quant.pack_int4_scales(scale, lo))
+        elif backend == "torch":
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1))
+            # PyTorch's int4 convention: w = (q - 8)·scale + zero, scales and zeros as [K/group, N, 2].
+            zero = lo.float() + 8 * scale.float()
+            scales = torch.stack([scale.float(), zero], -1).transpose(0, 1)
+            self.register_buffer("scales", scales.to(torch.bfloat16).contiguous())
+        else:
+            self.register_buffer("q", q)
+            self.register_buffer("scales", torch.stack([scale, lo]))
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "kernel":
+            xb = x.to(torch.bfloat16).contiguous()
+            y = kernels.ops().linear_int4(xb, self.packed, self.scales, self.out_features, self.group)
+            return y.to(x.dtype)
+        if self.backend == "torch":
+            xb = x.to(torch.bfloat16).contiguous()
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, self.group, self.scales)
+            return y.to(x.dtype)
+        w = quant.dequantize_int4(self.q, self.scales[0], self.scales[1])
+        return F.linear(x, w.to(x.dtype))
+
+
+def make_linear(weight: torch.Tensor, quantization: str, dtype: torch.dtype) -> Linear:
+    """The layer for one source weight [out, in] at a precision: none stores it in `dtype`; int8/int4
+    quantize it as given (a Q4_1 GGUF's weights then requantize to int4 exactly) for `dtype` activations.
+
+    int4 needs in_features divisible by 32; a layer that is not gets int8 instead.
+    """
+    if quantization == "none":
+        return DenseLinear(weight.to(dtype))
+    if quantization == "int8" or (quantization == "int4" and weight.shape[1] % quant.INT4_GROUP):
+        return Int8Linear(weight, dtype)
+    if quantization == "int4":
+        return Int4Linear(weight)
+    raise ValueError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")

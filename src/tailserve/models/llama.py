@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tailserve.layers.attention import AttentionMetadata, paged_attention, write_kv
-from tailserve.layers.linear import DenseLinear
+from tailserve.layers.linear import make_linear
 from tailserve.models.loader import ModelConfig
 
 
@@ -45,17 +45,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self, config: ModelConfig, w: dict[str, torch.Tensor], dtype: torch.dtype, quantization: str
+    ) -> None:
         super().__init__()
         self.num_heads, self.num_kv = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
-        self.input_norm = RMSNorm(w["input_layernorm"], config.rms_norm_eps)
-        self.qkv = DenseLinear(torch.cat([w["self_attn.q_proj"], w["self_attn.k_proj"], w["self_attn.v_proj"]]))
-        self.o = DenseLinear(w["self_attn.o_proj"])
-        self.post_norm = RMSNorm(w["post_attention_layernorm"], config.rms_norm_eps)
-        self.gate_up = DenseLinear(torch.cat([w["mlp.gate_proj"], w["mlp.up_proj"]]))
-        self.down = DenseLinear(w["mlp.down_proj"])
+        self.input_norm = RMSNorm(w["input_layernorm"].to(dtype), config.rms_norm_eps)
+        qkv = torch.cat([w["self_attn.q_proj"], w["self_attn.k_proj"], w["self_attn.v_proj"]])
+        self.qkv = make_linear(qkv, quantization, dtype)
+        self.o = make_linear(w["self_attn.o_proj"], quantization, dtype)
+        self.post_norm = RMSNorm(w["post_attention_layernorm"].to(dtype), config.rms_norm_eps)
+        self.gate_up = make_linear(torch.cat([w["mlp.gate_proj"], w["mlp.up_proj"]]), quantization, dtype)
+        self.down = make_linear(w["mlp.down_proj"], quantization, dtype)
 
     def forward(
         self,
@@ -79,19 +82,29 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        quantization: str = "none",
+    ) -> None:
+        """Linears are built (and quantized) from the source weights, the rest is stored in `dtype`."""
         super().__init__()
         self.config = config
-        w = {k: v.to(dtype) for k, v in weights.items()}
-        self.embed = nn.Parameter(w["model.embed_tokens.weight"], requires_grad=False)
+        self.embed = nn.Parameter(weights["model.embed_tokens.weight"].to(dtype), requires_grad=False)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, _layer_weights(w, i)) for i in range(config.num_layers)
+            DecoderLayer(config, _layer_weights(weights, i), dtype, quantization)
+            for i in range(config.num_layers)
         )
-        self.norm = RMSNorm(w["model.norm.weight"], config.rms_norm_eps)
-        head = w["model.embed_tokens.weight"] if config.tie_word_embeddings else w.get("lm_head.weight")
+        self.norm = RMSNorm(weights["model.norm.weight"].to(dtype), config.rms_norm_eps)
+        tied = config.tie_word_embeddings
+        head = weights["model.embed_tokens.weight"] if tied else weights.get("lm_head.weight")
         if head is None:
             raise ValueError("weights lack lm_head.weight and the model does not tie embeddings")
-        self.lm_head = DenseLinear(head)
+        # The head gets its own (packed) copy when tied, and int8 under int4: int4 logits cost ~20× the
+        # KL of all int4 layers together (benchmarks/quant_accuracy.py).
+        self.lm_head = make_linear(head, "int8" if quantization == "int4" else quantization, dtype)
         cos, sin = rope_tables(config, config.max_position_embeddings)
         self.register_buffer("cos", cos.to(dtype), persistent=False)
         self.register_buffer("sin", sin.to(dtype), persistent=False)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import time
@@ -48,7 +49,8 @@ from tailserve.server.protocol import (
 
 log = logging.getLogger("tailserve.server")
 
-# Prompts longer than this are tokenized on a worker thread, so the event loop keeps accepting.
+# Prompts longer than this are tokenized on a worker thread. It keeps the event loop accepting only
+# while the tokenizer releases the GIL (`tokenizers`' encode_batch does; its encode does not).
 THREAD_TOKENIZE_CHARS = 16_384
 SHUTDOWN_MESSAGE = "the server is shutting down"
 
@@ -89,7 +91,7 @@ class Generation:
         engine: AsyncEngine,
         ticket: Ticket,
         subs: list[SubRequest],
-        live: set[Generation],
+        live: dict[str, Generation],
         *,
         priority: int,
         arrival: float,
@@ -109,7 +111,7 @@ class Generation:
         self._iter: AsyncIterator[tuple[int, RequestOutput]] | None = None
         self._live = live
         self._closed = False
-        live.add(self)
+        live.update(dict.fromkeys(self.engine_ids, self))
 
     def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """The one stream of (sub-request index, delta); iterate it once."""
@@ -188,7 +190,8 @@ class Generation:
                 for eid in self.engine_ids:
                     self.engine.abort(eid)
             self.ticket.release()
-            self._live.discard(self)
+            for eid in self.engine_ids:
+                self._live.pop(eid, None)
 
 
 class SSEResponse(StreamingResponse):
@@ -252,7 +255,13 @@ class OpenAIServer:
             ),
             api_key=config.api_key,
         )
-        self.live: set[Generation] = set()
+        self.live: dict[str, Generation] = {}  # by engine request id
+        self._serial = itertools.count()
+
+    def engine_request_id(self, rid: str, client_chose: bool) -> str:
+        """A client's X-Request-ID plus a serial number, so engine ids never repeat: a client retrying
+        with the id of a request it just abandoned must not meet that request's abort in the engine."""
+        return f"{rid}#{next(self._serial)}" if client_chose else rid
 
     # --- the request path ------------------------------------------------------------------------
 
@@ -311,10 +320,13 @@ class OpenAIServer:
             raise err
         return req
 
-    def admit(self, count: int, num_chars: int, known_tokens: int, timeout: float | None) -> Ticket:
-        est = known_tokens + estimate_tokens(num_chars) if num_chars else known_tokens
+    def admit(
+        self, count: int, num_prompts: int, num_chars: int, known_tokens: int, timeout: float | None
+    ) -> Ticket:
+        """Reserve `count` engine requests, each with the mean prompt size estimated from the text."""
+        total = known_tokens + (estimate_tokens(num_chars) if num_chars else 0)
         try:
-            return self.admission.admit(self.engine.stats, count, est, timeout)
+            return self.admission.admit(self.engine.stats, count, -(-total // num_prompts), timeout)
         except Rejected as r:
             raise _rejected(r) from None
 
@@ -430,7 +442,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> Fas
 
 async def _handle(server: OpenAIServer, request: Request, cls: type[R], prefix: str) -> Response:
     arrival, created = time.perf_counter(), int(time.time())
-    rid = request.headers.get("x-request-id") or prefix + uuid.uuid4().hex
+    generated = prefix + uuid.uuid4().hex
+    rid = request.headers.get("x-request-id") or generated
     ticket: Ticket | None = None
     gen: Generation | None = None
     handed_off = False
@@ -439,14 +452,16 @@ async def _handle(server: OpenAIServer, request: Request, cls: type[R], prefix: 
         server.check_open()
         req = server.parse(await server.read_json(request), cls)
         timeout = server.admission.timeout(req.timeout)
+        prompts: list[str | list[int]] = []  # a chat request's one prompt is its rendered messages
         if isinstance(req, ChatCompletionRequest):
-            prompts: list[str | list[int]] = [""]
-            chars, known = req.text_length(), 0
+            chars = req.text_length()
         else:
             prompts = req.prompts()
             chars = sum(len(p) for p in prompts if isinstance(p, str))
-            known = sum(len(p) for p in prompts if isinstance(p, list))
-        ticket = server.admit(len(prompts) * req.n, chars, known, timeout)
+        num_prompts = len(prompts) or 1
+        known = sum(len(p) for p in prompts if isinstance(p, list))
+        # Admission before tokenizing, on a size estimate; the exact count is checked again below.
+        ticket = server.admit(num_prompts * req.n, num_prompts, chars, known, timeout)
 
         if isinstance(req, ChatCompletionRequest):
             try:
@@ -459,12 +474,13 @@ async def _handle(server: OpenAIServer, request: Request, cls: type[R], prefix: 
             prompt_ids = [p if isinstance(p, list) else await server.tokenize(p) for p in prompts]
             max_tokens, logprobs, what = req.max_tokens, req.logprobs, "prompt"
         try:
-            ticket.resize(server.engine.stats, max(len(p) for p in prompt_ids), timeout)
+            ticket.resize(server.engine.stats, -(-sum(map(len, prompt_ids)) // num_prompts), timeout)
         except Rejected as r:
             raise _rejected(r) from None
 
         subs = []
         many = len(prompt_ids) * req.n > 1
+        base = server.engine_request_id(rid, client_chose=rid != generated)
         for p, ids in enumerate(prompt_ids):
             mt = server.check_context(len(ids), max_tokens, what)
             for i in range(req.n):
@@ -473,7 +489,7 @@ async def _handle(server: OpenAIServer, request: Request, cls: type[R], prefix: 
                     params = req.sampling_params(mt, logprobs, seed_offset=i)
                 except ValueError as e:
                     raise ApiError(400, str(e), param=str(e).split(" ", 1)[0], code="invalid_value") from None
-                subs.append(SubRequest(f"{rid}-{index}" if many else rid, ids, params))
+                subs.append(SubRequest(f"{base}-{index}" if many else base, ids, params))
 
         gen = Generation(
             server.engine,
@@ -488,7 +504,7 @@ async def _handle(server: OpenAIServer, request: Request, cls: type[R], prefix: 
         try:
             first = await _unless_disconnected(request, events.__anext__())
         except ValueError as e:  # the engine's own input checks, made before it queues anything
-            raise ApiError(400, str(e), code="invalid_value") from None
+            raise ApiError(400, str(e), param=what, code="invalid_value") from None
         if len(subs) == 1 and first[1].finished and (err := _finish_error(gen, first[1])) is not None:
             raise err  # failed before its first token: a status code, even for a stream
         if req.stream:

@@ -35,7 +35,7 @@ async def drain(app: FastAPI, grace: float, poll: float = 0.05) -> None:
             server.admission.in_flight,
             grace,
         )
-        for gen in list(server.live):
+        for gen in set(server.live.values()):
             gen.abort(SHUTDOWN_MESSAGE)
         end = time.monotonic() + 5.0
         while server.live and time.monotonic() < end:

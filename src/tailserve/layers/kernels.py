@@ -1,0 +1,64 @@
+"""The C++ CPU kernels (src/tailserve/csrc/kernels.cpp), compiled once per machine and cached.
+
+The first use builds the extension with `-O3 -march=native` under `$TAILSERVE_HOME/torch_extensions`
+(a few tens of seconds); later starts only load the cached library. Where the build is impossible
+(no compiler, CUDA-only use) callers fall back to plain PyTorch, and one log line says which path runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from tailserve.models.loader import cache_home
+
+log = logging.getLogger("tailserve.kernels")
+
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "kernels.cpp"
+
+
+def _cpu_key() -> str:
+    """The build is -march=native: key it by the CPU's flags so a shared cache never serves a foreign CPU."""
+    try:
+        flags = next(
+            (line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), ""
+        )
+    except OSError:
+        flags = ""
+    return hashlib.sha256(f"{flags}|{torch.__version__}".encode()).hexdigest()[:12]
+
+
+@functools.cache
+def ops() -> ModuleType | None:
+    """The compiled module, or None when it cannot be built here (the reason is logged once)."""
+    if os.environ.get("TAILSERVE_DISABLE_KERNELS"):
+        log.info("C++ kernels disabled by TAILSERVE_DISABLE_KERNELS: using PyTorch ops")
+        return None
+    from torch.utils import cpp_extension
+
+    build_dir = cache_home() / "torch_extensions" / _cpu_key()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        module = cpp_extension.load(
+            name="tailserve_kernels",
+            sources=[str(SOURCE)],
+            build_directory=str(build_dir),
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as e:  # any toolchain failure means: use the PyTorch path
+        log.warning("C++ kernels unavailable (%s: %s): using PyTorch ops", type(e).__name__, str(e)[-500:])
+        return None
+    log.info(
+        "C++ kernels loaded from %s (paged decode attention%s)",
+        build_dir,
+        ", bf16/int8/int4 linears" if module.has_bf16_linear() else "; no AVX512-BF16, so PyTorch linears",
+    )
+    return module
