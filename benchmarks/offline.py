@@ -3,7 +3,7 @@
 32 chat requests of the seeded `chat` workload (a shared ~400-token system prompt plus a user turn),
 64 output tokens each, greedy, the same dtype for both. Also single-stream prefill and decode rates.
 
-    .venv/bin/python benchmarks/offline.py [--requests 32] [--output-tokens 64] [--dtype bfloat16] [--json out.json]
+    .venv/bin/python benchmarks/offline.py [--requests 32] [--output-tokens 64] [--dtype bfloat16] [--json F]
 """
 
 from __future__ import annotations
@@ -44,7 +44,12 @@ def bench_tailserve(llm: LLM, prompts: list[list[int]], new: int) -> dict[str, f
     # Per-request latency from the engine's own time stamps.
     lat = [o.times.e2e for o in outs]  # type: ignore[union-attr]
     single = single_stream_tailserve(llm, prompts[0], new)
-    return {"wall_s": wall, "output_tok_s": len(prompts) * new / wall, "mean_latency_s": sum(lat) / len(lat), **single}
+    return {
+        "wall_s": wall,
+        "output_tok_s": len(prompts) * new / wall,
+        "mean_latency_s": sum(lat) / len(lat),
+        **single,
+    }
 
 
 def single_stream_tailserve(llm: LLM, prompt: list[int], new: int) -> dict[str, float]:
@@ -61,7 +66,9 @@ def single_stream_tailserve(llm: LLM, prompt: list[int], new: int) -> dict[str, 
     return {"prefill_tok_s": len(prompt) / (first - t0), "decode_tok_s": (n - 1) / (end - first)}
 
 
-def bench_transformers(path: Path, prompts: list[list[int]], new: int, dtype: torch.dtype) -> dict[str, float]:
+def bench_transformers(
+    path: Path, prompts: list[list[int]], new: int, dtype: torch.dtype
+) -> dict[str, float]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
@@ -107,7 +114,9 @@ def main() -> None:
     ours = bench_tailserve(llm, prompts, args.output_tokens)
     del llm
     theirs = bench_transformers(resolve_model(DEFAULT_MODEL), prompts, args.output_tokens, dtype)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     result = {
         "benchmark": "offline",
         "commit": commit,
@@ -120,7 +129,7 @@ def main() -> None:
         "tailserve": ours,
         "transformers": theirs,
     }
-    print(f"| metric | tailserve | transformers | ratio |\n|---|---|---|---|")
+    print("| metric | tailserve | transformers | ratio |\n|---|---|---|---|")
     for key, better in [
         ("output_tok_s", "higher"),
         ("mean_latency_s", "lower"),

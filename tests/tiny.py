@@ -59,7 +59,7 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaModel:
     return LlamaModel(TINY, tiny_weights(seed=seed), dtype).eval()
 
 
-def tiny_engine(model: LlamaModel | None = None, **options) -> LLMEngine:  # noqa: ANN003
+def tiny_engine(model: LlamaModel | None = None, **options) -> LLMEngine:
     options.setdefault("kv_cache_memory", 0.01)
     options.setdefault("block_size", 4)
     return LLMEngine(EngineConfig(model="tiny", **options), model or tiny_model())

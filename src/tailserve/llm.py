@@ -34,7 +34,7 @@ class LLM:
         self._next_id = 0
 
     @property
-    def tokenizer(self):  # noqa: ANN201
+    def tokenizer(self):
         return self.engine.tokenizer
 
     def generate(

@@ -215,7 +215,9 @@ class Tokenizer:
         """Token ids of `text`; special tokens written in it map to their ids. BOS only if the model asks."""
         if not isinstance(text, str):
             raise ValueError(f"text to encode must be a str, not {type(text).__name__}")
-        ids = self._backend.encode(text, add_special_tokens=False).ids
+        # encode_batch releases the GIL (plain encode does not), so a long prompt never stalls the
+        # engine thread or the event loop.
+        ids = self._backend.encode_batch([text], add_special_tokens=False)[0].ids
         if add_special_tokens and self.add_bos_token and ids[:1] != [self.bos_token_id]:
             ids.insert(0, self.bos_token_id)
         return ids

@@ -25,11 +25,9 @@ TOPICS = [
 NEW_TOKENS = 32
 
 
-def chat_prompts(tokenizer) -> list[list[int]]:  # noqa: ANN001
+def chat_prompts(tokenizer) -> list[list[int]]:
     """8 chat prompts of about 10 to 600 tokens."""
-    filler = (
-        "The quick brown fox jumps over the lazy dog while the committee reviews the quarterly report. "
-    )
+    filler = "The quick brown fox jumps over the lazy dog while the committee reviews the quarterly report. "
     convs = [[{"role": "user", "content": t}] for t in TOPICS]
     convs.append([{"role": "system", "content": "You are terse."}, {"role": "user", "content": TOPICS[1]}])
     convs.append([{"role": "user", "content": filler * 12 + "Summarise the text above."}])
@@ -52,13 +50,17 @@ def reference(default_model_path: Path) -> tuple[list[list[int]], list[list[int]
     with torch.inference_mode():
         for p in prompts:
             gen = ref.generate(
-                torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0
+                torch.tensor([p]),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
             )
             outs.append(gen[0, len(p) :].tolist())
     return prompts, outs
 
 
-def engine(model: LlamaModel, **options) -> LLMEngine:  # noqa: ANN003
+def engine(model: LlamaModel, **options) -> LLMEngine:
     return LLMEngine(EngineConfig(kv_cache_memory=0.25, **options), model)
 
 
@@ -66,7 +68,7 @@ def greedy() -> SamplingParams:
     return SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
 
 
-def test_one_at_a_time_matches_transformers(default_model_fp32: LlamaModel, reference) -> None:  # noqa: ANN001
+def test_one_at_a_time_matches_transformers(default_model_fp32: LlamaModel, reference) -> None:
     prompts, expected = reference
     eng = engine(default_model_fp32, prefix_cache=False)
     for p, want in zip(prompts, expected):
@@ -74,7 +76,7 @@ def test_one_at_a_time_matches_transformers(default_model_fp32: LlamaModel, refe
         assert run_all(eng)["r"] == want
 
 
-def test_all_together_chunked_matches_transformers(default_model_fp32: LlamaModel, reference) -> None:  # noqa: ANN001
+def test_all_together_chunked_matches_transformers(default_model_fp32: LlamaModel, reference) -> None:
     prompts, expected = reference
     chunk = 128
     assert chunk < max(len(p) for p in prompts)

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tailserve.engine.engine import StepTimeModel
 from tailserve.sampling import SamplingParams
 from tests.tiny import TINY, run_all, tiny_engine, tiny_model
 
@@ -23,7 +24,7 @@ def greedy(n: int = 12) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
 
-def sequential(ps: list[list[int]], params: SamplingParams, **options) -> list[list[int]]:  # noqa: ANN003
+def sequential(ps: list[list[int]], params: SamplingParams, **options) -> list[list[int]]:
     outs = []
     for p in ps:
         eng = tiny_engine(MODEL, **options)
@@ -32,7 +33,7 @@ def sequential(ps: list[list[int]], params: SamplingParams, **options) -> list[l
     return outs
 
 
-def batched(ps: list[list[int]], params: SamplingParams, **options) -> list[list[int]]:  # noqa: ANN003
+def batched(ps: list[list[int]], params: SamplingParams, **options) -> list[list[int]]:
     eng = tiny_engine(MODEL, **options)
     for i, p in enumerate(ps):
         eng.add_request(str(i), p, params)
@@ -132,7 +133,9 @@ def test_eos_and_min_tokens() -> None:
 
 def test_logprobs() -> None:
     eng = tiny_engine(MODEL)
-    eng.add_request("lp", prompts(8)[3], SamplingParams(max_tokens=4, temperature=0, logprobs=3, ignore_eos=True))
+    eng.add_request(
+        "lp", prompts(8)[3], SamplingParams(max_tokens=4, temperature=0, logprobs=3, ignore_eos=True)
+    )
     lps = []
     while eng.has_unfinished():
         for o in eng.step():
@@ -212,8 +215,12 @@ def test_random_request_streams_under_kv_pressure(
     bases = prompts(11)
     ps = [bases[6][:40][: 4 * pre] + bases[5][:n] for pre, n, _ in reqs]
     per_block = 2 * TINY.num_layers * 4 * TINY.num_kv_heads * TINY.head_dim * 4
-    eng = tiny_engine(MODEL, kv_cache_memory=num_blocks * per_block / (1 << 30), max_num_batched_tokens=budget,
-                      max_num_seqs=8)
+    eng = tiny_engine(
+        MODEL,
+        kv_cache_memory=num_blocks * per_block / (1 << 30),
+        max_num_batched_tokens=budget,
+        max_num_seqs=8,
+    )
     for i, (p, (_, _, m)) in enumerate(zip(ps, reqs)):
         eng.add_request(str(i), p, greedy(m))
     got: dict[str, list[int]] = {}
@@ -234,3 +241,22 @@ def test_random_request_streams_under_kv_pressure(
         if i not in aborted:
             assert got[str(i)] == sequential([p], greedy(m))[0]
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_step_time_model_recovers_affine_cost() -> None:
+    model = StepTimeModel()
+    assert model.rate(512) == 0.0  # nothing measured: no prediction
+    for tokens in [1, 8, 512, 16, 300, 2, 512, 64] * 4:
+        model.observe(tokens, 0.010 + 0.0005 * tokens)
+    a, b = model.coefficients()
+    assert a == pytest.approx(0.010, rel=1e-6) and b == pytest.approx(0.0005, rel=1e-6)
+    assert model.rate(512) == pytest.approx(512 / (0.010 + 0.0005 * 512))
+
+
+def test_stats_refresh_after_abort_without_a_step() -> None:
+    eng = tiny_engine(MODEL)
+    eng.add_request("a", prompts(12)[5], greedy(50))
+    eng.step()
+    assert eng.stats.num_running == 1
+    eng.abort("a")
+    assert eng.stats.num_running == 0 and eng.stats.num_free_blocks == eng.block_manager.num_blocks

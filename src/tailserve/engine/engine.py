@@ -39,7 +39,7 @@ class EngineStats:
     num_free_blocks: int = 0
     num_total_blocks: int = 0
     kv_cache_usage: float = 0.0
-    prefill_tokens_per_s: float = 0.0  # smoothed rate of prompt tokens through steps that prefill
+    prefill_tokens_per_s: float = 0.0  # rate through full-budget steps, from the fitted step-time model
     num_preemptions: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
@@ -65,6 +65,16 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
 
 
+QUANTIZATIONS = ("none", "int8", "int4", "auto")
+
+
+def resolve_quantization(quantization: str) -> str:
+    """`auto` → none: on this CPU bf16 is fastest from batch 8 up and the most accurate (BENCHMARKS.md)."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
+    return "none" if quantization == "auto" else quantization
+
+
 def _cpu_has_bf16() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
@@ -74,8 +84,39 @@ def _cpu_has_bf16() -> bool:
         return False
 
 
+class StepTimeModel:
+    """Step time ≈ a + b·tokens, fitted online by exponentially weighted least squares.
+
+    A plain tokens/second average mixes tiny and full steps (a 6-token step runs at a tenth of a full
+    chunk's rate), which mispredicts queue drain times by several times; the affine fit does not.
+    """
+
+    def __init__(self, decay: float = 0.95) -> None:
+        self.decay = decay
+        self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        d = self.decay
+        self.n, self.sx, self.sy = d * self.n + 1, d * self.sx + tokens, d * self.sy + seconds
+        self.sxx, self.sxy = d * self.sxx + tokens * tokens, d * self.sxy + tokens * seconds
+
+    def coefficients(self) -> tuple[float, float] | None:
+        """(a, b), or None until steps of different sizes have been seen."""
+        var = self.n * self.sxx - self.sx * self.sx
+        if self.n < 2 or var <= 1e-9 * max(self.sxx, 1.0):
+            return None
+        b = (self.n * self.sxy - self.sx * self.sy) / var
+        a = (self.sy - b * self.sx) / self.n
+        return max(a, 0.0), max(b, 1e-7)
+
+    def rate(self, tokens: int) -> float:
+        """Tokens per second through steps of `tokens` tokens (0 while unknown)."""
+        ab = self.coefficients()
+        return 0.0 if ab is None else tokens / (ab[0] + ab[1] * tokens)
+
+
 class LLMEngine:
-    def __init__(self, config: EngineConfig, model: LlamaModel, tokenizer=None) -> None:  # noqa: ANN001
+    def __init__(self, config: EngineConfig, model: LlamaModel, tokenizer=None) -> None:
         """Build from a loaded model; `from_config` loads one. tokenizer may be None (token ids only)."""
         self.config = config
         self.model = model
@@ -87,10 +128,14 @@ class LLMEngine:
         num_blocks = int(config.kv_cache_memory * (1 << 30)) // per_block
         if num_blocks < 2:
             raise ValueError(f"kv_cache_memory {config.kv_cache_memory} GiB holds fewer than 2 blocks")
-        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.max_model_len = min(
+            config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
+        )
         self.max_model_len = min(self.max_model_len, num_blocks * config.block_size)
         if config.max_num_batched_tokens < config.max_num_seqs:
-            raise ValueError("max_num_batched_tokens must be >= max_num_seqs so every running sequence can decode")
+            raise ValueError(
+                "max_num_batched_tokens must be >= max_num_seqs so every running sequence can decode"
+            )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.prefix_cache)
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, config.chunked_prefill
@@ -103,7 +148,7 @@ class LLMEngine:
         self.eos_token_ids: frozenset[int] = frozenset(eos)
         self.requests: dict[str, Sequence] = {}
         self._order = itertools.count()
-        self._prefill_rate = 0.0
+        self.step_times = StepTimeModel()
         self.stats = EngineStats(num_free_blocks=num_blocks, num_total_blocks=num_blocks)
 
     @classmethod
@@ -116,7 +161,10 @@ class LLMEngine:
         path = resolve_model(config.model)
         model_config, weights = load_config_and_weights(path)
         device = resolve_device(config.device)
-        model = LlamaModel(model_config, weights, resolve_dtype(config.dtype, device)).to(device).eval()
+        weights = {k: v.to(device) for k, v in weights.items()}
+        dtype = resolve_dtype(config.dtype, device)
+        quantization = resolve_quantization(config.quantization)
+        model = LlamaModel(model_config, weights, dtype, quantization).to(device).eval()
         del weights
         return cls(config, model, Tokenizer.load(path))
 
@@ -149,7 +197,8 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(
-                f"this model's maximum context length is {self.max_model_len} tokens, but the request asks for "
+                f"this model's maximum context length is {self.max_model_len} tokens, "
+                f"but the request asks for "
                 f"{len(ids) + params.max_tokens} ({len(ids)} in the prompt + {params.max_tokens} max_tokens)"
             )
         seq = Sequence(request_id, ids, params, priority=priority, deadline=deadline)
@@ -184,6 +233,7 @@ class LLMEngine:
         if seq is None:
             return None
         self._finish(seq, reason, error=error)
+        self._snapshot()
         return self._output(seq)
 
     def has_unfinished(self) -> bool:
@@ -227,10 +277,7 @@ class LLMEngine:
         for j, s in enumerate(result.sampled):
             assert sample is not None
             self._append(s.seq, sample.token_ids[j], sample.logprobs[j], now)
-        prefill = sum(s.num_new_tokens for s in sched.scheduled if s.num_new_tokens > 1)
-        if prefill:
-            rate = sched.num_tokens / max(now - t0, 1e-6)
-            self._prefill_rate = rate if not self._prefill_rate else 0.8 * self._prefill_rate + 0.2 * rate
+        self.step_times.observe(sched.num_tokens, now - t0)
 
     def _banned(self, seq: Sequence) -> list[int]:
         p = seq.params
@@ -241,7 +288,7 @@ class LLMEngine:
             banned.extend(self.eos_token_ids)
         return banned
 
-    def _append(self, seq: Sequence, token: int, logprob, now: float) -> None:  # noqa: ANN001
+    def _append(self, seq: Sequence, token: int, logprob, now: float) -> None:
         try:
             seq.token_ids.append(token)
             times = seq.times
@@ -275,7 +322,9 @@ class LLMEngine:
         elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(seq, "length")
 
-    def _finish(self, seq: Sequence, reason: str, *, stop_reason: str | int | None = None, error: str | None = None) -> None:
+    def _finish(
+        self, seq: Sequence, reason: str, *, stop_reason: str | int | None = None, error: str | None = None
+    ) -> None:
         if seq.finished:
             return
         self.scheduler.remove(seq)
@@ -313,8 +362,10 @@ class LLMEngine:
         seq.pending_tokens, seq.pending_text, seq.pending_logprobs = [], "", []
         return out
 
-    def _snapshot(self, sched: SchedulerOutput, elapsed: float) -> None:
+    def _snapshot(self, sched: SchedulerOutput | None = None, elapsed: float | None = None) -> None:
+        """Publish fresh stats; without a step (after an abort) the last step's figures are kept."""
         bm = self.block_manager
+        last = self.stats
         self.stats = EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -322,13 +373,13 @@ class LLMEngine:
             num_free_blocks=bm.num_free_blocks,
             num_total_blocks=bm.num_blocks,
             kv_cache_usage=bm.usage,
-            prefill_tokens_per_s=self._prefill_rate,
+            prefill_tokens_per_s=self.step_times.rate(self.config.max_num_batched_tokens),
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=bm.prefix_queries,
             prefix_cache_hits=bm.prefix_hits,
-            last_step_time=elapsed,
-            last_batch_size=len(sched.scheduled),
-            last_batch_tokens=sched.num_tokens,
+            last_step_time=last.last_step_time if elapsed is None else elapsed,
+            last_batch_size=last.last_batch_size if sched is None else len(sched.scheduled),
+            last_batch_tokens=last.last_batch_tokens if sched is None else sched.num_tokens,
         )
 
 
@@ -340,6 +391,9 @@ class AsyncEngine:
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
+        # Ids the engine still holds (queued, running, or aborted but not yet reported). A new request
+        # may not reuse one: the old request's last delta would be routed to it.
+        self._live: set[str] = set()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="tailserve-engine", daemon=True)
         self.step_hooks: list[Callable[[LLMEngine, list[RequestOutput]], None]] = []
@@ -350,7 +404,7 @@ class AsyncEngine:
         return cls(LLMEngine.from_config(config))
 
     @property
-    def tokenizer(self):  # noqa: ANN201
+    def tokenizer(self):
         return self.engine.tokenizer
 
     @property
@@ -382,8 +436,9 @@ class AsyncEngine:
         seq = self.engine.make_sequence(
             request_id, prompt, params, priority=priority, arrival=arrival, deadline=deadline
         )
-        if request_id in self._streams:
+        if request_id in self._live:
             raise ValueError(f"request id {request_id!r} is already in use")
+        self._live.add(request_id)
         q: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)
         self._send("add", seq)
@@ -450,8 +505,12 @@ class AsyncEngine:
             self._publish(outs)
 
     def _publish(self, outs: list[RequestOutput]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]] = {}
+        by_loop: dict[
+            asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]
+        ] = {}
         for out in outs:
+            if out.finished:
+                self._live.discard(out.request_id)
             target = self._streams.get(out.request_id)
             if target is not None:
                 by_loop.setdefault(target[0], []).append((target[1], out))

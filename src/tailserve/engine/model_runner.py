@@ -22,11 +22,20 @@ class RunResult:
 
 def kv_bytes_per_block(model: LlamaModel, block_size: int, dtype: torch.dtype) -> int:
     c = model.config
-    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * torch.tensor([], dtype=dtype).element_size()
+    return (
+        2
+        * c.num_layers
+        * block_size
+        * c.num_kv_heads
+        * c.head_dim
+        * torch.tensor([], dtype=dtype).element_size()
+    )
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, dtype: torch.dtype, device: str) -> None:
+    def __init__(
+        self, model: LlamaModel, num_blocks: int, block_size: int, dtype: torch.dtype, device: str
+    ) -> None:
         self.model = model
         self.block_size = block_size
         self.device = torch.device(device)
@@ -42,7 +51,9 @@ class ModelRunner:
         table = torch.tensor(blocks, dtype=torch.long)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    def prepare(
+        self, batch: list[ScheduledSeq]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """Flat input ids, positions, attention metadata and the rows whose logits are needed.
 
         Single-token work (decodes, and one-token chunks) goes first and is attended in one call.
@@ -54,21 +65,22 @@ class ModelRunner:
         slot_parts: list[torch.Tensor] = []
         meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decode=len(singles))
         if singles:
-            ctx = [s.seq.num_computed + 1 for s in singles]
-            width = max(ctx)
-            nblk = -(-width // self.block_size)
+            lens = torch.tensor([s.seq.num_computed + 1 for s in singles])
+            nblk = -(-int(lens.max()) // self.block_size)
             tables = torch.zeros(len(singles), nblk, dtype=torch.long)
             for r, s in enumerate(singles):
                 blocks = s.seq.table.blocks[:nblk]
                 tables[r, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
                 ids.append(s.seq.token_ids[s.seq.num_computed])
                 positions.append(s.seq.num_computed)
-            pos = torch.arange(width)
-            slots = tables[:, pos // self.block_size] * self.block_size + pos % self.block_size
-            lens = torch.tensor(ctx)
-            meta.decode_slots = slots
-            meta.decode_mask = (pos[None, :] < lens[:, None]).view(len(singles), 1, 1, width)
-            slot_parts.append(slots[torch.arange(len(singles)), lens - 1])
+            meta.block_size = self.block_size
+            meta.decode_block_tables = tables
+            meta.decode_context_lens = lens
+            last = lens - 1
+            slot_parts.append(
+                tables[torch.arange(len(singles)), last // self.block_size] * self.block_size
+                + last % self.block_size
+            )
         for s in chunks:
             seq, n = s.seq, s.num_new_tokens
             start, end = seq.num_computed, seq.num_computed + n
@@ -76,7 +88,9 @@ class ModelRunner:
             positions.extend(range(start, end))
             new_slots = self._slots(seq.table.blocks, start, end)
             slot_parts.append(new_slots)
-            chunk = PrefillChunk(start=len(ids) - n, length=n, context_len=end, context_slots=None, causal_mask=None)
+            chunk = PrefillChunk(
+                start=len(ids) - n, length=n, context_len=end, context_slots=None, causal_mask=None
+            )
             if start > 0:
                 chunk.context_slots = self._slots(seq.table.blocks, 0, end)
                 q_pos = torch.arange(start, end)
@@ -98,24 +112,8 @@ class ModelRunner:
         ids, positions, meta, rows = self.prepare(batch)
         if self.device.type != "cpu":
             ids, positions = ids.to(self.device), positions.to(self.device)
-            meta = _to_device(meta, self.device)
+            meta = meta.to(self.device)
         hidden = self.model(ids, positions, self.kv_caches, meta)
         sampled = [s for s in batch if s.seq.num_computed + s.num_new_tokens == s.seq.num_tokens]
         logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)]) if rows else hidden[:0]
         return RunResult(logits=logits.cpu(), sampled=sampled)
-
-
-def _to_device(meta: AttentionMetadata, device: torch.device) -> AttentionMetadata:
-    def mv(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(device, non_blocking=True)
-
-    return AttentionMetadata(
-        slot_mapping=mv(meta.slot_mapping),  # type: ignore[arg-type]
-        num_decode=meta.num_decode,
-        decode_slots=mv(meta.decode_slots),
-        decode_mask=mv(meta.decode_mask),
-        prefills=[
-            PrefillChunk(p.start, p.length, p.context_len, mv(p.context_slots), mv(p.causal_mask))
-            for p in meta.prefills
-        ],
-    )

@@ -6,6 +6,7 @@ server, the metrics and the logs never recompute them differently.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -59,7 +60,7 @@ class RequestTimes:
     @property
     def inter_token_latencies(self) -> list[float]:
         t = self.token_times
-        return [b - a for a, b in zip(t, t[1:])]
+        return [b - a for a, b in itertools.pairwise(t)]
 
     @property
     def time_per_output_token(self) -> float | None:

