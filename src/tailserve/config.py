@@ -23,6 +23,9 @@ class EngineConfig:
     max_model_len: int | None = None  # defaults to the model's context length, capped by the pool
     chunked_prefill: bool = True
     prefix_cache: bool = True
+    length_aware: bool = True  # short prompts ahead of long ones; long ones keep a floor of the budget
+    long_prefill_threshold: int | None = None  # tokens left to prefill above which a prompt is long
+    priority_aging: float = 2.0  # seconds of waiting that count as one priority level
     quantization: str = "none"
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; None = torch's default

@@ -138,7 +138,13 @@ class LLMEngine:
             )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.prefix_cache)
         self.scheduler = Scheduler(
-            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, config.chunked_prefill
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            enable_chunked_prefill=config.chunked_prefill,
+            length_aware=config.length_aware,
+            long_prefill_threshold=config.long_prefill_threshold,
+            priority_aging=config.priority_aging,
         )
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.dtype, self.device)
         self.sampler = Sampler(config.seed)

@@ -1,14 +1,21 @@
 """Iteration-level batching: every step packs the running sequences plus chunks of waiting prompts
 under one token budget, so a long prompt is prefilled a chunk at a time while others keep decoding.
 
-When the KV pool runs dry, the newest running sequence is preempted: its blocks are freed and it
-goes back to the front of the queue to be recomputed later (its computed prefix usually comes back
-from the prefix cache).
+Order: decodes first (one token each, most urgent first); then prompt work. Urgency is the request's
+priority (lower first) improved by one level per `priority_aging` seconds of waiting, so nothing
+starves. With length-aware lanes, a prompt with more than `long_prefill_threshold` tokens left is
+"long": short prompts go ahead of long ones at equal priority, and long ones get at most the budget
+the short ones leave, but never less than a quarter of it, so a straggler neither stalls the short
+requests' first tokens nor starves itself.
+
+When the KV pool runs dry, the least urgent running sequence (lowest priority, newest) is preempted:
+its blocks are freed and it goes back to the queue to be recomputed later (its computed prefix
+usually comes back from the prefix cache).
 """
 
 from __future__ import annotations
 
-from collections import deque
+import time
 from dataclasses import dataclass, field
 
 from tailserve.engine.block_manager import BlockManager
@@ -38,12 +45,19 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool = True,
+        length_aware: bool = True,
+        long_prefill_threshold: int | None = None,
+        priority_aging: float = 2.0,
     ) -> None:
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
-        self.waiting: deque[Sequence] = deque()
+        self.length_aware = length_aware
+        self.long_threshold = long_prefill_threshold or max(max_num_batched_tokens // 2, 1)
+        self.long_min_share = max(max_num_batched_tokens // 4, 1)
+        self.priority_aging = priority_aging
+        self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
@@ -67,57 +81,110 @@ class Scheduler:
             self.waiting.remove(seq)
         self.bm.free(seq.table)
 
+    # --- ordering ---------------------------------------------------------------------------------
+
+    def _urgency(self, seq: Sequence, now: float) -> tuple[float, int]:
+        waited = now - seq.times.arrival
+        aged = seq.priority - (waited / self.priority_aging if self.priority_aging > 0 else 0.0)
+        return (aged, seq.arrival_order)
+
+    def _lane(self, seq: Sequence) -> int:
+        return int(self.length_aware and seq.num_uncomputed > self.long_threshold)
+
+    def _prefill_key(self, seq: Sequence, now: float) -> tuple[float, int, int]:
+        aged, order = self._urgency(seq, now)
+        if not self.length_aware:
+            return (0.0, 0, order)  # first come, first served
+        return (aged, self._lane(seq), order)
+
+    # --- the step ---------------------------------------------------------------------------------
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        now = time.perf_counter()
         budget = self.max_num_batched_tokens
 
-        # Running sequences first: decodes and the rest of prompts already being prefilled.
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = seq.num_uncomputed
-            if self.enable_chunked_prefill:
-                n = min(n, budget)
-            elif n > budget:
-                i += 1
-                continue
-            while not self.bm.allocate(seq.table, seq.num_computed + n):
-                victim = self.running.pop()
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is seq:
-                    break
-            else:
-                out.scheduled.append(ScheduledSeq(seq, n))
-                budget -= n
-                i += 1
+        # 1. Every running sequence that is decoding advances by one token.
+        for seq in sorted(self.running, key=lambda s: self._urgency(s, now)):
+            if (
+                seq.num_uncomputed == 1
+                and seq.status is Status.RUNNING
+                and budget > 0
+                and self._grow(seq, 1, out, now)
+            ):
+                budget -= 1
 
-        # Then new prompts, first come first served, while nothing had to be preempted.
-        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            hits = self.bm.lookup(seq.token_ids) if seq.num_computed == 0 else []
-            cached = len(hits) * self.bm.block_size
-            n = seq.num_tokens - cached
-            if not self.enable_chunked_prefill and n > budget:
+        # 2. Prompt work: prompts being prefilled and waiting ones, by priority, then lane, then age.
+        prefills = [s for s in self.running if s.num_uncomputed > 1]
+        candidates = sorted(prefills + self.waiting, key=lambda s: self._prefill_key(s, now))
+        long_cap = budget
+        if self.length_aware:
+            short_demand = sum(s.num_uncomputed for s in candidates if self._lane(s) == 0)
+            long_cap = max(budget - short_demand, self.long_min_share)
+        prefilled = False
+        for seq in candidates:
+            if budget <= 0:
                 break
-            n = min(n, budget)
-            if not self.bm.allocate(seq.table, cached + n, hits):
-                break
-            self.waiting.popleft()
-            self.bm.record_query(seq.num_tokens, cached)
-            seq.num_computed = cached
-            if seq.num_preemptions == 0:
-                seq.num_cached_tokens = cached
-            seq.status = Status.RUNNING
-            self.running.append(seq)
-            out.scheduled.append(ScheduledSeq(seq, n))
+            n = seq.num_uncomputed
+            hits: list[int] = []
+            if seq.status is Status.WAITING:
+                if out.preempted or len(self.running) >= self.max_num_seqs:
+                    continue  # no new work while the pool is short or every slot is taken
+                hits = self.bm.lookup(seq.token_ids)
+                n -= len(hits) * self.bm.block_size
+            long = self.length_aware and n > self.long_threshold
+            if self.enable_chunked_prefill:
+                n = min(n, budget, long_cap) if long else min(n, budget)
+            elif n > budget and prefilled:
+                continue  # unchunked: a whole prompt, alone if it exceeds the budget
+            if n <= 0:
+                continue
+            if seq.status is Status.WAITING:
+                if not self._admit(seq, hits, n, out):
+                    continue
+            elif not self._grow(seq, n, out, now):
+                continue
             budget -= n
+            prefilled = True
+            if long:
+                long_cap -= n
         return out
 
+    def _grow(self, seq: Sequence, n: int, out: SchedulerOutput, now: float) -> bool:
+        """Schedule n more tokens of a running sequence, preempting less urgent ones for room.
+
+        Only sequences not yet scheduled this step can be victims (and `seq` itself, last).
+        """
+        while not self.bm.allocate(seq.table, seq.num_computed + n):
+            taken = {id(s.seq) for s in out.scheduled}
+            victims = [s for s in self.running if id(s) not in taken]
+            victim = max(victims, key=lambda s: self._urgency(s, now))
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is seq:
+                return False
+        out.scheduled.append(ScheduledSeq(seq, n))
+        return True
+
+    def _admit(self, seq: Sequence, hits: list[int], n: int, out: SchedulerOutput) -> bool:
+        cached = len(hits) * self.bm.block_size
+        if not self.bm.allocate(seq.table, cached + n, hits):
+            return False
+        self.waiting.remove(seq)
+        self.bm.record_query(seq.num_tokens, cached)
+        seq.num_computed = cached
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = cached
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        out.scheduled.append(ScheduledSeq(seq, n))
+        return True
+
     def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
         self.bm.free(seq.table)
         seq.num_computed = 0
         seq.num_preemptions += 1
         seq.status = Status.WAITING
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self.waiting.append(seq)
