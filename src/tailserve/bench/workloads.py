@@ -139,7 +139,9 @@ def build_workload(name: str, num_requests: int, seed: int, params: WorkloadPara
     system = synth_text(rng, p.system_tokens) if name == "chat" else None
     for i in range(num_requests):
         if name == "chat":
-            turn = Turn(_user_turn(rng, 16, 400), out)
+            # ~46-token user turns after the ~400-token system prompt: ~450 prompt tokens in all, the
+            # shape the peers were measured on (../shared/peers/README.md).
+            turn = Turn(_user_turn(rng, 16, 96), out)
         elif name == "straggler":
             if i % p.straggler_every == p.straggler_every - 1:
                 turn = Turn(f"{_QUESTIONS[0]}\n\n{synth_text(rng, p.long_tokens)}", out, tag="long")

@@ -1,0 +1,80 @@
+"""Shared plumbing for the benchmark scripts: start a server (ours or a peer) on 127.0.0.1, wait until
+it answers, run `tailserve bench` against it, and read back the summary.
+
+Every server is stopped by its PID when the block ends; every bench run is bounded in requests and time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+PEERS = ROOT.parent / "shared" / "peers"
+
+
+def tailserve_cmd(port: int, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "tailserve.cli", "serve", "--port", str(port), *flags]
+
+
+@contextlib.contextmanager
+def serving(cmd: list[str], port: int, log: Path, timeout: float = 600.0) -> Iterator[str]:
+    """Run a server command until the block ends; yields its base URL once /v1/models answers."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}; see {log}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server not ready after {timeout:.0f} s; see {log}")
+            time.sleep(1)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def bench(url: str, out: Path, *flags: str) -> dict:
+    """One `tailserve bench` run (quiet, no plots unless asked); returns its first run's record."""
+    cmd = [sys.executable, "-m", "tailserve.cli", "bench", "--url", url, "--quiet", "--out", str(out), *flags]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return json.loads((out / "bench.json").read_text())
+
+
+def pct(run: dict, metric: str, q: str) -> float:
+    return run["summary"]["latency"][metric][q]
+
+
+def commit() -> str:
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+
+
+def header(title: str, command: str) -> str:
+    return (
+        f"### {title}\n\n`{command}` — commit {commit()}, {time.strftime('%Y-%m-%d')}, "
+        f"2-core x86-64 (AVX-512 bf16), no GPU\n"
+    )
