@@ -84,9 +84,8 @@ def main() -> None:
     print(header("Server overhead", "python benchmarks/server_overhead.py"))
     print("| metric | in-process engine | over HTTP | difference |\n|---|---|---|---|")
     d = (http["ttft_p50"] - local["ttft_p50"]) * 1e3
-    print(
-        f"| TTFT p50, concurrency 1 | {local['ttft_p50'] * 1e3:.1f} ms | {http['ttft_p50'] * 1e3:.1f} ms | {d:+.1f} ms |"
-    )
+    t_local, t_http = local["ttft_p50"] * 1e3, http["ttft_p50"] * 1e3
+    print(f"| TTFT p50, concurrency 1 | {t_local:.1f} ms | {t_http:.1f} ms | {d:+.1f} ms |")
     a, b = local["output_tok_s_c16"], http["output_tok_s_c16"]
     print(f"| output tok/s, concurrency 16 | {a:.0f} | {b:.0f} | {b / a:.2f}x |")
 
