@@ -91,6 +91,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--disconnect-share", type=float, default=0.3, help="disconnect: share of clients that drop"
     )
     req.add_argument(
+        "--straggler-every",
+        type=int,
+        default=10,
+        help="straggler: every n-th request is the long one (0: none)",
+    )
+    req.add_argument(
+        "--long-tokens", type=int, default=2048, help="straggler: approx tokens of the long prompt"
+    )
+    req.add_argument(
         "--read-delay", type=float, default=0.1, help="slowreader: seconds slept after each streamed chunk"
     )
     req.add_argument(

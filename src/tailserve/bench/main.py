@@ -135,6 +135,8 @@ async def benchmark(args: argparse.Namespace, loads: list[Load], slo: SLO, progr
     params = WorkloadParams(
         output_tokens=args.output_tokens,
         disconnect_share=args.disconnect_share,
+        straggler_every=args.straggler_every,
+        long_tokens=args.long_tokens,
         context_len=args.context_len or (context_len_of(card) if card else None),
     )
     try:

@@ -143,7 +143,7 @@ def build_workload(name: str, num_requests: int, seed: int, params: WorkloadPara
             # shape the peers were measured on (../shared/peers/README.md).
             turn = Turn(_user_turn(rng, 16, 96), out)
         elif name == "straggler":
-            if i % p.straggler_every == p.straggler_every - 1:
+            if p.straggler_every and i % p.straggler_every == p.straggler_every - 1:
                 turn = Turn(f"{_QUESTIONS[0]}\n\n{synth_text(rng, p.long_tokens)}", out, tag="long")
             else:
                 turn = Turn(_user_turn(rng, 32, 128), out)

@@ -1,0 +1,105 @@
+"""Prefix caching, multi-turn reuse and length-aware scheduling, measured with `tailserve bench`.
+
+1. chat, concurrency 8: TTFT with the prefix cache vs `--no-prefix-cache`.
+2. multiturn, concurrency 4: TTFT of later turns vs first turns (history reuse), cache on and off.
+3. straggler, concurrency 8: short requests' p99 TTFT with 2k-token prompts mixed in, under
+   length-aware lanes vs chunking off + FCFS, and vs the same short requests with no long prompts.
+
+    .venv/bin/python benchmarks/prefix_and_lanes.py [--parts chat,multiturn,straggler]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+from harness import RESULTS, bench, header, serving, tailserve_cmd
+
+PORT = 8120
+
+
+def run(label: str, server_flags: list[str], bench_flags: list[str]) -> dict:
+    with serving(tailserve_cmd(PORT, *server_flags), PORT, RESULTS / f"{label}.log") as url:
+        return bench(url, RESULTS / label, "--seed", "0", "--no-plots", *bench_flags)["runs"][0]
+
+
+def ttft(run_: dict, q: str) -> float:
+    return run_["summary"]["latency"]["ttft_s"][q] * 1e3
+
+
+def short_ttft(run_: dict, q: float) -> float:
+    """p-quantile TTFT (ms) of the normal (short) requests only."""
+    xs = sorted(r["ttft_s"] for r in run_["requests"] if r["status"] == "ok" and r["tag"] == "normal")
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] * 1e3
+
+
+def chat() -> list[str]:
+    common = ["--workload", "chat", "--concurrency", "8", "--requests", "48", "--output-tokens", "32"]
+    on = run("prefix-on", [], common)
+    off = run("prefix-off", ["--no-prefix-cache"], common)
+    return [
+        "| chat c=8 | TTFT p50 | TTFT p99 | out tok/s |",
+        "|---|---|---|---|",
+        f"| prefix cache on | {ttft(on, 'p50'):.0f} ms | {ttft(on, 'p99'):.0f} ms | "
+        f"{on['summary']['throughput']['output_tok_per_s']:.0f} |",
+        f"| `--no-prefix-cache` | {ttft(off, 'p50'):.0f} ms | {ttft(off, 'p99'):.0f} ms | "
+        f"{off['summary']['throughput']['output_tok_per_s']:.0f} |",
+        f"| ratio off/on | {ttft(off, 'p50') / ttft(on, 'p50'):.1f}x | {ttft(off, 'p99') / ttft(on, 'p99'):.1f}x | |",
+    ]
+
+
+def multiturn() -> list[str]:
+    common = ["--workload", "multiturn", "--concurrency", "4", "--requests", "40", "--output-tokens", "48"]
+    rows = ["| multiturn c=4 | turn | n | prompt tokens (mean) | TTFT p50 |", "|---|---|---|---|---|"]
+    for label, flags in (("cache on", []), ("cache off", ["--no-prefix-cache"])):
+        r = run(f"multiturn-{label.replace(' ', '-')}", flags, common)
+        by_turn: dict[int, list[dict]] = {}
+        for q in r["requests"]:
+            if q["status"] == "ok":
+                by_turn.setdefault(min(q["turn"], 4), []).append(q)
+        for turn, qs in sorted(by_turn.items()):
+            p = statistics.mean(q["prompt_tokens"] or 0 for q in qs)
+            t = statistics.median(q["ttft_s"] for q in qs) * 1e3
+            rows.append(
+                f"| {label} | {turn + 1}{'+' if turn == 4 else ''} | {len(qs)} | {p:.0f} | {t:.0f} ms |"
+            )
+    return rows
+
+
+def straggler() -> list[str]:
+    common = ["--workload", "straggler", "--concurrency", "8", "--requests", "50", "--output-tokens", "32"]
+    lanes = run("straggler-lanes", [], common)
+    fcfs = run("straggler-fcfs", ["--no-chunked-prefill", "--no-length-aware"], common)
+    alone = run("straggler-none", [], [*common, "--straggler-every", "0"])
+    rows = ["| straggler c=8 | short TTFT p50 | short TTFT p99 | long TTFT p50 |", "|---|---|---|---|"]
+    for label, r in (
+        ("lanes + chunked (default)", lanes),
+        ("chunking off, FCFS", fcfs),
+        ("no long prompts", alone),
+    ):
+        longs = [q["ttft_s"] for q in r["requests"] if q["status"] == "ok" and q["tag"] == "long"]
+        lt = f"{statistics.median(longs) * 1e3:.0f} ms" if longs else "-"
+        rows.append(f"| {label} | {short_ttft(r, 0.5):.0f} ms | {short_ttft(r, 0.99):.0f} ms | {lt} |")
+    rows.append(
+        f"| lanes / FCFS p99 | | {short_ttft(lanes, 0.99) / short_ttft(fcfs, 0.99):.2f}x | |\n"
+        f"| lanes / no-long p99 | | {short_ttft(lanes, 0.99) / short_ttft(alone, 0.99):.2f}x | |"
+    )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="chat,multiturn,straggler")
+    args = ap.parse_args()
+    parts = {"chat": chat, "multiturn": multiturn, "straggler": straggler}
+    tables = {name: parts[name]() for name in args.parts.split(",")}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "prefix_and_lanes.json").write_text(json.dumps(tables, indent=2))
+    print(header("Prefix caching and length-aware scheduling", "python benchmarks/prefix_and_lanes.py"))
+    for rows in tables.values():
+        print("\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
