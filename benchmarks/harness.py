@@ -19,7 +19,8 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = ROOT / "benchmarks" / "results"  # raw runs and logs (not committed)
+RECORDED = ROOT / "benchmarks" / "recorded"  # the summaries BENCHMARKS.md quotes (committed)
 PEERS = ROOT.parent / "shared" / "peers"
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from harness import PEERS, RESULTS, bench, header, pct, serving, tailserve_cmd
+from harness import PEERS, RECORDED, RESULTS, bench, header, pct, serving, tailserve_cmd
 
 from tailserve.models.loader import resolve_model
 
@@ -74,8 +74,8 @@ def main() -> None:
                     "prompt_tokens_mean": run["summary"]["tokens"]["prompt"]["mean"],
                 }
                 print(name, c, results[name][c], flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "peers.json").write_text(json.dumps(results, indent=2))
+    RECORDED.mkdir(parents=True, exist_ok=True)
+    (RECORDED / "peers.json").write_text(json.dumps(results, indent=2))
     print(header("tailserve vs peers, chat workload", "python benchmarks/peers.py --peers " + args.peers))
     print("| server | conc | ok | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | out tok/s | tok/s vs tailserve |")
     print("|---|---|---|---|---|---|---|---|---|")

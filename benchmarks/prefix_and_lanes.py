@@ -14,7 +14,7 @@ import argparse
 import json
 import statistics
 
-from harness import RESULTS, bench, header, serving, tailserve_cmd
+from harness import RECORDED, RESULTS, bench, header, serving, tailserve_cmd
 
 PORT = 8120
 
@@ -45,7 +45,8 @@ def chat() -> list[str]:
         f"{on['summary']['throughput']['output_tok_per_s']:.0f} |",
         f"| `--no-prefix-cache` | {ttft(off, 'p50'):.0f} ms | {ttft(off, 'p99'):.0f} ms | "
         f"{off['summary']['throughput']['output_tok_per_s']:.0f} |",
-        f"| ratio off/on | {ttft(off, 'p50') / ttft(on, 'p50'):.1f}x | {ttft(off, 'p99') / ttft(on, 'p99'):.1f}x | |",
+        f"| ratio off/on | {ttft(off, 'p50') / ttft(on, 'p50'):.1f}x "
+        f"| {ttft(off, 'p99') / ttft(on, 'p99'):.1f}x | |",
     ]
 
 
@@ -94,8 +95,8 @@ def main() -> None:
     args = ap.parse_args()
     parts = {"chat": chat, "multiturn": multiturn, "straggler": straggler}
     tables = {name: parts[name]() for name in args.parts.split(",")}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "prefix_and_lanes.json").write_text(json.dumps(tables, indent=2))
+    RECORDED.mkdir(parents=True, exist_ok=True)
+    (RECORDED / "prefix_and_lanes.json").write_text(json.dumps(tables, indent=2))
     print(header("Prefix caching and length-aware scheduling", "python benchmarks/prefix_and_lanes.py"))
     for rows in tables.values():
         print("\n".join(rows) + "\n")

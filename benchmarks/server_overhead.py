@@ -14,7 +14,7 @@ import json
 import statistics
 import time
 
-from harness import RESULTS, bench, header, pct, serving, tailserve_cmd
+from harness import RECORDED, RESULTS, bench, header, pct, serving, tailserve_cmd
 from offline import chat_prompts
 
 from tailserve.llm import LLM
@@ -79,8 +79,8 @@ def main() -> None:
     args = ap.parse_args()
     local = in_process(args.requests, args.requests_c16, args.output_tokens)
     http = over_http(args.requests, args.requests_c16, args.output_tokens)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "server_overhead.json").write_text(json.dumps({"in_process": local, "http": http}, indent=2))
+    RECORDED.mkdir(parents=True, exist_ok=True)
+    (RECORDED / "server_overhead.json").write_text(json.dumps({"in_process": local, "http": http}, indent=2))
     print(header("Server overhead", "python benchmarks/server_overhead.py"))
     print("| metric | in-process engine | over HTTP | difference |\n|---|---|---|---|")
     d = (http["ttft_p50"] - local["ttft_p50"]) * 1e3
