@@ -80,7 +80,8 @@ def bench_transformers(
         mask[i, width - len(p) :] = 1
     kw = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0, "min_new_tokens": new}
     with torch.inference_mode():
-        model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=4, **kw)  # warm-up
+        warm = kw | {"min_new_tokens": 4}
+        model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=4, **warm)
         t0 = time.perf_counter()
         model.generate(ids, attention_mask=mask, max_new_tokens=new, **kw)
         wall = time.perf_counter() - t0

@@ -44,6 +44,10 @@ class ServerConfig:
     max_body_bytes: int = 4 << 20
     shutdown_grace: float = 30.0
     access_log: bool = False  # a log line per request costs the event loop time
+    metrics: bool = True  # GET /metrics (Prometheus)
+    otel_exporter: str | None = None  # console | otlp: OpenTelemetry spans per request; off when unset
+    request_log: bool = True  # a JSON line per finished request on stderr, written off the hot path
+    log_prompts: bool = False  # put the prompt (or messages) in those lines
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:

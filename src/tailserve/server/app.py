@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import FastAPI, Request
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -35,6 +37,7 @@ from starlette.types import Receive, Scope, Send
 from tailserve.config import ServerConfig
 from tailserve.engine.engine import AsyncEngine
 from tailserve.engine.outputs import RequestOutput, TokenLogprob
+from tailserve.obs.observer import Observer
 from tailserve.sampling import SamplingParams
 from tailserve.server.admission import Admission, Limits, Rejected, Ticket, estimate_tokens
 from tailserve.server.protocol import (
@@ -46,6 +49,9 @@ from tailserve.server.protocol import (
     usage,
     validation_error,
 )
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger("tailserve.server")
 
@@ -109,6 +115,7 @@ class Generation:
             for s in subs
         ]
         self._iter: AsyncIterator[tuple[int, RequestOutput]] | None = None
+        self.outputs: list[RequestOutput | None] = [None] * len(subs)  # each choice's latest delta
         self._live = live
         self._closed = False
         live.update(dict.fromkeys(self.engine_ids, self))
@@ -156,6 +163,7 @@ class Generation:
                 await g.aclose()  # type: ignore[attr-defined]
 
     def _track(self, i: int, out: RequestOutput) -> None:
+        self.outputs[i] = out
         if out.finished:
             self.ticket.finished(i)
         else:
@@ -195,11 +203,19 @@ class Generation:
 
 
 class SSEResponse(StreamingResponse):
-    """A StreamingResponse that closes its Generation on every exit, even if it never started streaming."""
+    """A StreamingResponse that closes its Generation on every exit, even if it never started streaming,
+    then calls `on_close` (the observer's end of the request)."""
 
-    def __init__(self, content: AsyncIterator[str], generation: Generation, headers: dict[str, str]) -> None:
+    def __init__(
+        self,
+        content: AsyncIterator[str],
+        generation: Generation,
+        headers: dict[str, str],
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(content, media_type="text/event-stream", headers=headers)
         self.generation = generation
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -208,6 +224,8 @@ class SSEResponse(StreamingResponse):
             with contextlib.suppress(RuntimeError):
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
             await self.generation.aclose()
+            if self.on_close is not None:
+                self.on_close()
 
 
 def _sse(obj: Any) -> str:
@@ -236,9 +254,15 @@ async def _unless_disconnected(request: Request, aw: Awaitable[Any]) -> Any:
 
 
 class OpenAIServer:
-    """The state behind the routes: the engine, the admission counters, the live generations."""
+    """The state behind the routes: the engine, the admission counters, the live generations, the observer."""
 
-    def __init__(self, engine: AsyncEngine, config: ServerConfig, model_name: str) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        config: ServerConfig,
+        model_name: str,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         self.engine = engine
         self.config = config
         self.model_name = model_name
@@ -257,6 +281,7 @@ class OpenAIServer:
         )
         self.live: dict[str, Generation] = {}  # by engine request id
         self._serial = itertools.count()
+        self.obs = Observer(config, model_name, engine, tracer_provider)
 
     def engine_request_id(self, rid: str, client_chose: bool) -> str:
         """A client's X-Request-ID plus a serial number, so engine ids never repeat: a client retrying
@@ -369,9 +394,15 @@ def _error_response(err: ApiError, request_id: str | None = None) -> JSONRespons
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
-def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> FastAPI:
-    """The FastAPI app serving `engine` as `model_name`; `app.state.server` is its OpenAIServer."""
-    server = OpenAIServer(engine, config, model_name)
+def build_app(
+    engine: AsyncEngine,
+    config: ServerConfig,
+    model_name: str,
+    tracer_provider: TracerProvider | None = None,
+) -> FastAPI:
+    """The FastAPI app serving `engine` as `model_name`; `app.state.server` is its OpenAIServer.
+    `tracer_provider` turns tracing on with that provider (else `config.otel_exporter` decides)."""
+    server = OpenAIServer(engine, config, model_name, tracer_provider)
     app = FastAPI(title="tailserve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
 
@@ -399,6 +430,15 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> Fas
         except ApiError as e:
             return _error_response(e)
         return JSONResponse({"status": "ready", "model": model_name})
+
+    metrics = server.obs.metrics
+    if metrics is not None:
+
+        @app.get("/metrics")
+        async def prometheus() -> Response:
+            # Rendering takes milliseconds: off the event loop, so streams keep flowing during a scrape.
+            body = await asyncio.to_thread(metrics.render)
+            return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     def model_card() -> dict[str, Any]:
         return {
@@ -444,6 +484,8 @@ async def _handle(server: OpenAIServer, request: Request, cls: type[R], prefix: 
     arrival, created = time.perf_counter(), int(time.time())
     generated = prefix + uuid.uuid4().hex
     rid = request.headers.get("x-request-id") or generated
+    obs = server.obs
+    record = obs.start(request, rid, arrival)
     ticket: Ticket | None = None
     gen: Generation | None = None
     handed_off = False
@@ -451,6 +493,8 @@ async def _handle(server: OpenAIServer, request: Request, cls: type[R], prefix: 
         server.check_auth(request)
         server.check_open()
         req = server.parse(await server.read_json(request), cls)
+        if record is not None and obs.log_prompts:
+            record.prompt = req.messages if isinstance(req, ChatCompletionRequest) else req.prompt
         timeout = server.admission.timeout(req.timeout)
         prompts: list[str | list[int]] = []  # a chat request's one prompt is its rendered messages
         if isinstance(req, ChatCompletionRequest):
@@ -500,6 +544,8 @@ async def _handle(server: OpenAIServer, request: Request, cls: type[R], prefix: 
             arrival=arrival,
             deadline=None if timeout is None else arrival + timeout,
         )
+        if record is not None:
+            record.outputs = gen.outputs
         events = gen.events()
         try:
             first = await _unless_disconnected(request, events.__anext__())
@@ -510,15 +556,21 @@ async def _handle(server: OpenAIServer, request: Request, cls: type[R], prefix: 
         if req.stream:
             headers = {"X-Request-ID": rid, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             response: Response = SSEResponse(
-                _stream(server, req, gen, events, first, rid, created), gen, headers
+                _stream(server, req, gen, events, first, rid, created),
+                gen,
+                headers,
+                None if record is None else functools.partial(obs.submit, record),
             )
             handed_off = True  # the response closes the generation when the stream ends
             return response
         body = await _unless_disconnected(request, _collect(server, req, gen, events, first, rid, created))
         return JSONResponse(body, headers={"X-Request-ID": rid})
     except ApiError as e:
+        obs.rejected(record, e.status, e.code)
         return _error_response(e, rid)
     except ClientGone:
+        if record is not None:
+            record.status = 499
         return Response(status_code=499)
     finally:
         if not handed_off:
@@ -526,6 +578,8 @@ async def _handle(server: OpenAIServer, request: Request, cls: type[R], prefix: 
                 await gen.aclose()
             elif ticket is not None:
                 ticket.release()
+            if record is not None:
+                obs.submit(record)
 
 
 def _finish_error(gen: Generation, out: RequestOutput) -> ApiError | None:

@@ -17,6 +17,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from tailserve.engine.engine import AsyncEngine
     from tailserve.models.loader import model_name
+    from tailserve.obs.observer import log_requests_to_stderr
     from tailserve.server.app import build_app
     from tailserve.server.shutdown import DrainingServer
 
@@ -25,9 +26,20 @@ def _serve(args: argparse.Namespace) -> int:
     server_config = dataclass_from_args(ServerConfig, args)
     if server_config.api_key is None:  # a key in the environment stays out of `ps`
         server_config.api_key = os.environ.get("TAILSERVE_API_KEY") or None
+    provider = None
+    if server_config.otel_exporter:  # before the model loads, so a bad value fails at once
+        from tailserve.obs.tracing import make_tracer_provider
+
+        try:
+            provider = make_tracer_provider(server_config.otel_exporter)
+        except ValueError as e:
+            log.error("%s", e)
+            return 2
+    if server_config.request_log:
+        log_requests_to_stderr()
     engine = AsyncEngine.from_config(engine_config)
     name = server_config.served_model_name or model_name(engine_config.model)
-    app = build_app(engine, server_config, name)
+    app = build_app(engine, server_config, name, tracer_provider=provider)
     config = uvicorn.Config(
         app,
         host=server_config.host,
@@ -41,6 +53,7 @@ def _serve(args: argparse.Namespace) -> int:
         DrainingServer(config, app, server_config.shutdown_grace).run()
     finally:
         engine.shutdown()
+        app.state.server.obs.close()
     return 0
 
 
