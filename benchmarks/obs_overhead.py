@@ -84,6 +84,10 @@ def main() -> None:
         print(f"| {label} | {a:.1f} ms | {b:.1f} ms | {b - a:+.1f} ms |")
     per_run = ", ".join(f"{x['output_tok_per_s']:.1f}" for x in runs["off"])
     print(f"\nper run, off: {per_run}; on: " + ", ".join(f"{x['output_tok_per_s']:.1f}" for x in runs["on"]))
+    paired = statistics.median(
+        b["output_tok_per_s"] / a["output_tok_per_s"] for a, b in zip(runs["off"], runs["on"])
+    )
+    print(f"median of the per-round on/off ratios: {paired - 1:+.1%}")
 
 
 if __name__ == "__main__":

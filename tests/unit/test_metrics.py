@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -224,3 +226,15 @@ def test_span_tree_from_time_stamps() -> None:
     rec.parent = Tracing.parent({"traceparent": f"00-{trace_id}-{parent_span}-00"})  # caller: not sampled
     assert tracing.emit(rec, lambda s: round(s * 1e9)) is None
     assert not exporter.get_finished_spans()
+
+
+def test_the_dashboard_queries_only_metrics_we_export() -> None:
+    eng = FakeEngine()
+    m = Metrics("m", eng)
+    eng.stats = EngineStats(last_step_time=0.01, last_batch_size=1, last_batch_tokens=1)
+    m.on_step(eng, [finished(times())])  # type: ignore[arg-type]
+    exported = {name for name, _ in scrape(m)}
+    dashboard = Path(__file__).resolve().parents[2] / "examples" / "grafana-dashboard.json"
+    exprs = [t["expr"] for p in json.loads(dashboard.read_text())["panels"] for t in p.get("targets", [])]
+    used = {name for e in exprs for name in re.findall(r"tailserve:[a-z0-9_]+", e)}
+    assert used and used <= exported, used - exported
