@@ -115,12 +115,12 @@ def test_finished_request_observed_from_its_request_times() -> None:
 def test_step_histograms_count_steps_not_snapshots() -> None:
     eng = FakeEngine()
     m = Metrics("m", eng)
-    eng.stats = EngineStats(last_step_time=0.012, last_batch_size=4, last_batch_tokens=100)
+    eng.stats = EngineStats(last_step_time=0.012, last_batch_size=4, last_batch_tokens=100, num_steps=1)
     m.on_step(eng, [])  # type: ignore[arg-type]
     m.on_step(eng, [])  # type: ignore[arg-type]  # the same snapshot: no new step
     eng.stats = replace(eng.stats, num_running=3)  # a snapshot after an abort keeps the step's figures
     m.on_step(eng, [])  # type: ignore[arg-type]
-    eng.stats = EngineStats(last_step_time=0.020, last_batch_size=8, last_batch_tokens=8)
+    eng.stats = EngineStats(last_step_time=0.020, last_batch_size=8, last_batch_tokens=8, num_steps=2)
     m.on_step(eng, [])  # type: ignore[arg-type]
     s = scrape(m)
     assert value(s, "step_batch_size_count") == 2

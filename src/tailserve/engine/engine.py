@@ -46,6 +46,7 @@ class EngineStats:
     last_step_time: float = 0.0
     last_batch_size: int = 0
     last_batch_tokens: int = 0
+    num_steps: int = 0  # steps run so far; a new value means the last_* fields describe a new step
 
 
 def resolve_device(device: str) -> str:
@@ -224,7 +225,8 @@ class LLMEngine:
         if seq.request_id in self.requests:
             raise ValueError(f"request id {seq.request_id!r} is already in use")
         seq.arrival_order = next(self._order)
-        seq.times.admitted = time.perf_counter()
+        if seq.times.admitted is None:
+            seq.times.admitted = time.perf_counter()
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
 
@@ -386,6 +388,7 @@ class LLMEngine:
             last_step_time=last.last_step_time if elapsed is None else elapsed,
             last_batch_size=last.last_batch_size if sched is None else len(sched.scheduled),
             last_batch_tokens=last.last_batch_tokens if sched is None else sched.num_tokens,
+            num_steps=last.num_steps + (sched is not None),
         )
 
 
@@ -447,6 +450,8 @@ class AsyncEngine:
         self._live.add(request_id)
         q: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)
+        # Admitted now: the wait for the engine thread to pick it up (a step in flight) is queue time.
+        seq.times.admitted = time.perf_counter()
         self._send("add", seq)
         finished = False
         try:

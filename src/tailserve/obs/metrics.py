@@ -186,7 +186,7 @@ class Metrics:
         self._outputs: deque[RequestOutput] = deque()
         self._stats: deque[EngineStats] = deque()
         self._pushed: EngineStats | None = None
-        self._last_step_time = 0.0
+        self._last_step = 0
         self._lock = threading.Lock()
 
     def on_step(self, engine: LLMEngine, outs: list[RequestOutput]) -> None:
@@ -217,11 +217,11 @@ class Metrics:
 
     def _observe_step(self, s: EngineStats) -> None:
         # A snapshot taken after an abort copies the last step's figures: a new step time marks a new step.
-        if s.last_step_time != self._last_step_time and s.last_batch_size:
+        if s.num_steps != self._last_step and s.last_batch_size:
             self.batch_size.labels(self.model).observe(s.last_batch_size)
             self.batch_tokens.labels(self.model).observe(s.last_batch_tokens)
             self.step_time.labels(self.model).observe(s.last_step_time)
-        self._last_step_time = s.last_step_time
+        self._last_step = s.num_steps
 
     def _observe(self, out: RequestOutput) -> None:
         m = self.model
