@@ -231,7 +231,7 @@ def test_span_tree_from_time_stamps() -> None:
 def test_the_dashboard_queries_only_metrics_we_export() -> None:
     eng = FakeEngine()
     m = Metrics("m", eng)
-    eng.stats = EngineStats(last_step_time=0.01, last_batch_size=1, last_batch_tokens=1)
+    eng.stats = EngineStats(last_step_time=0.01, last_batch_size=1, last_batch_tokens=1, num_steps=1)
     m.on_step(eng, [finished(times())])  # type: ignore[arg-type]
     exported = {name for name, _ in scrape(m)}
     dashboard = Path(__file__).resolve().parents[2] / "examples" / "grafana-dashboard.json"
