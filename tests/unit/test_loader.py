@@ -136,7 +136,7 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     return path, weights, expected
 
 
-def test_gguf_quant_types_dequantize_and_qk_rows_unpermute(tiny_gguf) -> None:  # noqa: ANN001
+def test_gguf_quant_types_dequantize_and_qk_rows_unpermute(tiny_gguf) -> None:
     path, weights, expected = tiny_gguf
     config, loaded = load_config_and_weights(path)
     assert (config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim) == (
@@ -160,7 +160,7 @@ def test_gguf_quant_types_dequantize_and_qk_rows_unpermute(tiny_gguf) -> None:  
         assert (loaded[name] - weights[name]).abs().mean() < 0.03
 
 
-def test_llm_runs_from_a_gguf_and_from_an_hf_folder_alike(tiny_gguf, tmp_path: Path) -> None:  # noqa: ANN001
+def test_llm_runs_from_a_gguf_and_from_an_hf_folder_alike(tiny_gguf, tmp_path: Path) -> None:
     path, _, _ = tiny_gguf
     _, loaded = load_config_and_weights(path)
     folder = tmp_path / "hf"
@@ -201,7 +201,7 @@ def test_unknown_model_is_a_clear_error() -> None:
 
 def test_folder_without_config_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "weights.bin").write_bytes(b"x")
-    with pytest.raises(ModelLoadError, match="config.json"):
+    with pytest.raises(ModelLoadError, match=r"config\.json"):
         resolve_model(str(tmp_path))
 
 
