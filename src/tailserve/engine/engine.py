@@ -43,6 +43,7 @@ class EngineStats:
     num_preemptions: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    prefix_cache_evictions: int = 0
     last_step_time: float = 0.0
     last_batch_size: int = 0
     last_batch_tokens: int = 0
@@ -385,6 +386,7 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=bm.prefix_queries,
             prefix_cache_hits=bm.prefix_hits,
+            prefix_cache_evictions=bm.evictions,
             last_step_time=last.last_step_time if elapsed is None else elapsed,
             last_batch_size=last.last_batch_size if sched is None else len(sched.scheduled),
             last_batch_tokens=last.last_batch_tokens if sched is None else sched.num_tokens,

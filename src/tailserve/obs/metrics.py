@@ -94,6 +94,7 @@ class _EngineCollector(Collector):
             ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries),
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
             ("num_preemptions", "Requests preempted (to be recomputed).", s.num_preemptions),
+            ("prefix_cache_evictions", "Cached KV blocks evicted to make room.", s.prefix_cache_evictions),
             # No speculative decoding yet: these read 0 until EngineStats carries the two counts.
             (
                 "spec_decode_num_draft_tokens",
