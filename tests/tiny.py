@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tailserve.config import EngineConfig
 from tailserve.engine.engine import LLMEngine
+from tailserve.models.fused import FusedLlama, fused_supported
 from tailserve.models.llama import LlamaModel
 from tailserve.models.loader import ModelConfig
 
@@ -59,7 +61,23 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaModel:
     return LlamaModel(TINY, tiny_weights(seed=seed), dtype).eval()
 
 
-def tiny_engine(model: LlamaModel | None = None, **options) -> LLMEngine:
+def tiny_fused_model(seed: int = 0, quantization: str = "none") -> FusedLlama:
+    return FusedLlama(TINY, tiny_weights(seed=seed), quantization).eval()
+
+
+# The two model paths every engine-level equality must hold on: the PyTorch reference in fp32, and the
+# fused C++ step in bf16 (where the CPU has AVX512-BF16; elsewhere that case skips, saying why).
+NO_FUSED = pytest.mark.skipif(
+    not fused_supported(TINY), reason="the fused step needs AVX512-BF16 and a compiler"
+)
+MODEL_KINDS = [pytest.param("torch"), pytest.param("fused", marks=NO_FUSED)]
+
+
+def tiny_model_of(kind: str, seed: int = 0) -> LlamaModel | FusedLlama:
+    return tiny_model(seed) if kind == "torch" else tiny_fused_model(seed)
+
+
+def tiny_engine(model: LlamaModel | FusedLlama | None = None, **options) -> LLMEngine:
     options.setdefault("kv_cache_memory", 0.01)
     options.setdefault("block_size", 4)
     return LLMEngine(EngineConfig(model="tiny", **options), model or tiny_model())

@@ -8,10 +8,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tailserve.engine.engine import StepTimeModel
+from tailserve.engine.model_runner import kv_bytes_per_block
 from tailserve.sampling import SamplingParams
-from tests.tiny import TINY, run_all, tiny_engine, tiny_model
+from tests.tiny import MODEL_KINDS, TINY, run_all, tiny_engine, tiny_model, tiny_model_of
 
 MODEL = tiny_model()
+_MODELS: dict = {"torch": MODEL}
+
+
+def model_of(kind: str):
+    """Each model path, built once."""
+    if kind not in _MODELS:
+        _MODELS[kind] = tiny_model_of(kind)
+    return _MODELS[kind]
+
+
+@pytest.fixture(params=MODEL_KINDS)
+def model(request):
+    return model_of(request.param)
+
+
 LENGTHS = [1, 3, 7, 16, 29, 64, 130]
 
 
@@ -24,17 +40,17 @@ def greedy(n: int = 12) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
 
-def sequential(ps: list[list[int]], params: SamplingParams, **options) -> list[list[int]]:
+def sequential(ps: list[list[int]], params: SamplingParams, model=MODEL, **options) -> list[list[int]]:
     outs = []
     for p in ps:
-        eng = tiny_engine(MODEL, **options)
+        eng = tiny_engine(model, **options)
         eng.add_request("r", p, params)
         outs.append(run_all(eng)["r"])
     return outs
 
 
-def batched(ps: list[list[int]], params: SamplingParams, **options) -> list[list[int]]:
-    eng = tiny_engine(MODEL, **options)
+def batched(ps: list[list[int]], params: SamplingParams, model=MODEL, **options) -> list[list[int]]:
+    eng = tiny_engine(model, **options)
     for i, p in enumerate(ps):
         eng.add_request(str(i), p, params)
     got = run_all(eng)
@@ -42,24 +58,25 @@ def batched(ps: list[list[int]], params: SamplingParams, **options) -> list[list
     return [got[str(i)] for i in range(len(ps))]
 
 
-def test_batched_equals_sequential() -> None:
+def test_batched_equals_sequential(model) -> None:
     ps = prompts()
-    ref = sequential(ps, greedy())
+    ref = sequential(ps, greedy(), model)
     assert all(len(r) == 12 for r in ref)
-    assert batched(ps, greedy()) == ref
+    assert batched(ps, greedy(), model) == ref
 
 
-def test_chunked_equals_unchunked() -> None:
+def test_chunked_equals_unchunked(model) -> None:
     ps = prompts(1)
-    ref = batched(ps, greedy(), max_num_batched_tokens=512, chunked_prefill=False)
-    assert batched(ps, greedy(), max_num_batched_tokens=8, max_num_seqs=8) == ref
-    assert batched(ps, greedy(), max_num_batched_tokens=13, max_num_seqs=4) == ref
+    ref = batched(ps, greedy(), model, max_num_batched_tokens=512, chunked_prefill=False)
+    assert batched(ps, greedy(), model, max_num_batched_tokens=8, max_num_seqs=8) == ref
+    assert batched(ps, greedy(), model, max_num_batched_tokens=13, max_num_seqs=4) == ref
 
 
-def test_preempted_and_recomputed_equals_uninterrupted() -> None:
+def test_preempted_and_recomputed_equals_uninterrupted(model) -> None:
     ps = prompts(2)
-    ref = batched(ps, greedy(24))
-    eng = tiny_engine(MODEL, kv_cache_memory=60 * 4 * 2 * 2 * 2 * 16 * 4 / (1 << 30), prefix_cache=False)
+    ref = batched(ps, greedy(24), model)
+    per_block = kv_bytes_per_block(model, 4, model.embed.dtype)
+    eng = tiny_engine(model, kv_cache_memory=60 * per_block / (1 << 30), prefix_cache=False)
     assert eng.block_manager.num_blocks == 60
     for i, p in enumerate(ps):
         eng.add_request(str(i), p, greedy(24))
@@ -69,11 +86,11 @@ def test_preempted_and_recomputed_equals_uninterrupted() -> None:
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
 
 
-def test_prefix_cache_on_equals_off() -> None:
+def test_prefix_cache_on_equals_off(model) -> None:
     shared = prompts(3)[-1]
     ps = [shared + p for p in prompts(4)]
-    off = batched(ps, greedy(), prefix_cache=False)
-    eng = tiny_engine(MODEL)
+    off = batched(ps, greedy(), model, prefix_cache=False)
+    eng = tiny_engine(model)
     eng.add_request("warm", shared, greedy(2))
     run_all(eng)
     for i, p in enumerate(ps):
@@ -83,17 +100,17 @@ def test_prefix_cache_on_equals_off() -> None:
     assert eng.block_manager.prefix_hits >= len(ps) * (len(shared) // 4 * 4)
 
 
-def test_seeded_sampling_is_reproducible_across_batches() -> None:
+def test_seeded_sampling_is_reproducible_across_batches(model) -> None:
     ps = prompts(5)
     seeded = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
-    alone = sequential([ps[3]], seeded)[0]
-    eng = tiny_engine(MODEL, max_num_batched_tokens=16, max_num_seqs=8)
+    alone = sequential([ps[3]], seeded, model)[0]
+    eng = tiny_engine(model, max_num_batched_tokens=16, max_num_seqs=8)
     for i, p in enumerate(ps):
         params = seeded if i == 3 else SamplingParams(max_tokens=9, temperature=0.8, ignore_eos=True)
         eng.add_request(str(i), p, params)
     assert run_all(eng)["3"] == alone
     other_seed = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=99, ignore_eos=True)
-    assert sequential([ps[3]], other_seed)[0] != alone
+    assert sequential([ps[3]], other_seed, model)[0] != alone
 
 
 def test_stop_conditions() -> None:
@@ -201,6 +218,7 @@ def test_duplicate_request_id_is_rejected() -> None:
         eng.add_request("same", [3, 4], greedy(2))
 
 
+@pytest.mark.parametrize("kind", MODEL_KINDS)
 @settings(max_examples=12, deadline=None)
 @given(
     st.lists(st.tuples(st.integers(0, 3), st.integers(1, 40), st.integers(1, 12)), min_size=1, max_size=10),
@@ -209,14 +227,15 @@ def test_duplicate_request_id_is_rejected() -> None:
     st.sets(st.integers(0, 9), max_size=3),
 )
 def test_random_request_streams_under_kv_pressure(
-    reqs: list[tuple[int, int, int]], budget: int, num_blocks: int, aborted: set[int]
+    kind: str, reqs: list[tuple[int, int, int]], budget: int, num_blocks: int, aborted: set[int]
 ) -> None:
     """Every admitted request finishes or is aborted, outputs match the plain path, no block leaks."""
+    model = model_of(kind)
     bases = prompts(11)
     ps = [bases[6][:40][: 4 * pre] + bases[5][:n] for pre, n, _ in reqs]
-    per_block = 2 * TINY.num_layers * 4 * TINY.num_kv_heads * TINY.head_dim * 4
+    per_block = kv_bytes_per_block(model, 4, model.embed.dtype)
     eng = tiny_engine(
-        MODEL,
+        model,
         kv_cache_memory=num_blocks * per_block / (1 << 30),
         max_num_batched_tokens=budget,
         max_num_seqs=8,
@@ -239,7 +258,7 @@ def test_random_request_streams_under_kv_pressure(
     assert finished == {str(i) for i in range(len(ps))}
     for i, (p, (_, _, m)) in enumerate(zip(ps, reqs)):
         if i not in aborted:
-            assert got[str(i)] == sequential([p], greedy(m))[0]
+            assert got[str(i)] == sequential([p], greedy(m), model)[0]
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
 
 

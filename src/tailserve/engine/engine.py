@@ -23,6 +23,7 @@ from tailserve.engine.outputs import RequestOutput, TokenLogprob
 from tailserve.engine.scheduler import Scheduler, SchedulerOutput
 from tailserve.engine.sequence import Sequence, Status
 from tailserve.layers.sampler import Sampler, SampleRow
+from tailserve.models.fused import FusedLlama, fused_supported
 from tailserve.models.llama import LlamaModel
 from tailserve.sampling import SamplingParams
 
@@ -118,7 +119,7 @@ class StepTimeModel:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, model: LlamaModel, tokenizer=None) -> None:
+    def __init__(self, config: EngineConfig, model: LlamaModel | FusedLlama, tokenizer=None) -> None:
         """Build from a loaded model; `from_config` loads one. tokenizer may be None (token ids only)."""
         self.config = config
         self.model = model
@@ -172,7 +173,10 @@ class LLMEngine:
         weights = {k: v.to(device) for k, v in weights.items()}
         dtype = resolve_dtype(config.dtype, device)
         quantization = resolve_quantization(config.quantization)
-        model = LlamaModel(model_config, weights, dtype, quantization).to(device).eval()
+        if config.fused and device == "cpu" and dtype == torch.bfloat16 and fused_supported(model_config):
+            model: LlamaModel | FusedLlama = FusedLlama(model_config, weights, quantization).eval()
+        else:
+            model = LlamaModel(model_config, weights, dtype, quantization).to(device).eval()
         del weights
         return cls(config, model, Tokenizer.load(path))
 

@@ -1,6 +1,8 @@
 """Turns a scheduled batch into tensors, runs the model, and returns the logits of the rows to sample.
 
 Owns the KV pool: one (K, V) pair of `[num_blocks * block_size, kv_heads, head_dim]` per layer.
+Two models: the fused C++ step (models/fused.py) takes the batch as per-sequence spans and block
+tables; the PyTorch model (models/llama.py) takes the AttentionMetadata built here.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 
 from tailserve.engine.scheduler import ScheduledSeq
 from tailserve.layers.attention import AttentionMetadata, PrefillChunk
+from tailserve.models.fused import FusedLlama
 from tailserve.models.llama import LlamaModel
 
 
@@ -20,7 +23,7 @@ class RunResult:
     sampled: list[ScheduledSeq]  # those sequences, in row order
 
 
-def kv_bytes_per_block(model: LlamaModel, block_size: int, dtype: torch.dtype) -> int:
+def kv_bytes_per_block(model: LlamaModel | FusedLlama, block_size: int, dtype: torch.dtype) -> int:
     c = model.config
     return (
         2
@@ -34,7 +37,12 @@ def kv_bytes_per_block(model: LlamaModel, block_size: int, dtype: torch.dtype) -
 
 class ModelRunner:
     def __init__(
-        self, model: LlamaModel, num_blocks: int, block_size: int, dtype: torch.dtype, device: str
+        self,
+        model: LlamaModel | FusedLlama,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: str,
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -45,6 +53,8 @@ class ModelRunner:
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(c.num_layers)
         ]
+        self._k_caches = [k for k, _ in self.kv_caches]
+        self._v_caches = [v for _, v in self.kv_caches]
 
     def _slots(self, blocks: list[int], start: int, end: int) -> torch.Tensor:
         pos = torch.arange(start, end)
@@ -109,6 +119,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> RunResult:
+        if isinstance(self.model, FusedLlama):
+            return self._run_fused(batch)
         ids, positions, meta, rows = self.prepare(batch)
         if self.device.type != "cpu":
             ids, positions = ids.to(self.device), positions.to(self.device)
@@ -117,3 +129,30 @@ class ModelRunner:
         sampled = [s for s in batch if s.seq.num_computed + s.num_new_tokens == s.seq.num_tokens]
         logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)]) if rows else hidden[:0]
         return RunResult(logits=logits.cpu(), sampled=sampled)
+
+    def _run_fused(self, batch: list[ScheduledSeq]) -> RunResult:
+        ids: list[int] = []
+        spans: list[tuple[int, int]] = []
+        tables: list[list[int]] = []
+        rows: list[int] = []
+        sampled: list[ScheduledSeq] = []
+        for s in batch:
+            seq, n = s.seq, s.num_new_tokens
+            start = seq.num_computed
+            ids.extend(seq.token_ids[start : start + n])
+            spans.append((start, n))
+            tables.append(seq.table.blocks[: -(-(start + n) // self.block_size)])
+            if start + n == seq.num_tokens:
+                rows.append(len(ids) - 1)
+                sampled.append(s)
+        width = max(len(t) for t in tables)
+        logits = self.model.compute_logits(
+            torch.tensor(ids),
+            torch.tensor(spans),
+            torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+            self.block_size,
+            torch.tensor(rows, dtype=torch.long),
+            self._k_caches,
+            self._v_caches,
+        )
+        return RunResult(logits=logits, sampled=sampled)

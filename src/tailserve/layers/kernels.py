@@ -20,18 +20,23 @@ from tailserve.models.loader import cache_home
 
 log = logging.getLogger("tailserve.kernels")
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "kernels.cpp"
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+SOURCE = CSRC / "kernels.cpp"  # includes the headers beside it
 
 
-def _cpu_key() -> str:
-    """The build is -march=native: key it by the CPU's flags so a shared cache never serves a foreign CPU."""
+def _build_key() -> str:
+    """The build is -march=native: key it by the CPU's flags so a shared cache never serves a foreign CPU,
+    and by every source and header, so an edited header never meets a stale build."""
     try:
         flags = next(
             (line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), ""
         )
     except OSError:
         flags = ""
-    return hashlib.sha256(f"{flags}|{torch.__version__}".encode()).hexdigest()[:12]
+    h = hashlib.sha256(f"{flags}|{torch.__version__}".encode())
+    for f in sorted(CSRC.glob("*.[ch]*")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 @functools.cache
@@ -42,7 +47,7 @@ def ops() -> ModuleType | None:
         return None
     from torch.utils import cpp_extension
 
-    build_dir = cache_home() / "torch_extensions" / _cpu_key()
+    build_dir = cache_home() / "torch_extensions" / _build_key()
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
         module = cpp_extension.load(

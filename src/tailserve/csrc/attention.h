@@ -1,0 +1,228 @@
+// Paged attention over a flat KV pool (see layers/attention.py for the layout).
+#pragma once
+#include "common.h"
+
+namespace {
+
+constexpr int64_t kTokenTile = 32;  // tokens scored together before their softmax update
+
+// s[g][j] = q_g · k_j for one tile (q pre-scaled, fp32).
+template <typename T>
+void tile_scores(const float* qf, int64_t G, int64_t D, const T* const* kp, int64_t nt, float* s) {
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t j = 0; j < nt; ++j) s[g * kTokenTile + j] = dot(qf + g * D, kp[j], D);
+}
+
+// acc_g += Σ_j p[g][j] · v_j for one tile.
+template <typename T>
+void tile_values(float* acc, int64_t G, int64_t D, const T* const* vp, int64_t nt, const float* p) {
+  for (int64_t j = 0; j < nt; ++j)
+    for (int64_t g = 0; g < G; ++g) {
+      const float w = p[g * kTokenTile + j];
+      float* ag = acc + g * D;
+      const T* v = vp[j];
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) ag[d] += w * load_f(v[d]);
+    }
+}
+
+#if defined(__AVX512F__)
+constexpr int64_t kMaxGroup = 16;  // query heads per KV head the vector path handles
+
+// The same two steps with head_dim = 16·DC held in registers: each K/V row is loaded and widened
+// once for all G query heads of its KV head.
+template <int DC, typename T>
+void tile_scores_v(const float* qf, int64_t G, const T* const* kp, int64_t nt, float* s) {
+  __m512 part[kMaxGroup][16];
+  for (int64_t j0 = 0; j0 < nt; j0 += 16) {
+    const int64_t jn = std::min<int64_t>(16, nt - j0);
+    for (int64_t jj = 0; jj < 16; ++jj) {
+      if (jj >= jn) {
+        for (int64_t g = 0; g < G; ++g) part[g][jj] = _mm512_setzero_ps();
+        continue;
+      }
+      __m512 k[DC];
+      for (int c = 0; c < DC; ++c) k[c] = load16(kp[j0 + jj] + 16 * c);
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = qf + g * 16 * DC;
+        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
+        for (int c = 1; c < DC; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), k[c], a);
+        part[g][jj] = a;
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) _mm512_storeu_ps(s + g * kTokenTile + j0, hsum16(part[g]));
+  }
+}
+
+template <int DC, typename T>
+void tile_values_v(float* acc, int64_t G, const T* const* vp, int64_t nt, const float* p) {
+  alignas(64) float vf[kTokenTile][16 * DC];  // the tile's V rows widened once, shared by the G heads
+  for (int64_t j = 0; j < nt; ++j)
+    for (int c = 0; c < DC; ++c) _mm512_store_ps(vf[j] + 16 * c, load16(vp[j] + 16 * c));
+  for (int64_t g = 0; g < G; ++g) {
+    float* ag = acc + g * 16 * DC;
+    const float* pg = p + g * kTokenTile;
+    __m512 a[DC], b[DC];  // two interleaved chains hide the FMA latency
+    for (int c = 0; c < DC; ++c) {
+      a[c] = _mm512_loadu_ps(ag + 16 * c);
+      b[c] = _mm512_setzero_ps();
+    }
+    int64_t j = 0;
+    for (; j + 1 < nt; j += 2) {
+      const __m512 w0 = _mm512_set1_ps(pg[j]), w1 = _mm512_set1_ps(pg[j + 1]);
+      for (int c = 0; c < DC; ++c) {
+        a[c] = _mm512_fmadd_ps(w0, _mm512_load_ps(vf[j] + 16 * c), a[c]);
+        b[c] = _mm512_fmadd_ps(w1, _mm512_load_ps(vf[j + 1] + 16 * c), b[c]);
+      }
+    }
+    if (j < nt) {
+      const __m512 w0 = _mm512_set1_ps(pg[j]);
+      for (int c = 0; c < DC; ++c) a[c] = _mm512_fmadd_ps(w0, _mm512_load_ps(vf[j] + 16 * c), a[c]);
+    }
+    for (int c = 0; c < DC; ++c) _mm512_storeu_ps(ag + 16 * c, _mm512_add_ps(a[c], b[c]));
+  }
+}
+#endif
+
+
+// Online-softmax step for one query head's tile of scores: s ← exp(s − m'), returns Σ exp and sets
+// m ← m' = max(m, max s), alpha ← exp(m − m') (the rescale of what was accumulated before).
+inline float softmax_tile(float* s, int64_t nt, float& m, float& alpha) {
+#if defined(__AVX512F__)
+  static_assert(kTokenTile == 32, "two 16-lane vectors per tile");
+  const __mmask16 k0 = nt >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nt) - 1);
+  const __mmask16 k1 = nt >= 32 ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(nt - 16, 0)) - 1);
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 a = _mm512_mask_loadu_ps(ninf, k0, s), b = _mm512_mask_loadu_ps(ninf, k1, s + 16);
+  const float mnew = std::max(m, _mm512_reduce_max_ps(_mm512_max_ps(a, b)));
+  const __m512 mv = _mm512_set1_ps(mnew);
+  const __m512 ea = _mm512_maskz_mov_ps(k0, exp16(_mm512_sub_ps(a, mv)));
+  const __m512 eb = _mm512_maskz_mov_ps(k1, exp16(_mm512_sub_ps(b, mv)));
+  _mm512_storeu_ps(s, ea);
+  _mm512_storeu_ps(s + 16, eb);
+  alpha = fast_exp(m - mnew);
+  m = mnew;
+  return _mm512_reduce_add_ps(_mm512_add_ps(ea, eb));
+#else
+  float mnew = m;
+  for (int64_t j = 0; j < nt; ++j) mnew = std::max(mnew, s[j]);
+  float add = 0.f;
+  for (int64_t j = 0; j < nt; ++j) {
+    s[j] = fast_exp(s[j] - mnew);
+    add += s[j];
+  }
+  alpha = fast_exp(m - mnew);
+  m = mnew;
+  return add;
+#endif
+}
+
+template <typename T>
+void scores(const float* qf, int64_t G, int64_t D, const T* const* kp, int64_t nt, float* s) {
+#if defined(__AVX512F__)
+  if (G <= kMaxGroup && D == 64) return tile_scores_v<4>(qf, G, kp, nt, s);
+  if (G <= kMaxGroup && D == 128) return tile_scores_v<8>(qf, G, kp, nt, s);
+#endif
+  tile_scores(qf, G, D, kp, nt, s);
+}
+
+template <typename T>
+void values(float* acc, int64_t G, int64_t D, const T* const* vp, int64_t nt, const float* p) {
+#if defined(__AVX512F__)
+  if (D == 64) return tile_values_v<4>(acc, G, vp, nt, p);
+  if (D == 128) return tile_values_v<8>(acc, G, vp, nt, p);
+#endif
+  tile_values(acc, G, D, vp, nt, p);
+}
+
+// Where a flat batch's query rows find their keys. Row n attends to tokens [0, lens[n]) of the
+// sequence whose block table is table[seq(n)], seq(n) = row_seq[n] (or n when row_seq is null); token
+// t lives in slot table[seq][t / block_size] * block_size + t % block_size (block_size 1: the table
+// lists slots). A decode is one row; a prefill chunk is one row per token, each with lens = its
+// position + 1, which is causal attention over the cached context and the chunk itself.
+struct AttentionArgs {
+  int64_t N, H, Hkv, D;
+  int64_t q_stride, out_stride;  // elements from one row of q (out) to the next
+  const int64_t* table;
+  int64_t table_stride;
+  const int64_t* row_seq;
+  int64_t block_size;
+  const int64_t* lens;
+  float scale;
+  int64_t hp;  // KV heads per work item: all of them when rows are many enough to keep threads busy
+
+  AttentionArgs(int64_t N_, int64_t H_, int64_t Hkv_, int64_t D_, const int64_t* table_, int64_t table_stride_,
+                const int64_t* row_seq_, int64_t block_size_, const int64_t* lens_, float scale_, int64_t threads)
+      : N(N_), H(H_), Hkv(Hkv_), D(D_), q_stride(H_ * D_), out_stride(H_ * D_), table(table_),
+        table_stride(table_stride_), row_seq(row_seq_), block_size(block_size_), lens(lens_), scale(scale_),
+        hp(N_ >= 2 * threads ? Hkv_ : 1) {}
+
+  int64_t items() const { return N * (Hkv / hp); }
+};
+
+// Work items [begin, end): an item is a row and `hp` of its KV heads (with all of them, each token's
+// K/V slot is read as one contiguous run); it streams the row's context once, in tiles, with an online
+// softmax per query head. Each row's result depends on nothing but its own inputs, so a sequence
+// computes the same numbers whether it runs alone, batched, or chunked.
+template <typename TQ, typename T, typename TO>
+void attention_items(const AttentionArgs& a, const TQ* q, const T* kc, const T* vc, TO* out, int64_t begin,
+                     int64_t end) {
+  const int64_t H = a.H, Hkv = a.Hkv, D = a.D, hp = a.hp, G = H / Hkv, bs = a.block_size;
+  const int64_t splits = Hkv / hp;
+  std::vector<float> qf(hp * G * D), acc(hp * G * D), s(G * kTokenTile), mx(hp * G), sum(hp * G);
+  int64_t base[kTokenTile];
+  const int64_t span_bytes = hp * D * static_cast<int64_t>(sizeof(T));
+  const T* kp[kTokenTile];
+  const T* vp[kTokenTile];
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t n = item / splits, h0 = item % splits * hp, ctx = a.lens[n];
+    const int64_t* row = a.table + (a.row_seq ? a.row_seq[n] : n) * a.table_stride;
+    const TQ* qn = q + n * a.q_stride + h0 * G * D;
+    for (int64_t i = 0; i < hp * G * D; ++i) qf[i] = load_f(qn[i]) * a.scale;
+    std::fill(acc.begin(), acc.end(), 0.f);
+    std::fill(mx.begin(), mx.end(), -std::numeric_limits<float>::infinity());
+    std::fill(sum.begin(), sum.end(), 0.f);
+    for (int64_t t0 = 0; t0 < ctx; t0 += kTokenTile) {
+      const int64_t nt = std::min(kTokenTile, ctx - t0);
+      for (int64_t j = 0; j < nt; ++j) {
+        const int64_t t = t0 + j;
+        base[j] = ((row[t / bs] * bs + t % bs) * Hkv + h0) * D;
+      }
+      // Rows of consecutive tiles lie in scattered blocks that the hardware prefetcher cannot
+      // foresee: request the next tile's K/V while this one computes, so DRAM misses overlap.
+      for (int64_t t = t0 + kTokenTile; t < std::min(ctx, t0 + 2 * kTokenTile); ++t) {
+        const int64_t off = ((row[t / bs] * bs + t % bs) * Hkv + h0) * D;
+        const char* kb = reinterpret_cast<const char*>(kc + off);
+        const char* vb = reinterpret_cast<const char*>(vc + off);
+        for (int64_t b = 0; b < span_bytes; b += 64) {
+          __builtin_prefetch(kb + b);
+          __builtin_prefetch(vb + b);
+        }
+      }
+      for (int64_t hh = 0; hh < hp; ++hh) {
+        for (int64_t j = 0; j < nt; ++j) {
+          kp[j] = kc + base[j] + hh * D;
+          vp[j] = vc + base[j] + hh * D;
+        }
+        const int64_t x = hh * G;  // this KV head's first query head within the item
+        scores(qf.data() + x * D, G, D, kp, nt, s.data());
+        for (int64_t g = 0; g < G; ++g) {
+          float alpha;  // 0 on the first tile (mx = -inf)
+          const float add = softmax_tile(s.data() + g * kTokenTile, nt, mx[x + g], alpha);
+          sum[x + g] = sum[x + g] * alpha + add;
+          float* ag = acc.data() + (x + g) * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) ag[d] *= alpha;
+        }
+        values(acc.data() + x * D, G, D, vp, nt, s.data());
+      }
+    }
+    TO* on = out + n * a.out_stride + h0 * G * D;
+    for (int64_t i = 0; i < hp * G; ++i) {
+      const float inv = sum[i] > 0.f ? 1.f / sum[i] : 0.f;
+      for (int64_t d = 0; d < D; ++d) on[i * D + d] = static_cast<TO>(acc[i * D + d] * inv);
+    }
+  }
+}
+
+}  // namespace

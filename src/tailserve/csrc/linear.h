@@ -1,0 +1,217 @@
+// Small-M linears over weights packed for `vdpbf16ps` (bf16, int8 per channel, int4 group-wise),
+// dequantizing in registers so every weight byte is read from memory once per block of rows.
+// What happens to each tile's fp32 results is an epilogue: store, add to a residual, or SwiGLU.
+#pragma once
+#include "common.h"
+
+namespace {
+
+#if defined(__AVX512BF16__)
+// Packed weights: blocks of 32 output channels; within a block, K/2 "pair steps", each holding for
+// every channel two consecutive k values (vdpbf16ps' operand layout), as two 16-channel halves.
+//   bf16: 128 B per pair step (half 0 then half 1);
+//   int8: 64 B per pair step, same order, per-channel fp32 scale applied at the end;
+//   int4: 32 B per pair step: byte e = half0[e] | half1[e] << 4 (unsigned 0..15), one (scale, min)
+//         fp16 pair per channel per group; q is fed to vdpbf16ps as the exact bf16 value 128 + q
+//         (bits 0x4300 | q) and the 128·Σx term is folded into the group's offset.
+enum Kind { kBf16 = 0, kInt8 = 1, kInt4 = 2 };
+constexpr int64_t kBlock = 32;
+
+struct PackedWeight {
+  int kind;
+  const uint8_t* w;        // packed blocks
+  const float* scale;      // int8: [N padded to 32]
+  const uint16_t* gscale;  // int4: [blocks, K / group, 2, 32] fp16 bits (scale, min)
+  int64_t N, K, group;
+
+  int64_t blocks() const { return (N + kBlock - 1) / kBlock; }
+  int64_t bytes_per_pair() const { return kind == kBf16 ? 128 : kind == kInt8 ? 64 : 32; }
+};
+
+inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
+
+inline __m512 int8x16_to_ps(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+inline __mmask16 mask16(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+}
+
+inline __m256i to_bf16(__m512 v) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)); }
+
+template <int KIND>
+inline void load_pair(const uint8_t* w, int64_t p, __m512bh& w0, __m512bh& w1) {
+  if constexpr (KIND == kBf16) {
+    const uint8_t* a = w + p * 128;
+    w0 = as_bh(_mm512_loadu_si512(a));
+    w1 = as_bh(_mm512_loadu_si512(a + 64));
+  } else if constexpr (KIND == kInt8) {
+    const int8_t* a = reinterpret_cast<const int8_t*>(w + p * 64);
+    w0 = _mm512_cvtne2ps_pbh(int8x16_to_ps(a + 16), int8x16_to_ps(a));
+    w1 = _mm512_cvtne2ps_pbh(int8x16_to_ps(a + 48), int8x16_to_ps(a + 32));
+  } else {
+    const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * 32)));
+    const __m512i base = _mm512_set1_epi16(0x4300);
+    w0 = as_bh(_mm512_or_si512(_mm512_and_si512(b, _mm512_set1_epi16(0x000F)), base));
+    w1 = as_bh(_mm512_or_si512(_mm512_srli_epi16(b, 4), base));
+  }
+}
+
+// --- epilogues: (row m, block blk, channels blk·32 + [0, 16) in v0 and + [16, 32) in v1) -----------
+
+struct StoreBf16 {  // y[m, n] = v, bf16
+  uint16_t* y;
+  int64_t ld, N;
+  void operator()(int64_t m, int64_t blk, __m512 v0, __m512 v1) const {
+    const int64_t n0 = blk * kBlock;
+    _mm256_mask_storeu_epi16(y + m * ld + n0, mask16(N - n0), to_bf16(v0));
+    _mm256_mask_storeu_epi16(y + m * ld + n0 + 16, mask16(N - n0 - 16), to_bf16(v1));
+  }
+};
+
+struct StoreF32 {  // y[m, n] = v, fp32
+  float* y;
+  int64_t ld, N;
+  void operator()(int64_t m, int64_t blk, __m512 v0, __m512 v1) const {
+    const int64_t n0 = blk * kBlock;
+    _mm512_mask_storeu_ps(y + m * ld + n0, mask16(N - n0), v0);
+    _mm512_mask_storeu_ps(y + m * ld + n0 + 16, mask16(N - n0 - 16), v1);
+  }
+};
+
+struct AddF32 {  // y[m, n] += v: the residual connection, fp32
+  float* y;
+  int64_t ld, N;
+  void operator()(int64_t m, int64_t blk, __m512 v0, __m512 v1) const {
+    float* r = y + m * ld + blk * kBlock;
+    const __mmask16 k0 = mask16(N - blk * kBlock), k1 = mask16(N - blk * kBlock - 16);
+    _mm512_mask_storeu_ps(r, k0, _mm512_add_ps(_mm512_maskz_loadu_ps(k0, r), v0));
+    _mm512_mask_storeu_ps(r + 16, k1, _mm512_add_ps(_mm512_maskz_loadu_ps(k1, r + 16), v1));
+  }
+};
+
+// Gate and up weights interleaved in 16-row halves (block b = gate rows 16b.., then up rows 16b..):
+// y[m, 16b + i] = silu(gate) · up, bf16, so the MLP's activation never makes a round trip to memory.
+struct SwiGlu {
+  uint16_t* y;
+  int64_t ld, N;  // N: intermediate size
+  void operator()(int64_t m, int64_t blk, __m512 gate, __m512 up) const {
+    const __m512 one = _mm512_set1_ps(1.f);
+    const __m512 silu = _mm512_div_ps(gate, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gate))));
+    _mm256_mask_storeu_epi16(y + m * ld + blk * 16, mask16(N - blk * 16), to_bf16(_mm512_mul_ps(silu, up)));
+  }
+};
+
+// Rows [m0, m0 + MT) of x (bf16 bits, leading dimension ldx) × the 32 channels of block `blk`.
+// xsum: int4 only, [M, K / group] sums of each row's groups.
+template <int KIND, int MT, class Epi>
+void linear_tile(const PackedWeight& a, const uint16_t* x, int64_t ldx, const float* xsum, int64_t blk,
+                 int64_t m0, const Epi& epi) {
+  const int64_t P = a.K / 2;
+  const int32_t* xr[MT];
+  for (int m = 0; m < MT; ++m) xr[m] = reinterpret_cast<const int32_t*>(x + (m0 + m) * ldx);
+  __m512 y0[MT], y1[MT];
+  for (int m = 0; m < MT; ++m) y0[m] = y1[m] = _mm512_setzero_ps();
+  if constexpr (KIND == kInt4) {
+    const uint8_t* wb = a.w + blk * P * 32;
+    const int64_t groups = a.K / a.group, gp = a.group / 2;
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 c0[MT], c1[MT];
+      for (int m = 0; m < MT; ++m) c0[m] = c1[m] = _mm512_setzero_ps();
+      for (int64_t p = g * gp; p < (g + 1) * gp; ++p) {
+        __m512bh w0, w1;
+        load_pair<KIND>(wb, p, w0, w1);
+        for (int m = 0; m < MT; ++m) {
+          const __m512bh xb = as_bh(_mm512_set1_epi32(xr[m][p]));
+          c0[m] = _mm512_dpbf16_ps(c0[m], xb, w0);
+          c1[m] = _mm512_dpbf16_ps(c1[m], xb, w1);
+        }
+      }
+      const uint16_t* gs = a.gscale + (blk * groups + g) * 64;
+      const __m512 d0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gs)));
+      const __m512 d1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gs + 16)));
+      const __m512 k128 = _mm512_set1_ps(128.f);
+      const __m512 o0 =
+          _mm512_fnmadd_ps(k128, d0, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gs + 32))));
+      const __m512 o1 =
+          _mm512_fnmadd_ps(k128, d1, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gs + 48))));
+      for (int m = 0; m < MT; ++m) {
+        const __m512 xs = _mm512_set1_ps(xsum[(m0 + m) * groups + g]);
+        y0[m] = _mm512_fmadd_ps(o0, xs, _mm512_fmadd_ps(d0, c0[m], y0[m]));
+        y1[m] = _mm512_fmadd_ps(o1, xs, _mm512_fmadd_ps(d1, c1[m], y1[m]));
+      }
+    }
+  } else {
+    const uint8_t* wb = a.w + blk * P * (KIND == kBf16 ? 128 : 64);
+    for (int64_t p = 0; p < P; ++p) {
+      __m512bh w0, w1;
+      load_pair<KIND>(wb, p, w0, w1);
+      for (int m = 0; m < MT; ++m) {
+        const __m512bh xb = as_bh(_mm512_set1_epi32(xr[m][p]));
+        y0[m] = _mm512_dpbf16_ps(y0[m], xb, w0);
+        y1[m] = _mm512_dpbf16_ps(y1[m], xb, w1);
+      }
+    }
+    if constexpr (KIND == kInt8) {
+      const __m512 s0 = _mm512_loadu_ps(a.scale + blk * kBlock), s1 = _mm512_loadu_ps(a.scale + blk * kBlock + 16);
+      for (int m = 0; m < MT; ++m) {
+        y0[m] = _mm512_mul_ps(y0[m], s0);
+        y1[m] = _mm512_mul_ps(y1[m], s1);
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m) epi(m0 + m, blk, y0[m], y1[m]);
+}
+
+// All M rows × block `blk`, in tiles of as many rows as the 32 zmm registers hold accumulators for.
+// Each row's result is computed in the same order whatever M is: batching never changes a row's numbers.
+template <int KIND, class Epi>
+void linear_block(const PackedWeight& a, const uint16_t* x, int64_t ldx, int64_t M, const float* xsum,
+                  int64_t blk, const Epi& epi) {
+  constexpr int64_t kMaxRows = KIND == kInt4 ? 4 : 8;
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    switch (std::min(kMaxRows, M - m0)) {
+      case 1: linear_tile<KIND, 1>(a, x, ldx, xsum, blk, m0, epi); break;
+      case 2: linear_tile<KIND, 2>(a, x, ldx, xsum, blk, m0, epi); break;
+      case 3: linear_tile<KIND, 3>(a, x, ldx, xsum, blk, m0, epi); break;
+      case 4: linear_tile<KIND, 4>(a, x, ldx, xsum, blk, m0, epi); break;
+      case 5: if constexpr (kMaxRows > 4) linear_tile<KIND, 5>(a, x, ldx, xsum, blk, m0, epi); break;
+      case 6: if constexpr (kMaxRows > 4) linear_tile<KIND, 6>(a, x, ldx, xsum, blk, m0, epi); break;
+      case 7: if constexpr (kMaxRows > 4) linear_tile<KIND, 7>(a, x, ldx, xsum, blk, m0, epi); break;
+      default: if constexpr (kMaxRows > 4) linear_tile<KIND, 8>(a, x, ldx, xsum, blk, m0, epi); break;
+    }
+  }
+}
+
+// Blocks [b0, b1) of one linear: the unit of work a thread takes.
+template <class Epi>
+void linear_blocks(const PackedWeight& a, const uint16_t* x, int64_t ldx, int64_t M, const float* xsum, int64_t b0,
+                   int64_t b1, const Epi& epi) {
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    if (a.kind == kBf16) linear_block<kBf16>(a, x, ldx, M, xsum, blk, epi);
+    else if (a.kind == kInt8) linear_block<kInt8>(a, x, ldx, M, xsum, blk, epi);
+    else linear_block<kInt4>(a, x, ldx, M, xsum, blk, epi);
+  }
+}
+
+// Per row of x [M, K] (bf16 bits): the sums of each group of `group` values, what int4 needs.
+inline void group_sums(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, int64_t group, float* out) {
+  const int64_t groups = K / group;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint16_t* xg = x + m * ldx + g * group;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = 0; i < group; ++i) {
+        const uint32_t u = static_cast<uint32_t>(xg[i]) << 16;
+        float f;
+        std::memcpy(&f, &u, sizeof f);
+        s += f;
+      }
+      out[m * groups + g] = s;
+    }
+}
+#endif
+
+}  // namespace

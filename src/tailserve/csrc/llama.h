@@ -1,0 +1,277 @@
+// The whole Llama decoder step in one call: embedding, every layer, the final norm and the head, over
+// a flat batch of decode rows and prefill chunks. One OpenMP region spans the step; its phases
+// (norm, QKV, RoPE + KV write, attention, O + residual, norm, gate/up + SwiGLU, down + residual) are
+// split statically between threads and separated by barriers. Per decode step that replaces ~600
+// PyTorch op dispatches and their allocations with ~240 barriers, and the GIL is released throughout.
+#pragma once
+#include <omp.h>
+
+#include <map>
+#include <string>
+
+#include "attention.h"
+#include "linear.h"
+
+namespace {
+
+#if defined(__AVX512BF16__)
+// A linear's packed weight as layers/linear.py built it; the tensors keep the memory alive.
+struct Linear {
+  PackedWeight pw;
+  torch::Tensor w, s;
+
+  Linear(int64_t kind, torch::Tensor w_, torch::Tensor s_, int64_t n, int64_t k, int64_t group) : w(w_), s(s_) {
+    TORCH_CHECK(kind >= kBf16 && kind <= kInt4, "unknown linear kind ", kind);
+    TORCH_CHECK(w.is_contiguous() && k % 2 == 0 && n > 0, "bad packed weight or odd in_features");
+    pw = PackedWeight{static_cast<int>(kind), static_cast<const uint8_t*>(w.data_ptr()), nullptr, nullptr, n, k, group};
+    TORCH_CHECK(w.nbytes() == static_cast<size_t>(pw.blocks() * (k / 2) * pw.bytes_per_pair()),
+                "packed weight size mismatch");
+    if (kind == kInt8) {
+      TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() == pw.blocks() * kBlock, "bad scale");
+      pw.scale = s.data_ptr<float>();
+    } else if (kind == kInt4) {
+      TORCH_CHECK(group > 0 && group % 2 == 0 && k % group == 0, "in_features must be a multiple of the even group");
+      TORCH_CHECK(s.scalar_type() == at::kHalf && s.is_contiguous() && s.numel() == pw.blocks() * (k / group) * 64,
+                  "bad group scales");
+      pw.gscale = reinterpret_cast<const uint16_t*>(s.data_ptr());
+    }
+  }
+};
+
+struct Layer {
+  torch::Tensor in_norm, post_norm;  // fp32 [hidden]
+  Linear qkv, o, gate_up, down;      // gate_up interleaved in 16-row halves for the SwiGlu epilogue
+};
+
+using BF16 = c10::BFloat16;
+
+inline uint16_t bf16_bits(float f) { return BF16(f).x; }
+
+// y = x / rms(x) · w, rounded to bf16 (the next linear's input).
+inline void rms_norm_row(const float* x, const float* w, int64_t n, float eps, uint16_t* y) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = bf16_bits(x[i] * r * w[i]);
+}
+
+// Rotates each head's halves by the position's angles: x·cos + rotate_half(x)·sin.
+inline void rope_heads(float* v, int64_t heads, int64_t D, const float* c, const float* s) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < heads; ++h, v += D)
+#pragma omp simd
+    for (int64_t d = 0; d < half; ++d) {
+      const float a = v[d], b = v[d + half];
+      v[d] = a * c[d] - b * s[d];
+      v[d + half] = b * c[d + half] + a * s[d + half];
+    }
+}
+
+class Llama {
+ public:
+  enum Phase { kEmbed, kNorm, kQkv, kRope, kAttention, kO, kGateUp, kDown, kHead, kPhases };
+
+  Llama(int64_t heads, int64_t kv_heads, int64_t head_dim, double eps, torch::Tensor embed, torch::Tensor norm,
+        Linear head, torch::Tensor cos, torch::Tensor sin)
+      : H_(heads), Hkv_(kv_heads), D_(head_dim), eps_(static_cast<float>(eps)), embed_(embed), norm_(norm),
+        head_(std::move(head)), cos_(cos), sin_(sin) {
+    TORCH_CHECK(embed.scalar_type() == at::kBFloat16 && embed.is_contiguous() && embed.dim() == 2, "embed: bf16 [V, h]");
+    hidden_ = embed.size(1);
+    check_f32(norm, hidden_, "final norm");
+    TORCH_CHECK(head_.pw.K == hidden_, "head in_features != hidden size");
+    TORCH_CHECK(heads % kv_heads == 0 && head_dim % 2 == 0, "bad head layout");
+    TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && cos.dim() == 2 && cos.size(1) == head_dim &&
+                    sin.sizes() == cos.sizes() && sin.is_contiguous() && sin.scalar_type() == at::kFloat,
+                "rope tables: fp32 [positions, head_dim]");
+  }
+
+  void add_layer(torch::Tensor in_norm, torch::Tensor post_norm, Linear qkv, Linear o, Linear gate_up, Linear down) {
+    check_f32(in_norm, hidden_, "input norm");
+    check_f32(post_norm, hidden_, "post-attention norm");
+    const int64_t qd = H_ * D_, kvd = Hkv_ * D_, inter = gate_up.pw.N / 2;
+    TORCH_CHECK(qkv.pw.K == hidden_ && qkv.pw.N == qd + 2 * kvd, "qkv shape");
+    TORCH_CHECK(o.pw.K == qd && o.pw.N == hidden_, "o shape");
+    TORCH_CHECK(gate_up.pw.K == hidden_ && gate_up.pw.N % kBlock == 0, "gate_up: intermediate size must be a multiple of 16");
+    TORCH_CHECK(down.pw.K == inter && down.pw.N == hidden_, "down shape");
+    inter_ = inter;
+    layers_.push_back(Layer{in_norm, post_norm, std::move(qkv), std::move(o), std::move(gate_up), std::move(down)});
+  }
+
+  // seqs [S, 2] int64: per sequence (first position, tokens this step); its rows are consecutive in
+  // ids. tables [S, max_blocks] int64 block ids. sample_rows: the rows whose logits are returned.
+  torch::Tensor forward(torch::Tensor ids, torch::Tensor seqs, torch::Tensor tables, int64_t block_size,
+                        torch::Tensor sample_rows, const std::vector<torch::Tensor>& k_caches,
+                        const std::vector<torch::Tensor>& v_caches) const {
+    const int64_t L = static_cast<int64_t>(layers_.size()), H = H_, Hkv = Hkv_, D = D_, Hd = hidden_, I = inter_;
+    const int64_t QD = H * D, KVD = Hkv * D, QKV = QD + 2 * KVD, V = head_.pw.N;
+    TORCH_CHECK(L > 0 && static_cast<int64_t>(k_caches.size()) == L && static_cast<int64_t>(v_caches.size()) == L,
+                "one K and one V cache per layer");
+    for (int64_t l = 0; l < L; ++l) {
+      const auto& k = k_caches[l];
+      const auto& v = v_caches[l];
+      TORCH_CHECK(k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 && k.is_contiguous() &&
+                      v.is_contiguous() && k.sizes() == v.sizes() && k.sizes() == k_caches[0].sizes() &&
+                      k.dim() == 3 && k.size(1) == Hkv && k.size(2) == D,
+                  "caches: bf16 [slots, kv_heads, head_dim]");
+    }
+    for (const auto* t : {&ids, &seqs, &tables, &sample_rows})
+      TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "index tensors must be contiguous int64");
+    TORCH_CHECK(seqs.dim() == 2 && seqs.size(1) == 2 && tables.dim() == 2 && tables.size(0) == seqs.size(0),
+                "seqs [S, 2] and tables [S, blocks]");
+    const int64_t S = seqs.size(0), nblk = tables.size(1), bs = block_size;
+    const int64_t num_blocks = k_caches[0].size(0) / bs, max_pos = cos_.size(0), vocab_in = embed_.size(0);
+    TORCH_CHECK(bs > 0 && k_caches[0].size(0) % bs == 0, "cache slots must be whole blocks");
+    const int64_t* sq = seqs.data_ptr<int64_t>();
+    const int64_t* tb = tables.data_ptr<int64_t>();
+    const int64_t* id = ids.data_ptr<int64_t>();
+    int64_t T = 0;
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t start = sq[2 * s], count = sq[2 * s + 1], end = start + count;
+      TORCH_CHECK(start >= 0 && count > 0 && end <= max_pos && (end + bs - 1) / bs <= nblk, "sequence ", s,
+                  " out of range");
+      for (int64_t j = 0; j < (end + bs - 1) / bs; ++j)
+        TORCH_CHECK(tb[s * nblk + j] >= 0 && tb[s * nblk + j] < num_blocks, "block id out of range");
+      T += count;
+    }
+    TORCH_CHECK(ids.numel() == T, "ids must hold every sequence's tokens");
+    for (int64_t t = 0; t < T; ++t) TORCH_CHECK(id[t] >= 0 && id[t] < vocab_in, "token id out of range");
+    const int64_t R = sample_rows.numel();
+    const int64_t* sr = sample_rows.data_ptr<int64_t>();
+    for (int64_t r = 0; r < R; ++r) TORCH_CHECK(sr[r] >= 0 && sr[r] < T, "sample row out of range");
+
+    std::vector<int64_t> pos(T), row_seq(T), slot(T), lens(T);
+    for (int64_t s = 0, t = 0; s < S; ++s)
+      for (int64_t i = 0; i < sq[2 * s + 1]; ++i, ++t) {
+        const int64_t p = sq[2 * s] + i;
+        pos[t] = p;
+        row_seq[t] = s;
+        slot[t] = tb[s * nblk + p / bs] * bs + p % bs;
+        lens[t] = p + 1;
+      }
+    std::vector<float> x(T * Hd), qkv(T * QKV);
+    std::vector<uint16_t> xn(std::max(T, R) * Hd), attn(T * QD), act(T * I);
+    auto logits = torch::empty({R, V}, torch::kFloat);
+    float* out = logits.data_ptr<float>();
+    const int nth = at::get_num_threads();
+    AttentionArgs aa(T, H, Hkv, D, tb, nblk, row_seq.data(), bs, lens.data(), 1.f / std::sqrt(static_cast<float>(D)),
+                     nth);
+    aa.q_stride = QKV;
+    const auto* emb = embed_.data_ptr<BF16>();
+    const float* cs = cos_.data_ptr<float>();
+    const float* sn = sin_.data_ptr<float>();
+
+#pragma omp parallel num_threads(nth)
+    {
+      const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+      int64_t b, e;
+      double mark = omp_get_wtime();
+      // After a barrier: thread 0 charges the time since the last one to `phase` (its wall time).
+      auto lap = [&](Phase phase) {
+        if (tid == 0) {
+          const double now = omp_get_wtime();
+          phase_seconds_[phase] += now - mark;
+          mark = now;
+        }
+      };
+      std::vector<float> xs;  // this thread's group sums of a linear's input (int4)
+      auto linear = [&](const Linear& l, const uint16_t* in, int64_t ld, int64_t M, const auto& epi) {
+        const float* sums = nullptr;
+        if (l.pw.kind == kInt4) {
+          xs.resize(M * (l.pw.K / l.pw.group));
+          group_sums(in, ld, M, l.pw.K, l.pw.group, xs.data());
+          sums = xs.data();
+        }
+        thread_range(l.pw.blocks(), tid, nt, b, e);
+        linear_blocks(l.pw, in, ld, M, sums, b, e, epi);
+      };
+      auto rows = [&](int64_t n) { thread_range(n, tid, nt, b, e); };
+
+      rows(T);
+      for (int64_t t = b; t < e; ++t)
+        for (int64_t i = 0; i < Hd; ++i) x[t * Hd + i] = load_f(emb[id[t] * Hd + i]);
+#pragma omp barrier
+      lap(kEmbed);
+      for (int64_t l = 0; l < L; ++l) {
+        const Layer& ly = layers_[l];
+        auto* kc = k_caches[l].data_ptr<BF16>();
+        auto* vc = v_caches[l].data_ptr<BF16>();
+        rows(T);
+        for (int64_t t = b; t < e; ++t)
+          rms_norm_row(&x[t * Hd], ly.in_norm.data_ptr<float>(), Hd, eps_, &xn[t * Hd]);
+#pragma omp barrier
+        lap(kNorm);
+        linear(ly.qkv, xn.data(), Hd, T, StoreF32{qkv.data(), QKV, QKV});
+#pragma omp barrier
+        lap(kQkv);
+        rows(T);
+        for (int64_t t = b; t < e; ++t) {
+          float* r = &qkv[t * QKV];
+          rope_heads(r, H + Hkv, D, cs + pos[t] * D, sn + pos[t] * D);  // q heads, then k heads
+          BF16* kd = kc + slot[t] * KVD;
+          BF16* vd = vc + slot[t] * KVD;
+          for (int64_t i = 0; i < KVD; ++i) {
+            kd[i] = static_cast<BF16>(r[QD + i]);
+            vd[i] = static_cast<BF16>(r[QD + KVD + i]);
+          }
+        }
+#pragma omp barrier
+        lap(kRope);
+        thread_range(aa.items(), tid, nt, b, e);
+        attention_items(aa, qkv.data(), static_cast<const BF16*>(kc), static_cast<const BF16*>(vc),
+                        reinterpret_cast<BF16*>(attn.data()), b, e);
+#pragma omp barrier
+        lap(kAttention);
+        linear(ly.o, attn.data(), QD, T, AddF32{x.data(), Hd, Hd});
+#pragma omp barrier
+        lap(kO);
+        rows(T);
+        for (int64_t t = b; t < e; ++t)
+          rms_norm_row(&x[t * Hd], ly.post_norm.data_ptr<float>(), Hd, eps_, &xn[t * Hd]);
+#pragma omp barrier
+        lap(kNorm);
+        linear(ly.gate_up, xn.data(), Hd, T, SwiGlu{act.data(), I, I});
+#pragma omp barrier
+        lap(kGateUp);
+        linear(ly.down, act.data(), I, T, AddF32{x.data(), Hd, Hd});
+#pragma omp barrier
+        lap(kDown);
+      }
+      rows(R);
+      for (int64_t r = b; r < e; ++r) rms_norm_row(&x[sr[r] * Hd], norm_.data_ptr<float>(), Hd, eps_, &xn[r * Hd]);
+#pragma omp barrier
+      lap(kNorm);
+      linear(head_, xn.data(), Hd, R, StoreF32{out, V, V});
+#pragma omp barrier
+      lap(kHead);  // (the barrier only so that the head's time is the slowest thread's)
+    }
+    return logits;
+  }
+
+  // Wall seconds spent in each phase since the last call, then reset: where a step's time goes.
+  std::map<std::string, double> take_phase_seconds() {
+    static const char* names[kPhases] = {"embed", "norm", "qkv", "rope_kv", "attention", "o", "gate_up", "down", "head"};
+    std::map<std::string, double> out;
+    for (int i = 0; i < kPhases; ++i) {
+      out[names[i]] = phase_seconds_[i];
+      phase_seconds_[i] = 0.0;
+    }
+    return out;
+  }
+
+ private:
+  static void check_f32(const torch::Tensor& t, int64_t n, const char* what) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, what, ": fp32 [hidden]");
+  }
+
+  int64_t H_, Hkv_, D_, hidden_ = 0, inter_ = 0;
+  float eps_;
+  torch::Tensor embed_, norm_;
+  Linear head_;
+  torch::Tensor cos_, sin_;
+  std::vector<Layer> layers_;
+  mutable double phase_seconds_[kPhases] = {};
+};
+#endif
+
+}  // namespace

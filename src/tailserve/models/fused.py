@@ -1,0 +1,135 @@
+"""The Llama decoder as one C++ call per step (csrc/llama.h), on CPUs with AVX512-BF16.
+
+The same math as models/llama.py, which stays the reference and the path everywhere else (GPU, fp32,
+no compiler). Eager PyTorch spends most of a small model's decode step dispatching ~600 tiny ops;
+here the step is one call that releases the GIL. Each row's numbers depend only on its own sequence
+(no reduction spans rows), so a sequence gets bitwise the same logits alone, batched, chunked, or
+verified several tokens at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tailserve.layers import kernels
+from tailserve.layers.linear import DenseLinear, Int4Linear, Int8Linear, Linear, make_linear
+from tailserve.models.llama import _layer_weights, rope_tables
+from tailserve.models.loader import ModelConfig
+
+SWIGLU_HALF = 16  # gate/up rows per half-block of the packed layout (csrc/linear.h: SwiGlu)
+
+
+def fused_supported(config: ModelConfig) -> bool:
+    """Whether this machine and this model shape can run the fused step."""
+    mod = kernels.ops()
+    return (
+        mod is not None
+        and mod.has_bf16_linear()
+        and config.intermediate_size % SWIGLU_HALF == 0
+        and config.head_dim % 2 == 0
+        and config.hidden_size % 2 == 0
+    )
+
+
+def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """[I, K] gate and up → [2I, K] in blocks of 32 rows: 16 gate rows, then the same 16 up rows."""
+    i, k = gate.shape
+    h = SWIGLU_HALF
+    return torch.stack([gate.reshape(i // h, h, k), up.reshape(i // h, h, k)], 1).reshape(2 * i, k)
+
+
+def _packed(layer: Linear):
+    """The C++ view of a kernel-backed linear's packed buffers."""
+    ops = kernels.ops()
+    assert layer.backend == "kernel", "the fused step needs the C++ linears"
+    if isinstance(layer, DenseLinear):
+        return ops.Linear(0, layer.packed, torch.empty(0), layer.out_features, layer.in_features, 0)
+    if isinstance(layer, Int8Linear):
+        return ops.Linear(1, layer.packed, layer.scale, layer.out_features, layer.in_features, 0)
+    assert isinstance(layer, Int4Linear)
+    return ops.Linear(2, layer.packed, layer.scales, layer.out_features, layer.in_features, layer.group)
+
+
+class FusedLayer(nn.Module):
+    """One decoder layer's weights, packed; holds the buffers the C++ model reads."""
+
+    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], quantization: str) -> None:
+        super().__init__()
+        bf16 = torch.bfloat16
+        self.register_buffer("input_norm", w["input_layernorm"].float().contiguous())
+        self.register_buffer("post_norm", w["post_attention_layernorm"].float().contiguous())
+        qkv = torch.cat([w["self_attn.q_proj"], w["self_attn.k_proj"], w["self_attn.v_proj"]])
+        self.qkv = make_linear(qkv, quantization, bf16)
+        self.o = make_linear(w["self_attn.o_proj"], quantization, bf16)
+        self.gate_up = make_linear(
+            interleave_gate_up(w["mlp.gate_proj"], w["mlp.up_proj"]), quantization, bf16
+        )
+        self.down = make_linear(w["mlp.down_proj"], quantization, bf16)
+
+
+class FusedLlama(nn.Module):
+    def __init__(
+        self, config: ModelConfig, weights: dict[str, torch.Tensor], quantization: str = "none"
+    ) -> None:
+        """Linears are built (and quantized) from the source weights; activations run in bf16."""
+        super().__init__()
+        if not fused_supported(config):
+            raise RuntimeError(
+                "the fused step needs the C++ kernels with AVX512-BF16 and an even model shape"
+            )
+        ops = kernels.ops()
+        self.config = config
+        self.embed = nn.Parameter(
+            weights["model.embed_tokens.weight"].to(torch.bfloat16), requires_grad=False
+        )
+        self.register_buffer("norm", weights["model.norm.weight"].float().contiguous())
+        tied = config.tie_word_embeddings
+        head = weights["model.embed_tokens.weight"] if tied else weights.get("lm_head.weight")
+        if head is None:
+            raise ValueError("weights lack lm_head.weight and the model does not tie embeddings")
+        # int8 head under int4: int4 logits cost ~20× the KL of all int4 layers (quant_accuracy.py).
+        self.lm_head = make_linear(head, "int8" if quantization == "int4" else quantization, torch.bfloat16)
+        cos, sin = rope_tables(config, config.max_position_embeddings)
+        self.register_buffer("cos", cos.contiguous(), persistent=False)
+        self.register_buffer("sin", sin.contiguous(), persistent=False)
+        self.layers = nn.ModuleList(
+            FusedLayer(config, _layer_weights(weights, i), quantization) for i in range(config.num_layers)
+        )
+        self.impl = ops.Llama(
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+            config.rms_norm_eps,
+            self.embed,
+            self.norm,
+            _packed(self.lm_head),
+            self.cos,
+            self.sin,
+        )
+        for layer in self.layers:
+            self.impl.add_layer(
+                layer.input_norm,
+                layer.post_norm,
+                _packed(layer.qkv),
+                _packed(layer.o),
+                _packed(layer.gate_up),
+                _packed(layer.down),
+            )
+
+    def compute_logits(
+        self,
+        ids: torch.Tensor,
+        seqs: torch.Tensor,
+        tables: torch.Tensor,
+        block_size: int,
+        sample_rows: torch.Tensor,
+        k_caches: list[torch.Tensor],
+        v_caches: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """fp32 logits [len(sample_rows), vocab] of a flat batch.
+
+        ids [T]: every sequence's new tokens, sequence after sequence; seqs [S, 2]: per sequence, the
+        position of its first new token and how many it has; tables [S, blocks]: block tables.
+        """
+        return self.impl.forward(ids, seqs, tables, block_size, sample_rows, k_caches, v_caches)

@@ -1,0 +1,104 @@
+"""The fused C++ step on the real model: its next-token distributions stay close to the fp32 reference
+(itself token-exact against transformers), and its greedy output is the same alone, batched and chunked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tailserve.config import EngineConfig
+from tailserve.engine.engine import LLMEngine
+from tailserve.layers.attention import AttentionMetadata, PrefillChunk
+from tailserve.models.fused import FusedLlama, fused_supported
+from tailserve.models.llama import LlamaModel
+from tailserve.models.loader import load_config_and_weights
+from tailserve.sampling import SamplingParams
+from tailserve.tokenizer import Tokenizer
+from tests.tiny import run_all
+
+pytestmark = pytest.mark.model
+
+TEXTS = [
+    "The three laws of robotics are a set of rules devised by the science fiction author Isaac Asimov.",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "Paris is the capital and most populous city of France. Situated on the Seine River, in the north "
+    "of the country, it is at the heart of the Île-de-France region. " * 6,
+]
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def loaded(default_model_path: Path):
+    config, weights = load_config_and_weights(default_model_path)
+    if not fused_supported(config):
+        pytest.skip("the fused step needs AVX512-BF16 and a C++ compiler")
+    return config, weights, Tokenizer.load(default_model_path)
+
+
+@pytest.fixture(scope="module", params=["none", "int8", "int4"])
+def fused(request, loaded) -> FusedLlama:
+    config, weights, _ = loaded
+    return FusedLlama(config, weights, request.param).eval()
+
+
+def reference_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
+    """fp32 logits of every position of one sequence, prefilled at once."""
+    c, t = model.config, len(ids)
+    kv = [
+        (torch.zeros(t, c.num_kv_heads, c.head_dim), torch.zeros(t, c.num_kv_heads, c.head_dim))
+        for _ in model.layers
+    ]
+    meta = AttentionMetadata(slot_mapping=torch.arange(t), prefills=[PrefillChunk(0, t, t, None, None)])
+    with torch.inference_mode():
+        return model.logits(model(torch.tensor(ids), torch.arange(t), kv, meta))
+
+
+def fused_logits(model: FusedLlama, ids: list[int]) -> torch.Tensor:
+    c, t = model.config, len(ids)
+    nblk = -(-t // BLOCK)
+    shape = (nblk * BLOCK, c.num_kv_heads, c.head_dim)
+    k = [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(c.num_layers)]
+    v = [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(c.num_layers)]
+    return model.compute_logits(
+        torch.tensor(ids), torch.tensor([[0, t]]), torch.arange(nblk)[None], BLOCK, torch.arange(t), k, v
+    )
+
+
+def test_next_token_distributions_match_fp32(
+    fused: FusedLlama, default_model_fp32: LlamaModel, loaded
+) -> None:
+    tok = loaded[2]
+    kls, agree, n = [], 0, 0
+    for text in TEXTS:
+        ids = tok.encode(text)
+        ref = reference_logits(default_model_fp32, ids).log_softmax(-1)
+        got = fused_logits(fused, ids).log_softmax(-1)
+        kls.append((ref.exp() * (ref - got)).sum(-1).mean().item())
+        agree += (ref.argmax(-1) == got.argmax(-1)).sum().item()
+        n += len(ids)
+    print(f"mean KL {sum(kls) / len(kls):.5f}, top-1 agreement {agree / n:.3f}")
+    assert max(kls) < 0.01  # measured: 0.0001 (bf16), 0.003 (int8), 0.0007 (int4)
+    assert agree / n > 0.95
+
+
+def test_greedy_same_alone_batched_and_chunked(loaded) -> None:
+    config, weights, tok = loaded
+    model = FusedLlama(config, weights, "int4").eval()
+    prompts = [tok.encode(t) for t in TEXTS]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+    def engine(**options) -> LLMEngine:
+        return LLMEngine(EngineConfig(kv_cache_memory=0.1, prefix_cache=False, **options), model, tok)
+
+    alone = []
+    for p in prompts:
+        eng = engine()
+        eng.add_request("r", p, params)
+        alone.append(run_all(eng)["r"])
+    eng = engine(max_num_batched_tokens=37, max_num_seqs=3)
+    for i, p in enumerate(prompts):
+        eng.add_request(str(i), p, params)
+    got = run_all(eng)
+    assert [got[str(i)] for i in range(len(prompts))] == alone
