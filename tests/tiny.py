@@ -79,7 +79,8 @@ def tiny_model_of(kind: str, seed: int = 0) -> LlamaModel | FusedLlama:
 
 def tiny_engine(model: LlamaModel | FusedLlama | None = None, **options) -> LLMEngine:
     options.setdefault("kv_cache_memory", 0.01)
-    options.setdefault("block_size", 4)
+    # Small blocks cross block boundaries often; the fused step's KV layout needs multiples of 16.
+    options.setdefault("block_size", 16 if isinstance(model, FusedLlama) else 4)
     return LLMEngine(EngineConfig(model="tiny", **options), model or tiny_model())
 
 

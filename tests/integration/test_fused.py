@@ -58,7 +58,7 @@ def reference_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
 def fused_logits(model: FusedLlama, ids: list[int]) -> torch.Tensor:
     c, t = model.config, len(ids)
     nblk = -(-t // BLOCK)
-    shape = (nblk * BLOCK, c.num_kv_heads, c.head_dim)
+    shape = model.kv_cache_shape(nblk, BLOCK)
     k = [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(c.num_layers)]
     v = [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(c.num_layers)]
     return model.compute_logits(

@@ -75,9 +75,10 @@ def test_chunked_equals_unchunked(model) -> None:
 def test_preempted_and_recomputed_equals_uninterrupted(model) -> None:
     ps = prompts(2)
     ref = batched(ps, greedy(24), model)
-    per_block = kv_bytes_per_block(model, 4, model.embed.dtype)
-    eng = tiny_engine(model, kv_cache_memory=60 * per_block / (1 << 30), prefix_cache=False)
-    assert eng.block_manager.num_blocks == 60
+    bs = tiny_engine(model).block_manager.block_size
+    per_block = kv_bytes_per_block(model, bs, model.embed.dtype)
+    eng = tiny_engine(model, kv_cache_memory=240 // bs * per_block / (1 << 30), prefix_cache=False)
+    assert eng.block_manager.num_blocks * bs == 240
     for i, p in enumerate(ps):
         eng.add_request(str(i), p, greedy(24))
     got = run_all(eng)
@@ -97,7 +98,8 @@ def test_prefix_cache_on_equals_off(model) -> None:
         eng.add_request(str(i), p, greedy())
     got = run_all(eng)
     assert [got[str(i)] for i in range(len(ps))] == off
-    assert eng.block_manager.prefix_hits >= len(ps) * (len(shared) // 4 * 4)
+    bs = eng.block_manager.block_size
+    assert eng.block_manager.prefix_hits >= len(ps) * (len(shared) // bs * bs)
 
 
 def test_seeded_sampling_is_reproducible_across_batches(model) -> None:
@@ -233,10 +235,11 @@ def test_random_request_streams_under_kv_pressure(
     model = model_of(kind)
     bases = prompts(11)
     ps = [bases[6][:40][: 4 * pre] + bases[5][:n] for pre, n, _ in reqs]
-    per_block = kv_bytes_per_block(model, 4, model.embed.dtype)
+    bs = tiny_engine(model).block_manager.block_size
+    per_block = kv_bytes_per_block(model, bs, model.embed.dtype)
     eng = tiny_engine(
         model,
-        kv_cache_memory=num_blocks * per_block / (1 << 30),
+        kv_cache_memory=num_blocks * 4 // bs * per_block / (1 << 30),
         max_num_batched_tokens=budget,
         max_num_seqs=8,
     )

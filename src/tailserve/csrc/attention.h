@@ -225,4 +225,124 @@ void attention_items(const AttentionArgs& a, const TQ* q, const T* kc, const T* 
   }
 }
 
+#if defined(__AVX512BF16__)
+// The fused step's KV layout, built for vdpbf16ps: per layer [num_blocks, Hkv, bs, D] bf16, where
+// each (block, KV head) holds K as [D/2][bs][2] (one pair of dims of 16 tokens is one zmm) and V as
+// [bs/2][D][2] (16 dims of one pair of tokens is one zmm). bs is a multiple of 16.
+inline int64_t k_index(int64_t o, int64_t d, int64_t bs) { return ((d >> 1) * bs + o) * 2 + (d & 1); }
+inline int64_t v_index(int64_t o, int64_t d, int64_t D) { return ((o >> 1) * D + d) * 2 + (o & 1); }
+
+constexpr int64_t kMaxPairGroup = 8;  // query heads per KV head the pair kernel holds
+
+struct PairAttentionArgs {
+  int64_t H, Hkv, D, bs;
+  const float* q;  // [N, q_stride]: row n's query heads at q + n·q_stride, fp32
+  int64_t q_stride;
+  const uint16_t* kc;
+  const uint16_t* vc;
+  const int64_t* table;
+  int64_t table_stride;
+  const int64_t* row_seq;  // row → table row
+  const int64_t* lens;     // row → tokens attended (causal: position + 1)
+  float scale;
+  uint16_t* out;  // [N, out_stride] bf16
+  int64_t out_stride;
+};
+
+// Row n, KV head h: the G query heads of h over the row's context, 16 tokens at a time, with an online
+// softmax. Scores and the value sum both run on vdpbf16ps (q and the probabilities rounded to bf16,
+// fp32 accumulation), reading each K/V byte once per row. G and D are compile-time constants so the G
+// queries' dependency chains interleave: the kernel is throughput-bound, not latency-bound. A row's
+// numbers depend only on the row.
+template <int G, int DC>
+void pair_attention_item(const PairAttentionArgs& a, int64_t n, int64_t h) {
+  constexpr int64_t D = 16 * DC, P = D / 2;
+  const int64_t bs = a.bs, ctx = a.lens[n], head_stride = bs * D;
+  const int64_t* row = a.table + a.row_seq[n] * a.table_stride;
+  alignas(64) uint32_t qp[G][P];  // q as bf16 pairs, what vdpbf16ps broadcasts
+  alignas(64) uint32_t ep[G][8];  // a tile's probabilities as bf16 pairs of tokens
+  __m512 acc[G][DC];
+  float mx[G], sum[G];
+  for (int g = 0; g < G; ++g) {
+    const float* qg = a.q + n * a.q_stride + (h * G + g) * D;
+    for (int64_t p = 0; p < P; ++p)
+      qp[g][p] = static_cast<uint32_t>(c10::BFloat16(qg[2 * p]).x) |
+                 static_cast<uint32_t>(c10::BFloat16(qg[2 * p + 1]).x) << 16;
+    for (int c = 0; c < DC; ++c) acc[g][c] = _mm512_setzero_ps();
+    mx[g] = -std::numeric_limits<float>::infinity();
+    sum[g] = 0.f;
+  }
+  const __m512 scale = _mm512_set1_ps(a.scale), ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t t0 = 0; t0 < ctx; t0 += 16) {
+    const int64_t base = (row[t0 / bs] * a.Hkv + h) * head_stride, o0 = t0 % bs;
+    const uint16_t* kb = a.kc + base + o0 * 2;
+    const uint16_t* vb = a.vc + base + o0 * D;
+    const int64_t valid = std::min<int64_t>(16, ctx - t0);
+    const __mmask16 live = mask16(valid);
+    if (t0 + 16 < ctx) {  // the next tile's block is where no hardware prefetcher would look
+      const int64_t t1 = t0 + 16, next = (row[t1 / bs] * a.Hkv + h) * head_stride;
+      const char* kn = reinterpret_cast<const char*>(a.kc + next + t1 % bs * 2);
+      const char* vn = reinterpret_cast<const char*>(a.vc + next + t1 % bs * D);
+      for (int64_t p = 0; p < P; ++p) _mm_prefetch(kn + p * bs * 4, _MM_HINT_T0);
+      for (int64_t i = 0; i < D * 32 / 64; ++i) _mm_prefetch(vn + i * 64, _MM_HINT_T0);
+    }
+    __m512 s0[G], s1[G];
+    for (int g = 0; g < G; ++g) s0[g] = s1[g] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < P; p += 2) {
+      const __m512bh k0 = as_bh(_mm512_loadu_si512(kb + p * bs * 2));
+      const __m512bh k1 = as_bh(_mm512_loadu_si512(kb + (p + 1) * bs * 2));
+      for (int g = 0; g < G; ++g) {
+        s0[g] = _mm512_dpbf16_ps(s0[g], as_bh(_mm512_set1_epi32(qp[g][p])), k0);
+        s1[g] = _mm512_dpbf16_ps(s1[g], as_bh(_mm512_set1_epi32(qp[g][p + 1])), k1);
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      const __m512 s = _mm512_mask_mov_ps(ninf, live, _mm512_mul_ps(_mm512_add_ps(s0[g], s1[g]), scale));
+      const float mnew = std::max(mx[g], _mm512_reduce_max_ps(s));
+      const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(s, _mm512_set1_ps(mnew))));
+      const float alpha = fast_exp(mx[g] - mnew);  // ~0 on the first tile, where acc and sum are 0
+      sum[g] = sum[g] * alpha + _mm512_reduce_add_ps(e);
+      mx[g] = mnew;
+      const __m512 av = _mm512_set1_ps(alpha);
+      for (int c = 0; c < DC; ++c) acc[g][c] = _mm512_mul_ps(acc[g][c], av);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(ep[g]), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
+    }
+    for (int64_t i = 0; i < (valid + 1) / 2; ++i) {
+      const uint16_t* vr = vb + i * D * 2;
+      for (int c = 0; c < DC; ++c) {
+        const __m512bh v = as_bh(_mm512_loadu_si512(vr + c * 32));
+        for (int g = 0; g < G; ++g) acc[g][c] = _mm512_dpbf16_ps(acc[g][c], as_bh(_mm512_set1_epi32(ep[g][i])), v);
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const __m512 inv = _mm512_set1_ps(sum[g] > 0.f ? 1.f / sum[g] : 0.f);
+    uint16_t* og = a.out + n * a.out_stride + (h * G + g) * D;
+    for (int c = 0; c < DC; ++c)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(og + 16 * c),
+                          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(acc[g][c], inv))));
+  }
+}
+
+template <int G>
+void pair_attention_item_g(const PairAttentionArgs& a, int64_t n, int64_t h) {
+  switch (a.D) {
+    case 16: return pair_attention_item<G, 1>(a, n, h);
+    case 32: return pair_attention_item<G, 2>(a, n, h);
+    case 64: return pair_attention_item<G, 4>(a, n, h);
+    default: return pair_attention_item<G, 8>(a, n, h);  // 128 (the model checks the choices)
+  }
+}
+
+// Items [begin, end) of N rows × Hkv heads.
+inline void pair_attention_items(const PairAttentionArgs& a, int64_t begin, int64_t end) {
+  using Item = void (*)(const PairAttentionArgs&, int64_t, int64_t);
+  static constexpr Item by_group[kMaxPairGroup] = {
+      pair_attention_item_g<1>, pair_attention_item_g<2>, pair_attention_item_g<3>, pair_attention_item_g<4>,
+      pair_attention_item_g<5>, pair_attention_item_g<6>, pair_attention_item_g<7>, pair_attention_item_g<8>};
+  const Item item_fn = by_group[a.H / a.Hkv - 1];
+  for (int64_t item = begin; item < end; ++item) item_fn(a, item / a.Hkv, item % a.Hkv);
+}
+#endif
+
 }  // namespace

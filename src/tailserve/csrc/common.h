@@ -93,4 +93,15 @@ inline __m512 exp16(__m512 x) {
 }
 #endif
 
+#if defined(__AVX512BF16__)
+inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
+#endif
+
+#if defined(__AVX512F__)
+// Lanes [0, left) of 16.
+inline __mmask16 mask16(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+}
+#endif
+
 }  // namespace

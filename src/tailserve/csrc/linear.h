@@ -28,14 +28,8 @@ struct PackedWeight {
   int64_t bytes_per_pair() const { return kind == kBf16 ? 128 : kind == kInt8 ? 64 : 32; }
 };
 
-inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
-
 inline __m512 int8x16_to_ps(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-
-inline __mmask16 mask16(int64_t left) {
-  return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
 }
 
 inline __m256i to_bf16(__m512 v) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)); }

@@ -80,7 +80,8 @@ class Llama {
     hidden_ = embed.size(1);
     check_f32(norm, hidden_, "final norm");
     TORCH_CHECK(head_.pw.K == hidden_, "head in_features != hidden size");
-    TORCH_CHECK(heads % kv_heads == 0 && head_dim % 2 == 0, "bad head layout");
+    TORCH_CHECK(heads % kv_heads == 0 && heads / kv_heads <= kMaxPairGroup, "at most 8 query heads per KV head");
+    TORCH_CHECK(head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128, "head_dim 16, 32, 64 or 128");
     TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && cos.dim() == 2 && cos.size(1) == head_dim &&
                     sin.sizes() == cos.sizes() && sin.is_contiguous() && sin.scalar_type() == at::kFloat,
                 "rope tables: fp32 [positions, head_dim]");
@@ -112,16 +113,16 @@ class Llama {
       const auto& v = v_caches[l];
       TORCH_CHECK(k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 && k.is_contiguous() &&
                       v.is_contiguous() && k.sizes() == v.sizes() && k.sizes() == k_caches[0].sizes() &&
-                      k.dim() == 3 && k.size(1) == Hkv && k.size(2) == D,
-                  "caches: bf16 [slots, kv_heads, head_dim]");
+                      k.dim() == 4 && k.size(1) == Hkv && k.size(2) == block_size && k.size(3) == D,
+                  "caches: bf16 [blocks, kv_heads, block_size, head_dim] (attention.h's pair layout)");
     }
     for (const auto* t : {&ids, &seqs, &tables, &sample_rows})
       TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "index tensors must be contiguous int64");
     TORCH_CHECK(seqs.dim() == 2 && seqs.size(1) == 2 && tables.dim() == 2 && tables.size(0) == seqs.size(0),
                 "seqs [S, 2] and tables [S, blocks]");
     const int64_t S = seqs.size(0), nblk = tables.size(1), bs = block_size;
-    const int64_t num_blocks = k_caches[0].size(0) / bs, max_pos = cos_.size(0), vocab_in = embed_.size(0);
-    TORCH_CHECK(bs > 0 && k_caches[0].size(0) % bs == 0, "cache slots must be whole blocks");
+    const int64_t num_blocks = k_caches[0].size(0), max_pos = cos_.size(0), vocab_in = embed_.size(0);
+    TORCH_CHECK(bs > 0 && bs % 16 == 0, "the fused step needs a block size that is a multiple of 16");
     const int64_t* sq = seqs.data_ptr<int64_t>();
     const int64_t* tb = tables.data_ptr<int64_t>();
     const int64_t* id = ids.data_ptr<int64_t>();
@@ -140,13 +141,13 @@ class Llama {
     const int64_t* sr = sample_rows.data_ptr<int64_t>();
     for (int64_t r = 0; r < R; ++r) TORCH_CHECK(sr[r] >= 0 && sr[r] < T, "sample row out of range");
 
-    std::vector<int64_t> pos(T), row_seq(T), slot(T), lens(T);
+    std::vector<int64_t> pos(T), row_seq(T), blk_base(T), lens(T);
     for (int64_t s = 0, t = 0; s < S; ++s)
       for (int64_t i = 0; i < sq[2 * s + 1]; ++i, ++t) {
         const int64_t p = sq[2 * s] + i;
         pos[t] = p;
         row_seq[t] = s;
-        slot[t] = tb[s * nblk + p / bs] * bs + p % bs;
+        blk_base[t] = tb[s * nblk + p / bs] * Hkv * bs * D;
         lens[t] = p + 1;
       }
     std::vector<float> x(T * Hd), qkv(T * QKV);
@@ -154,9 +155,8 @@ class Llama {
     auto logits = torch::empty({R, V}, torch::kFloat);
     float* out = logits.data_ptr<float>();
     const int nth = at::get_num_threads();
-    AttentionArgs aa(T, H, Hkv, D, tb, nblk, row_seq.data(), bs, lens.data(), 1.f / std::sqrt(static_cast<float>(D)),
-                     nth);
-    aa.q_stride = QKV;
+    PairAttentionArgs aa{H,       Hkv,     D,  bs, qkv.data(), QKV, nullptr, nullptr, tb, nblk, row_seq.data(),
+                         lens.data(), 1.f / std::sqrt(static_cast<float>(D)), attn.data(), QD};
     const auto* emb = embed_.data_ptr<BF16>();
     const float* cs = cos_.data_ptr<float>();
     const float* sn = sin_.data_ptr<float>();
@@ -194,8 +194,8 @@ class Llama {
       lap(kEmbed);
       for (int64_t l = 0; l < L; ++l) {
         const Layer& ly = layers_[l];
-        auto* kc = k_caches[l].data_ptr<BF16>();
-        auto* vc = v_caches[l].data_ptr<BF16>();
+        auto* kc = reinterpret_cast<uint16_t*>(k_caches[l].data_ptr());
+        auto* vc = reinterpret_cast<uint16_t*>(v_caches[l].data_ptr());
         rows(T);
         for (int64_t t = b; t < e; ++t)
           rms_norm_row(&x[t * Hd], ly.in_norm.data_ptr<float>(), Hd, eps_, &xn[t * Hd]);
@@ -208,18 +208,25 @@ class Llama {
         for (int64_t t = b; t < e; ++t) {
           float* r = &qkv[t * QKV];
           rope_heads(r, H + Hkv, D, cs + pos[t] * D, sn + pos[t] * D);  // q heads, then k heads
-          BF16* kd = kc + slot[t] * KVD;
-          BF16* vd = vc + slot[t] * KVD;
-          for (int64_t i = 0; i < KVD; ++i) {
-            kd[i] = static_cast<BF16>(r[QD + i]);
-            vd[i] = static_cast<BF16>(r[QD + KVD + i]);
+          const int64_t o = pos[t] % bs;
+          for (int64_t hh = 0; hh < Hkv; ++hh) {
+            uint16_t* kd = kc + blk_base[t] + hh * bs * D;
+            uint16_t* vd = vc + blk_base[t] + hh * bs * D;
+            const float* kr = r + QD + hh * D;
+            const float* vr = r + QD + KVD + hh * D;
+            for (int64_t d = 0; d < D; ++d) {
+              kd[k_index(o, d, bs)] = bf16_bits(kr[d]);
+              vd[v_index(o, d, D)] = bf16_bits(vr[d]);
+            }
           }
         }
 #pragma omp barrier
         lap(kRope);
-        thread_range(aa.items(), tid, nt, b, e);
-        attention_items(aa, qkv.data(), static_cast<const BF16*>(kc), static_cast<const BF16*>(vc),
-                        reinterpret_cast<BF16*>(attn.data()), b, e);
+        thread_range(T * Hkv, tid, nt, b, e);
+        PairAttentionArgs la = aa;
+        la.kc = kc;
+        la.vc = vc;
+        pair_attention_items(la, b, e);
 #pragma omp barrier
         lap(kAttention);
         linear(ly.o, attn.data(), QD, T, AddF32{x.data(), Hd, Hd});

@@ -23,6 +23,7 @@ from tailserve.engine.outputs import RequestOutput, TokenLogprob
 from tailserve.engine.scheduler import Scheduler, SchedulerOutput
 from tailserve.engine.sequence import Sequence, Status
 from tailserve.layers.sampler import Sampler, SampleRow
+from tailserve.models.fused import BLOCK_MULTIPLE as FUSED_BLOCK_MULTIPLE
 from tailserve.models.fused import FusedLlama, fused_supported
 from tailserve.models.llama import LlamaModel
 from tailserve.sampling import SamplingParams
@@ -173,7 +174,8 @@ class LLMEngine:
         weights = {k: v.to(device) for k, v in weights.items()}
         dtype = resolve_dtype(config.dtype, device)
         quantization = resolve_quantization(config.quantization)
-        if config.fused and device == "cpu" and dtype == torch.bfloat16 and fused_supported(model_config):
+        fused = config.fused and config.block_size % FUSED_BLOCK_MULTIPLE == 0
+        if fused and device == "cpu" and dtype == torch.bfloat16 and fused_supported(model_config):
             model: LlamaModel | FusedLlama = FusedLlama(model_config, weights, quantization).eval()
         else:
             model = LlamaModel(model_config, weights, dtype, quantization).to(device).eval()

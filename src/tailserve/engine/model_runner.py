@@ -1,6 +1,6 @@
 """Turns a scheduled batch into tensors, runs the model, and returns the logits of the rows to sample.
 
-Owns the KV pool: one (K, V) pair of `[num_blocks * block_size, kv_heads, head_dim]` per layer.
+Owns the KV pool: one (K, V) pair per layer, shaped as the model says (`kv_cache_shape`).
 Two models: the fused C++ step (models/fused.py) takes the batch as per-sequence spans and block
 tables; the PyTorch model (models/llama.py) takes the AttentionMetadata built here.
 """
@@ -47,11 +47,10 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = torch.device(device)
-        c = model.config
-        shape = (num_blocks * block_size, c.num_kv_heads, c.head_dim)
+        shape = model.kv_cache_shape(num_blocks, block_size)
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(c.num_layers)
+            for _ in range(model.config.num_layers)
         ]
         self._k_caches = [k for k, _ in self.kv_caches]
         self._v_caches = [v for _, v in self.kv_caches]

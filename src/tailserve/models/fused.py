@@ -18,6 +18,7 @@ from tailserve.models.llama import _layer_weights, rope_tables
 from tailserve.models.loader import ModelConfig
 
 SWIGLU_HALF = 16  # gate/up rows per half-block of the packed layout (csrc/linear.h: SwiGlu)
+BLOCK_MULTIPLE = 16  # the KV block size must be a multiple of this (csrc/attention.h: pair layout)
 
 
 def fused_supported(config: ModelConfig) -> bool:
@@ -27,7 +28,9 @@ def fused_supported(config: ModelConfig) -> bool:
         mod is not None
         and mod.has_bf16_linear()
         and config.intermediate_size % SWIGLU_HALF == 0
-        and config.head_dim % 2 == 0
+        and config.head_dim in (16, 32, 64, 128)
+        and config.num_heads % config.num_kv_heads == 0
+        and config.num_heads // config.num_kv_heads <= 8
         and config.hidden_size % 2 == 0
     )
 
@@ -116,6 +119,13 @@ class FusedLlama(nn.Module):
                 _packed(layer.gate_up),
                 _packed(layer.down),
             )
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """One layer's K (or V) pool: [blocks, kv_heads, block_size, head_dim] in the kernel's pair layout."""
+        if block_size % BLOCK_MULTIPLE:
+            raise ValueError(f"the fused step needs a block size that is a multiple of {BLOCK_MULTIPLE}")
+        c = self.config
+        return (num_blocks, c.num_kv_heads, block_size, c.head_dim)
 
     def compute_logits(
         self,

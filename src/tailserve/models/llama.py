@@ -124,6 +124,10 @@ class LlamaModel(nn.Module):
             x = layer(x, cos, sin, kv, meta)
         return self.norm(x)
 
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """One layer's K (or V) pool: a slot per token, [num_blocks · block_size, kv_heads, head_dim]."""
+        return (num_blocks * block_size, self.config.num_kv_heads, self.config.head_dim)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
