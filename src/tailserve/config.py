@@ -26,7 +26,7 @@ class EngineConfig:
     length_aware: bool = True  # short prompts ahead of long ones; long ones keep a floor of the budget
     long_prefill_threshold: int | None = None  # tokens left to prefill above which a prompt is long
     priority_aging: float = 2.0  # seconds of waiting that count as one priority level
-    quantization: str = "none"
+    quantization: str = "auto"  # auto | none | int8 | int4 (auto: the checkpoint's own, on the fused step)
     fused: bool = True  # the whole step in one C++ call where the CPU has AVX512-BF16 (dtype bf16)
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; None = torch's default

@@ -72,11 +72,15 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 QUANTIZATIONS = ("none", "int8", "int4", "auto")
 
 
-def resolve_quantization(quantization: str) -> str:
-    """`auto` → none: on this CPU bf16 is fastest from batch 8 up and the most accurate (BENCHMARKS.md)."""
+def resolve_quantization(quantization: str, checkpoint: str, fused: bool) -> str:
+    """`auto` → the checkpoint's own precision on the fused step, where decode reads every weight byte
+    per step and int4 runs 2.5-3× faster than bf16 at batch 1 and as fast from batch 8 (BENCHMARKS.md);
+    a Q4_1 GGUF's weights are then served exactly. Elsewhere `auto` → none (bf16/fp32)."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
-    return "none" if quantization == "auto" else quantization
+    if quantization != "auto":
+        return quantization
+    return checkpoint if fused else "none"
 
 
 def _cpu_has_bf16() -> bool:
@@ -173,12 +177,26 @@ class LLMEngine:
         device = resolve_device(config.device)
         weights = {k: v.to(device) for k, v in weights.items()}
         dtype = resolve_dtype(config.dtype, device)
-        quantization = resolve_quantization(config.quantization)
-        fused = config.fused and config.block_size % FUSED_BLOCK_MULTIPLE == 0
-        if fused and device == "cpu" and dtype == torch.bfloat16 and fused_supported(model_config):
+        fused = (
+            config.fused
+            and config.block_size % FUSED_BLOCK_MULTIPLE == 0
+            and device == "cpu"
+            and dtype == torch.bfloat16
+            and fused_supported(model_config)
+        )
+        quantization = resolve_quantization(config.quantization, model_config.weight_precision, fused)
+        if fused:
             model: LlamaModel | FusedLlama = FusedLlama(model_config, weights, quantization).eval()
         else:
             model = LlamaModel(model_config, weights, dtype, quantization).to(device).eval()
+        log.info(
+            "model %s: %s step, %s activations, weights %s (checkpoint: %s)",
+            path.name,
+            "fused C++" if fused else "PyTorch",
+            str(dtype).removeprefix("torch."),
+            quantization,
+            model_config.weight_precision,
+        )
         del weights
         return cls(config, model, Tokenizer.load(path))
 
