@@ -61,8 +61,8 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaModel:
     return LlamaModel(TINY, tiny_weights(seed=seed), dtype).eval()
 
 
-def tiny_fused_model(seed: int = 0, quantization: str = "none") -> FusedLlama:
-    return FusedLlama(TINY, tiny_weights(seed=seed), quantization).eval()
+def tiny_fused_model(seed: int = 0, quantization: str = "none", draft_head: bool = False) -> FusedLlama:
+    return FusedLlama(TINY, tiny_weights(seed=seed), quantization, draft_head).eval()
 
 
 # The two model paths every engine-level equality must hold on: the PyTorch reference in fp32, and the

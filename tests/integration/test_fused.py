@@ -102,3 +102,29 @@ def test_greedy_same_alone_batched_and_chunked(loaded) -> None:
         eng.add_request(str(i), p, params)
     got = run_all(eng)
     assert [got[str(i)] for i in range(len(prompts))] == alone
+
+
+@pytest.mark.parametrize("speculative", ["ngram", "draft"])
+def test_greedy_identical_with_speculation(loaded, speculative: str) -> None:
+    """A prompt the output quotes (n-gram guesses land) and plain prompts, batched, with the prefix
+    cache: every token equals plain decoding's."""
+    config, weights, tok = loaded
+    model = FusedLlama(config, weights, "int4", draft_head=True).eval()
+    quote = "Repeat this text exactly:\n\n" + TEXTS[0] + " " + TEXTS[1]
+    prompts = [tok.encode(t) for t in [quote, *TEXTS]]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+
+    def run(**options) -> tuple[list[list[int]], LLMEngine]:
+        eng = LLMEngine(EngineConfig(kv_cache_memory=0.1, **options), model, tok)
+        for i, p in enumerate(prompts):
+            eng.add_request(str(i), p, params)
+        got = run_all(eng)
+        assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+        return [got[str(i)] for i in range(len(prompts))], eng
+
+    plain, _ = run()
+    spec, eng = run(speculative=speculative, spec_adaptive=False, max_num_seqs=2)
+    assert spec == plain
+    assert eng.stats.spec_decode_num_draft_tokens > 0
+    if speculative == "ngram":
+        assert eng.stats.spec_decode_num_accepted_tokens > 10

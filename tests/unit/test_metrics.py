@@ -141,8 +141,25 @@ def test_gauges_and_cache_counters_are_read_at_scrape_time() -> None:
     assert value(s, "kv_cache_usage_perc") == 0.25
     assert value(s, "prefix_cache_queries_total") == 100
     assert value(s, "prefix_cache_hits_total") == 40
-    assert value(s, "spec_decode_num_draft_tokens_total") == 0
-    assert value(s, "spec_decode_num_accepted_tokens_total") == 0
+    assert value(s, "spec_decode_num_draft_tokens_total", proposer="off") == 0
+    assert value(s, "spec_decode_num_accepted_tokens_total", proposer="off") == 0
+
+
+def test_speculation_metrics_by_proposer() -> None:
+    eng = FakeEngine()
+    m = Metrics("m", eng)
+    eng.stats = EngineStats(
+        spec_proposer="ngram",
+        spec_decode_num_draft_tokens=40,
+        spec_decode_num_accepted_tokens=30,
+        spec_decode_num_verify_steps=10,
+    )
+    s = scrape(m)
+    assert value(s, "spec_decode_num_draft_tokens_total", proposer="ngram") == 40
+    assert value(s, "spec_decode_num_accepted_tokens_total", proposer="ngram") == 30
+    assert value(s, "spec_decode_num_verify_steps_total", proposer="ngram") == 10
+    assert value(s, "spec_decode_acceptance_rate", proposer="ngram") == 0.75
+    assert value(s, "spec_decode_mean_accepted_length", proposer="ngram") == 4.0
 
 
 def test_the_bench_reads_these_names() -> None:

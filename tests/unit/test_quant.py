@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from tailserve.layers import kernels, linear, quant
-from tailserve.layers.linear import DenseLinear, Int4Linear, Int8Linear, make_linear
+from tailserve.layers.linear import DenseLinear, Int4Linear, Int8GroupLinear, Int8Linear, make_linear
 from tests.tiny import TINY, tiny_weights
 
-BACKENDS = ["torch", "plain"] + (
-    ["kernel"] if kernels.ops() is not None and kernels.ops().has_bf16_linear() else []
-)
+FAST = kernels.ops() is not None and kernels.ops().has_bf16_linear()
+BACKENDS = ["torch", "plain"] + (["kernel"] if FAST else [])
+NO_VNNI = pytest.mark.skipif(not FAST, reason="the vnni backend needs AVX512-BF16/VNNI and a compiler")
 
 
 def test_int8_roundtrip_error_is_within_half_a_step() -> None:
@@ -66,12 +66,56 @@ def test_linear_backends_compute_their_weights(cls, backend, n, k) -> None:
         torch.testing.assert_close(y.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=0)
 
 
+def test_int8_groups_reproduce_q8_0_weights_exactly() -> None:
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-127, 128, (8, 64), generator=g, dtype=torch.int8)
+    q[:, ::32] = 127  # Q8_0's quantizer maps each group's largest magnitude to ±127
+    d = (torch.rand(8, 2, generator=g) * 0.01 + 1e-3).half()
+    w = quant.dequantize_int8_groups(q, d)
+    assert torch.equal(quant.dequantize_int8_groups(*quant.quantize_int8_groups(w)), w)
+
+
+def int8_rows(x: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """x rounded as the vnni kernels take it: int8 per row and group, scale max|x| / 127."""
+    g = x.float().reshape(*x.shape[:-1], -1, group)
+    s = g.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(g / s.clamp(min=1e-30)) * s).reshape(x.shape)
+
+
+@NO_VNNI
+@pytest.mark.parametrize("cls", [Int4Linear, Int8GroupLinear])
+@pytest.mark.parametrize(("n", "k"), [(64, 64), (40, 96), (100, 32), (48, 1536)])
+def test_vnni_linears_compute_their_weights_on_int8_inputs(cls, n, k) -> None:
+    """Exact up to fp32 rounding against the stored weights times the int8-rounded input; rows are
+    independent (the same numbers whatever the batch)."""
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)).bfloat16()
+    layer = cls(w, backend="vnni")
+    ref_w = (
+        quant.dequantize_int4(*quant.quantize_int4(w))
+        if cls is Int4Linear
+        else quant.dequantize_int8_groups(*quant.quantize_int8_groups(w))
+    )
+    x = torch.randn(9, k).bfloat16()
+    y = layer(x)
+    ref = F.linear(int8_rows(x), ref_w)
+    torch.testing.assert_close(y.float(), ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
+    for m in (1, 3, 5):  # below, at and above the kernel's row tile
+        assert torch.equal(layer(x[:m]), y[:m])
+    plain = cls(w, backend="plain")  # the same weights on the portable path, fp activations
+    torch.testing.assert_close(
+        plain(x).float(), F.linear(x.float(), ref_w), atol=2e-2 * ref.abs().max().item(), rtol=0
+    )
+
+
 def test_make_linear_picks_the_layer() -> None:
     w = torch.randn(64, 64)
     assert isinstance(make_linear(w, "none", torch.float32), DenseLinear)
     assert isinstance(make_linear(w, "int8", torch.bfloat16), Int8Linear)
     assert isinstance(make_linear(w, "int4", torch.bfloat16), Int4Linear)
     assert isinstance(make_linear(torch.randn(64, 48), "int4", torch.bfloat16), Int8Linear)  # 48 % 32 != 0
+    if FAST:
+        assert make_linear(w, "int4", torch.bfloat16, vnni=True).backend == "vnni"
+        assert isinstance(make_linear(w, "int8", torch.bfloat16, vnni=True), Int8GroupLinear)
     with pytest.raises(ValueError, match="unknown quantization"):
         make_linear(w, "int3", torch.bfloat16)
 

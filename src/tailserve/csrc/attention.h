@@ -225,7 +225,7 @@ void attention_items(const AttentionArgs& a, const TQ* q, const T* kc, const T* 
   }
 }
 
-#if defined(__AVX512BF16__)
+#if defined(TAILSERVE_AVX512_BF16_VNNI)
 // The fused step's KV layout, built for vdpbf16ps: per layer [num_blocks, Hkv, bs, D] bf16, where
 // each (block, KV head) holds K as [D/2][bs][2] (one pair of dims of 16 tokens is one zmm) and V as
 // [bs/2][D][2] (16 dims of one pair of tokens is one zmm). bs is a multiple of 16.

@@ -13,6 +13,12 @@
 #include <immintrin.h>
 #endif
 
+// The linears, the pair attention and the fused step need AVX512-BF16 and AVX512-VNNI (every CPU with
+// the first has the second: Cooper Lake, Sapphire Rapids, Zen 4 and later).
+#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+#define TAILSERVE_AVX512_BF16_VNNI 1
+#endif
+
 namespace {
 
 inline float load_f(float v) { return v; }
@@ -93,7 +99,7 @@ inline __m512 exp16(__m512 x) {
 }
 #endif
 
-#if defined(__AVX512BF16__)
+#if defined(TAILSERVE_AVX512_BF16_VNNI)
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
 #endif
 

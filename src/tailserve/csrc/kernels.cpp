@@ -46,24 +46,25 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   return out;
 }
 
-#if defined(__AVX512BF16__)
+#if defined(TAILSERVE_AVX512_BF16_VNNI)
 torch::Tensor linear(const Linear& l, const torch::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() == 2 && x.size(1) == l.pw.K,
               "x must be contiguous bf16 [M, in_features]");
   const int64_t M = x.size(0), K = l.pw.K;
   auto y = torch::empty({M, l.pw.N}, x.options());
   if (M == 0) return y;
-  const auto* xb = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  std::vector<float> xsum;
-  if (l.pw.kind == kInt4) {
-    xsum.resize(M * (K / l.pw.group));
-    group_sums(xb, K, M, K, l.pw.group, xsum.data());
-  }
+  InputScratch scratch;
+  const Input in = prepare_input(l.pw, reinterpret_cast<const uint16_t*>(x.data_ptr()), K, M, scratch);
   const StoreBf16 store{reinterpret_cast<uint16_t*>(y.data_ptr()), l.pw.N, l.pw.N};
-  at::parallel_for(0, l.pw.blocks(), 1, [&](int64_t b0, int64_t b1) {
-    linear_blocks(l.pw, xb, K, M, xsum.empty() ? nullptr : xsum.data(), b0, b1, store);
-  });
+  at::parallel_for(0, l.pw.blocks(), 1, [&](int64_t b0, int64_t b1) { linear_blocks(l.pw, in, M, b0, b1, store); });
   return y;
+}
+
+// x @ W.T for a VNNI-packed W (kind 3: int4, 4: int8 per group), x quantized to int8 per row and group.
+torch::Tensor linear_vnni(torch::Tensor x, int64_t kind, torch::Tensor w, torch::Tensor gscale, int64_t n,
+                          int64_t group) {
+  TORCH_CHECK(kind == kU4 || kind == kU8, "linear_vnni takes kind 3 (int4) or 4 (int8)");
+  return linear(Linear(kind, w, gscale, n, x.size(1), group), x);
 }
 
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, int64_t n) {
@@ -100,14 +101,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "x @ W.T for block-packed bf16 W", nogil);
   m.def("linear_int8", &linear_int8, "x @ W.T for block-packed int8 W with per-channel scales", nogil);
   m.def("linear_int4", &linear_int4, "x @ W.T for block-packed int4 W with per-group scale and min", nogil);
+#if defined(TAILSERVE_AVX512_BF16_VNNI)
+  m.def("linear_vnni", &linear_vnni, "x @ W.T on vpdpbusd for VNNI-packed int4/int8 W, x in int8 per group", nogil);
+#endif
   m.def("has_bf16_linear", &has_bf16_linear, "whether the linears were compiled (AVX512-BF16)");
-#if defined(__AVX512BF16__)
+#if defined(TAILSERVE_AVX512_BF16_VNNI)
   py::class_<Linear>(m, "Linear", "a packed weight: (kind 0 bf16 | 1 int8 | 2 int4, packed, scales, n, k, group)")
       .def(py::init<int64_t, torch::Tensor, torch::Tensor, int64_t, int64_t, int64_t>());
   py::class_<Llama>(m, "Llama", "the fused decoder step (llama.h)")
       .def(py::init<int64_t, int64_t, int64_t, double, torch::Tensor, torch::Tensor, Linear, torch::Tensor,
                     torch::Tensor>())
       .def("add_layer", &Llama::add_layer)
+      .def("set_draft_head", &Llama::set_draft_head)
       .def("forward", &Llama::forward, nogil)
       .def("take_phase_seconds", &Llama::take_phase_seconds);
 #endif

@@ -6,7 +6,7 @@
 
 namespace {
 
-#if defined(__AVX512BF16__)
+#if defined(TAILSERVE_AVX512_BF16_VNNI)
 // Packed weights: blocks of 32 output channels; within a block, K/2 "pair steps", each holding for
 // every channel two consecutive k values (vdpbf16ps' operand layout), as two 16-channel halves.
 //   bf16: 128 B per pair step (half 0 then half 1);
@@ -14,18 +14,44 @@ namespace {
 //   int4: 32 B per pair step: byte e = half0[e] | half1[e] << 4 (unsigned 0..15), one (scale, min)
 //         fp16 pair per channel per group; q is fed to vdpbf16ps as the exact bf16 value 128 + q
 //         (bits 0x4300 | q) and the 128·Σx term is folded into the group's offset.
-enum Kind { kBf16 = 0, kInt8 = 1, kInt4 = 2 };
+// The VNNI kinds (vpdpbusd: u8 weights × s8 activations, 64 multiply-adds per instruction, twice
+// vdpbf16ps' rate) take the input quantized to int8 per row and group of 32 (GGUF's Q8 scheme), and
+// hold weights per "quad step" of 4 consecutive k, every channel's 4 bytes in one 32-bit lane:
+//   u4: 64 B per quad: byte 4c + j = half0 channel c's q(k + j) | half1's << 4 (0..15);
+//   u8: 128 B per quad: half 0 then half 1, each byte w + 128 (w in -127..127).
+// Both carry an fp16 (scale d, min m) per channel per group, y = Σ_g d·(s_g·Σ q·a) + m·(s_g·Σ a);
+// u8 stores m = -128·d, which takes the +128 back out: GGUF Q8_0 weights, exactly.
+enum Kind { kBf16 = 0, kInt8 = 1, kInt4 = 2, kU4 = 3, kU8 = 4 };
 constexpr int64_t kBlock = 32;
 
 struct PackedWeight {
   int kind;
   const uint8_t* w;        // packed blocks
   const float* scale;      // int8: [N padded to 32]
-  const uint16_t* gscale;  // int4: [blocks, K / group, 2, 32] fp16 bits (scale, min)
+  const uint16_t* gscale;  // int4, u4, u8: [blocks, K / group, 2, 32] fp16 bits (scale, min)
   int64_t N, K, group;
 
   int64_t blocks() const { return (N + kBlock - 1) / kBlock; }
-  int64_t bytes_per_pair() const { return kind == kBf16 ? 128 : kind == kInt8 ? 64 : 32; }
+  bool vnni() const { return kind == kU4 || kind == kU8; }
+  bool grouped() const { return kind == kInt4 || vnni(); }
+  int64_t bytes_per_pair() const {  // per 2 k of a block of 32 channels
+    return kind == kBf16 ? 128 : kind == kInt8 || kind == kU8 ? 64 : 32;
+  }
+};
+
+// A linear's input rows, in the forms its kind reads (prepare_input fills what is needed).
+struct Input {
+  const uint16_t* x;     // bf16 bits [M, ldx]
+  int64_t ldx;
+  const float* sums;     // grouped kinds: [M, K / group] sum of each group (VNNI: of the int8 values, rescaled)
+  const int8_t* q;       // VNNI: [M, K] the rows in int8, per group
+  const float* qscale;   // VNNI: [M, K / group] the groups' scales
+};
+
+// Scratch that backs an Input; one per thread.
+struct InputScratch {
+  std::vector<float> sums, qscale;
+  std::vector<int8_t> q;
 };
 
 inline __m512 int8x16_to_ps(const int8_t* p) {
@@ -97,14 +123,13 @@ struct SwiGlu {
   }
 };
 
-// Rows [m0, m0 + MT) of x (bf16 bits, leading dimension ldx) × the 32 channels of block `blk`.
-// xsum: int4 only, [M, K / group] sums of each row's groups.
+// Rows [m0, m0 + MT) of the input × the 32 channels of block `blk`, on vdpbf16ps.
 template <int KIND, int MT, class Epi>
-void linear_tile(const PackedWeight& a, const uint16_t* x, int64_t ldx, const float* xsum, int64_t blk,
-                 int64_t m0, const Epi& epi) {
+void linear_tile(const PackedWeight& a, const Input& in, int64_t blk, int64_t m0, const Epi& epi) {
   const int64_t P = a.K / 2;
+  const float* xsum = in.sums;
   const int32_t* xr[MT];
-  for (int m = 0; m < MT; ++m) xr[m] = reinterpret_cast<const int32_t*>(x + (m0 + m) * ldx);
+  for (int m = 0; m < MT; ++m) xr[m] = reinterpret_cast<const int32_t*>(in.x + (m0 + m) * in.ldx);
   __m512 y0[MT], y1[MT];
   for (int m = 0; m < MT; ++m) y0[m] = y1[m] = _mm512_setzero_ps();
   if constexpr (KIND == kInt4) {
@@ -158,53 +183,141 @@ void linear_tile(const PackedWeight& a, const uint16_t* x, int64_t ldx, const fl
   for (int m = 0; m < MT; ++m) epi(m0 + m, blk, y0[m], y1[m]);
 }
 
+// The same on vpdpbusd, for the VNNI kinds: int32 sums per group, scaled into fp32 at each group's end.
+template <int KIND, int MT, class Epi>
+void vnni_tile(const PackedWeight& a, const Input& in, int64_t blk, int64_t m0, const Epi& epi) {
+  constexpr int64_t kQuadBytes = KIND == kU4 ? 64 : 128;
+  const int64_t Q = a.K / 4, groups = a.K / a.group, gq = a.group / 4;
+  const uint8_t* wb = a.w + blk * Q * kQuadBytes;
+  const int32_t* xr[MT];
+  for (int m = 0; m < MT; ++m) xr[m] = reinterpret_cast<const int32_t*>(in.q + (m0 + m) * a.K);
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  __m512 y0[MT], y1[MT];
+  for (int m = 0; m < MT; ++m) y0[m] = y1[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i c0[MT], c1[MT];
+    for (int m = 0; m < MT; ++m) c0[m] = c1[m] = _mm512_setzero_si512();
+    for (int64_t p = g * gq; p < (g + 1) * gq; ++p) {
+      __m512i w0, w1;
+      if constexpr (KIND == kU4) {
+        const __m512i v = _mm512_loadu_si512(wb + p * 64);
+        w0 = _mm512_and_si512(v, nib);
+        w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+      } else {
+        w0 = _mm512_loadu_si512(wb + p * 128);
+        w1 = _mm512_loadu_si512(wb + p * 128 + 64);
+      }
+      for (int m = 0; m < MT; ++m) {
+        const __m512i xb = _mm512_set1_epi32(xr[m][p]);
+        c0[m] = _mm512_dpbusd_epi32(c0[m], w0, xb);
+        c1[m] = _mm512_dpbusd_epi32(c1[m], w1, xb);
+      }
+    }
+    const uint16_t* gs = a.gscale + (blk * groups + g) * 64;
+    const __m512 d0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gs)));
+    const __m512 d1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gs + 16)));
+    const __m512 n0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gs + 32)));
+    const __m512 n1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gs + 48)));
+    for (int m = 0; m < MT; ++m) {
+      const int64_t i = (m0 + m) * groups + g;
+      const __m512 s = _mm512_set1_ps(in.qscale[i]), xs = _mm512_set1_ps(in.sums[i]);
+      y0[m] = _mm512_fmadd_ps(n0, xs, _mm512_fmadd_ps(d0, _mm512_mul_ps(_mm512_cvtepi32_ps(c0[m]), s), y0[m]));
+      y1[m] = _mm512_fmadd_ps(n1, xs, _mm512_fmadd_ps(d1, _mm512_mul_ps(_mm512_cvtepi32_ps(c1[m]), s), y1[m]));
+    }
+  }
+  for (int m = 0; m < MT; ++m) epi(m0 + m, blk, y0[m], y1[m]);
+}
+
+template <int KIND, int MT, class Epi>
+void any_tile(const PackedWeight& a, const Input& in, int64_t blk, int64_t m0, const Epi& epi) {
+  if constexpr (KIND == kU4 || KIND == kU8) vnni_tile<KIND, MT>(a, in, blk, m0, epi);
+  else linear_tile<KIND, MT>(a, in, blk, m0, epi);
+}
+
 // All M rows × block `blk`, in tiles of as many rows as the 32 zmm registers hold accumulators for.
 // Each row's result is computed in the same order whatever M is: batching never changes a row's numbers.
 template <int KIND, class Epi>
-void linear_block(const PackedWeight& a, const uint16_t* x, int64_t ldx, int64_t M, const float* xsum,
-                  int64_t blk, const Epi& epi) {
-  constexpr int64_t kMaxRows = KIND == kInt4 ? 4 : 8;
+void linear_block(const PackedWeight& a, const Input& in, int64_t M, int64_t blk, const Epi& epi) {
+  constexpr int64_t kMaxRows = KIND == kBf16 || KIND == kInt8 ? 8 : 4;
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     switch (std::min(kMaxRows, M - m0)) {
-      case 1: linear_tile<KIND, 1>(a, x, ldx, xsum, blk, m0, epi); break;
-      case 2: linear_tile<KIND, 2>(a, x, ldx, xsum, blk, m0, epi); break;
-      case 3: linear_tile<KIND, 3>(a, x, ldx, xsum, blk, m0, epi); break;
-      case 4: linear_tile<KIND, 4>(a, x, ldx, xsum, blk, m0, epi); break;
-      case 5: if constexpr (kMaxRows > 4) linear_tile<KIND, 5>(a, x, ldx, xsum, blk, m0, epi); break;
-      case 6: if constexpr (kMaxRows > 4) linear_tile<KIND, 6>(a, x, ldx, xsum, blk, m0, epi); break;
-      case 7: if constexpr (kMaxRows > 4) linear_tile<KIND, 7>(a, x, ldx, xsum, blk, m0, epi); break;
-      default: if constexpr (kMaxRows > 4) linear_tile<KIND, 8>(a, x, ldx, xsum, blk, m0, epi); break;
+      case 1: any_tile<KIND, 1>(a, in, blk, m0, epi); break;
+      case 2: any_tile<KIND, 2>(a, in, blk, m0, epi); break;
+      case 3: any_tile<KIND, 3>(a, in, blk, m0, epi); break;
+      case 4: any_tile<KIND, 4>(a, in, blk, m0, epi); break;
+      case 5: if constexpr (kMaxRows > 4) any_tile<KIND, 5>(a, in, blk, m0, epi); break;
+      case 6: if constexpr (kMaxRows > 4) any_tile<KIND, 6>(a, in, blk, m0, epi); break;
+      case 7: if constexpr (kMaxRows > 4) any_tile<KIND, 7>(a, in, blk, m0, epi); break;
+      default: if constexpr (kMaxRows > 4) any_tile<KIND, 8>(a, in, blk, m0, epi); break;
     }
   }
 }
 
 // Blocks [b0, b1) of one linear: the unit of work a thread takes.
 template <class Epi>
-void linear_blocks(const PackedWeight& a, const uint16_t* x, int64_t ldx, int64_t M, const float* xsum, int64_t b0,
-                   int64_t b1, const Epi& epi) {
+void linear_blocks(const PackedWeight& a, const Input& in, int64_t M, int64_t b0, int64_t b1, const Epi& epi) {
   for (int64_t blk = b0; blk < b1; ++blk) {
-    if (a.kind == kBf16) linear_block<kBf16>(a, x, ldx, M, xsum, blk, epi);
-    else if (a.kind == kInt8) linear_block<kInt8>(a, x, ldx, M, xsum, blk, epi);
-    else linear_block<kInt4>(a, x, ldx, M, xsum, blk, epi);
+    switch (a.kind) {
+      case kBf16: linear_block<kBf16>(a, in, M, blk, epi); break;
+      case kInt8: linear_block<kInt8>(a, in, M, blk, epi); break;
+      case kInt4: linear_block<kInt4>(a, in, M, blk, epi); break;
+      case kU4: linear_block<kU4>(a, in, M, blk, epi); break;
+      default: linear_block<kU8>(a, in, M, blk, epi); break;
+    }
   }
 }
 
-// Per row of x [M, K] (bf16 bits): the sums of each group of `group` values, what int4 needs.
-inline void group_sums(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, int64_t group, float* out) {
-  const int64_t groups = K / group;
+inline float bf16_to_f(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// The input of a linear of kind `a.kind` from x [M, K] (bf16 bits), in `scratch`: group sums for int4;
+// for the VNNI kinds each group of each row in int8 (scale max|x| / 127, round to nearest) with the
+// scale and the rescaled sum of the int8 values. Per row, independent of the other rows.
+inline Input prepare_input(const PackedWeight& a, const uint16_t* x, int64_t ldx, int64_t M, InputScratch& scratch) {
+  Input in{x, ldx, nullptr, nullptr, nullptr};
+  if (!a.grouped()) return in;
+  const int64_t K = a.K, G = a.group, groups = K / G;
+  scratch.sums.resize(M * groups);
+  if (!a.vnni()) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < groups; ++g) {
+        const uint16_t* xg = x + m * ldx + g * G;
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < G; ++i) s += bf16_to_f(xg[i]);
+        scratch.sums[m * groups + g] = s;
+      }
+    in.sums = scratch.sums.data();
+    return in;
+  }
+  scratch.qscale.resize(M * groups);
+  scratch.q.resize(M * K);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < groups; ++g) {
-      const uint16_t* xg = x + m * ldx + g * group;
-      float s = 0.f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t i = 0; i < group; ++i) {
-        const uint32_t u = static_cast<uint32_t>(xg[i]) << 16;
-        float f;
-        std::memcpy(&f, &u, sizeof f);
-        s += f;
+      const uint16_t* xg = x + m * ldx + g * G;
+      int8_t* qg = scratch.q.data() + m * K + g * G;
+      float amax = 0.f;
+#pragma omp simd reduction(max : amax)
+      for (int64_t i = 0; i < G; ++i) amax = std::max(amax, std::fabs(bf16_to_f(xg[i])));
+      const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      int32_t total = 0;
+#pragma omp simd reduction(+ : total)
+      for (int64_t i = 0; i < G; ++i) {
+        const int32_t v = static_cast<int32_t>(std::nearbyint(bf16_to_f(xg[i]) * inv));
+        qg[i] = static_cast<int8_t>(v);
+        total += v;
       }
-      out[m * groups + g] = s;
+      scratch.qscale[m * groups + g] = scale;
+      scratch.sums[m * groups + g] = scale * static_cast<float>(total);
     }
+  in.sums = scratch.sums.data();
+  in.q = scratch.q.data();
+  in.qscale = scratch.qscale.data();
+  return in;
 }
 #endif
 

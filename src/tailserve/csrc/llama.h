@@ -7,6 +7,7 @@
 #include <omp.h>
 
 #include <map>
+#include <memory>
 #include <string>
 
 #include "attention.h"
@@ -14,14 +15,14 @@
 
 namespace {
 
-#if defined(__AVX512BF16__)
+#if defined(TAILSERVE_AVX512_BF16_VNNI)
 // A linear's packed weight as layers/linear.py built it; the tensors keep the memory alive.
 struct Linear {
   PackedWeight pw;
   torch::Tensor w, s;
 
   Linear(int64_t kind, torch::Tensor w_, torch::Tensor s_, int64_t n, int64_t k, int64_t group) : w(w_), s(s_) {
-    TORCH_CHECK(kind >= kBf16 && kind <= kInt4, "unknown linear kind ", kind);
+    TORCH_CHECK(kind >= kBf16 && kind <= kU8, "unknown linear kind ", kind);
     TORCH_CHECK(w.is_contiguous() && k % 2 == 0 && n > 0, "bad packed weight or odd in_features");
     pw = PackedWeight{static_cast<int>(kind), static_cast<const uint8_t*>(w.data_ptr()), nullptr, nullptr, n, k, group};
     TORCH_CHECK(w.nbytes() == static_cast<size_t>(pw.blocks() * (k / 2) * pw.bytes_per_pair()),
@@ -29,8 +30,8 @@ struct Linear {
     if (kind == kInt8) {
       TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() == pw.blocks() * kBlock, "bad scale");
       pw.scale = s.data_ptr<float>();
-    } else if (kind == kInt4) {
-      TORCH_CHECK(group > 0 && group % 2 == 0 && k % group == 0, "in_features must be a multiple of the even group");
+    } else if (pw.grouped()) {
+      TORCH_CHECK(group > 0 && group % 4 == 0 && k % group == 0, "in_features must be a multiple of the group (4n)");
       TORCH_CHECK(s.scalar_type() == at::kHalf && s.is_contiguous() && s.numel() == pw.blocks() * (k / group) * 64,
                   "bad group scales");
       pw.gscale = reinterpret_cast<const uint16_t*>(s.data_ptr());
@@ -101,13 +102,17 @@ class Llama {
 
   // seqs [S, 2] int64: per sequence (first position, tokens this step); its rows are consecutive in
   // ids. tables [S, max_blocks] int64 block ids. sample_rows: the rows whose logits are returned.
+  // depth < number of layers: a draft pass through the first `depth` layers only, then the final norm and
+  // the draft head (set_draft_head) if there is one; it writes those layers' KV like the full pass does.
   torch::Tensor forward(torch::Tensor ids, torch::Tensor seqs, torch::Tensor tables, int64_t block_size,
                         torch::Tensor sample_rows, const std::vector<torch::Tensor>& k_caches,
-                        const std::vector<torch::Tensor>& v_caches) const {
+                        const std::vector<torch::Tensor>& v_caches, int64_t depth) const {
     const int64_t L = static_cast<int64_t>(layers_.size()), H = H_, Hkv = Hkv_, D = D_, Hd = hidden_, I = inter_;
-    const int64_t QD = H * D, KVD = Hkv * D, QKV = QD + 2 * KVD, V = head_.pw.N;
     TORCH_CHECK(L > 0 && static_cast<int64_t>(k_caches.size()) == L && static_cast<int64_t>(v_caches.size()) == L,
                 "one K and one V cache per layer");
+    TORCH_CHECK(depth >= 1 && depth <= L, "depth must be in [1, layers]");
+    const Linear& head = depth < L && draft_head_ ? *draft_head_ : head_;
+    const int64_t QD = H * D, KVD = Hkv * D, QKV = QD + 2 * KVD, V = head.pw.N;
     for (int64_t l = 0; l < L; ++l) {
       const auto& k = k_caches[l];
       const auto& v = v_caches[l];
@@ -174,16 +179,11 @@ class Llama {
           mark = now;
         }
       };
-      std::vector<float> xs;  // this thread's group sums of a linear's input (int4)
-      auto linear = [&](const Linear& l, const uint16_t* in, int64_t ld, int64_t M, const auto& epi) {
-        const float* sums = nullptr;
-        if (l.pw.kind == kInt4) {
-          xs.resize(M * (l.pw.K / l.pw.group));
-          group_sums(in, ld, M, l.pw.K, l.pw.group, xs.data());
-          sums = xs.data();
-        }
+      InputScratch scratch;  // each thread prepares a linear's whole input itself: no extra barrier
+      auto linear = [&](const Linear& l, const uint16_t* x, int64_t ld, int64_t M, const auto& epi) {
+        const Input in = prepare_input(l.pw, x, ld, M, scratch);
         thread_range(l.pw.blocks(), tid, nt, b, e);
-        linear_blocks(l.pw, in, ld, M, sums, b, e, epi);
+        linear_blocks(l.pw, in, M, b, e, epi);
       };
       auto rows = [&](int64_t n) { thread_range(n, tid, nt, b, e); };
 
@@ -192,7 +192,7 @@ class Llama {
         for (int64_t i = 0; i < Hd; ++i) x[t * Hd + i] = load_f(emb[id[t] * Hd + i]);
 #pragma omp barrier
       lap(kEmbed);
-      for (int64_t l = 0; l < L; ++l) {
+      for (int64_t l = 0; l < depth; ++l) {
         const Layer& ly = layers_[l];
         auto* kc = reinterpret_cast<uint16_t*>(k_caches[l].data_ptr());
         auto* vc = reinterpret_cast<uint16_t*>(v_caches[l].data_ptr());
@@ -248,11 +248,16 @@ class Llama {
       for (int64_t r = b; r < e; ++r) rms_norm_row(&x[sr[r] * Hd], norm_.data_ptr<float>(), Hd, eps_, &xn[r * Hd]);
 #pragma omp barrier
       lap(kNorm);
-      linear(head_, xn.data(), Hd, R, StoreF32{out, V, V});
+      linear(head, xn.data(), Hd, R, StoreF32{out, V, V});
 #pragma omp barrier
       lap(kHead);  // (the barrier only so that the head's time is the slowest thread's)
     }
     return logits;
+  }
+
+  void set_draft_head(Linear head) {
+    TORCH_CHECK(head.pw.K == hidden_ && head.pw.N == head_.pw.N, "draft head shape != head shape");
+    draft_head_ = std::make_unique<Linear>(std::move(head));
   }
 
   // Wall seconds spent in each phase since the last call, then reset: where a step's time goes.
@@ -275,6 +280,7 @@ class Llama {
   float eps_;
   torch::Tensor embed_, norm_;
   Linear head_;
+  std::unique_ptr<Linear> draft_head_;
   torch::Tensor cos_, sin_;
   std::vector<Layer> layers_;
   mutable double phase_seconds_[kPhases] = {};

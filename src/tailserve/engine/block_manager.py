@@ -144,6 +144,18 @@ class BlockManager:
         table.blocks.clear()
         table.keys.clear()
 
+    def trim(self, table: BlockTable, num_tokens: int) -> None:
+        """Give back the blocks past what `num_tokens` tokens need (e.g. room for rejected guesses).
+
+        Those blocks were never full of computed tokens, so never cached: they go straight back."""
+        keep = self.blocks_needed(num_tokens)
+        assert keep >= len(table.keys), "trimming would drop a cached block"
+        while len(table.blocks) > keep:
+            block = self.blocks[table.blocks.pop()]
+            assert block.ref_count == 1 and block.key is None, f"block {block.block_id} is shared or cached"
+            block.ref_count = 0
+            self._free.append(block.block_id)
+
     def reset_prefix_cache(self) -> None:
         """Forget every unreferenced cached block (e.g. after weights change)."""
         while self._evictable:

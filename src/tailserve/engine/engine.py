@@ -20,8 +20,16 @@ from tailserve.config import EngineConfig
 from tailserve.engine.block_manager import BlockManager
 from tailserve.engine.model_runner import ModelRunner, kv_bytes_per_block
 from tailserve.engine.outputs import RequestOutput, TokenLogprob
-from tailserve.engine.scheduler import Scheduler, SchedulerOutput
+from tailserve.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from tailserve.engine.sequence import Sequence, Status
+from tailserve.engine.spec_decode import (
+    PROPOSERS,
+    Controller,
+    DraftProposer,
+    NgramProposer,
+    SpecDecoder,
+    speculation_allowed,
+)
 from tailserve.layers.sampler import Sampler, SampleRow
 from tailserve.models.fused import BLOCK_MULTIPLE as FUSED_BLOCK_MULTIPLE
 from tailserve.models.fused import FusedLlama, fused_supported
@@ -50,6 +58,10 @@ class EngineStats:
     last_batch_size: int = 0
     last_batch_tokens: int = 0
     num_steps: int = 0  # steps run so far; a new value means the last_* fields describe a new step
+    spec_proposer: str = "off"
+    spec_decode_num_draft_tokens: int = 0  # guesses proposed
+    spec_decode_num_accepted_tokens: int = 0  # guesses the target confirmed
+    spec_decode_num_verify_steps: int = 0  # (request, step) pairs that checked guesses
 
 
 def resolve_device(device: str) -> str:
@@ -163,7 +175,35 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self._order = itertools.count()
         self.step_times = StepTimeModel()
-        self.stats = EngineStats(num_free_blocks=num_blocks, num_total_blocks=num_blocks)
+        self.decode_step_times = StepTimeModel()  # steps with no prompt work: what a guess costs
+        self.spec = self._make_spec_decoder(config)
+        self.stats = EngineStats(
+            num_free_blocks=num_blocks,
+            num_total_blocks=num_blocks,
+            spec_proposer=config.speculative,
+        )
+
+    def _make_spec_decoder(self, config: EngineConfig) -> SpecDecoder | None:
+        if config.speculative not in PROPOSERS:
+            raise ValueError(f"unknown speculative {config.speculative!r}; use one of {', '.join(PROPOSERS)}")
+        if config.speculative == "off":
+            return None
+        if config.num_speculative_tokens < 1:
+            raise ValueError("num_speculative_tokens must be at least 1")
+        controller = Controller(config.num_speculative_tokens, adaptive=config.spec_adaptive)
+        if config.speculative == "ngram":
+            return SpecDecoder(NgramProposer(), controller)
+        if not isinstance(self.model, FusedLlama):
+            raise ValueError("draft speculation runs on the fused C++ step (CPU with AVX512-BF16, bf16)")
+        layers = self.model.config.num_layers
+        spec = config.draft_model or f"layers:{max(1, layers // 4)}"
+        kind, _, n = spec.partition(":")
+        if kind != "layers" or not n.isdigit() or not 1 <= int(n) < layers:
+            raise ValueError(
+                f"draft model {spec!r}: give layers:N, the target's first N layers (1 <= N < {layers}); "
+                "a separate draft checkpoint is not supported"
+            )
+        return SpecDecoder(DraftProposer(self.runner, int(n)), controller)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -186,7 +226,10 @@ class LLMEngine:
         )
         quantization = resolve_quantization(config.quantization, model_config.weight_precision, fused)
         if fused:
-            model: LlamaModel | FusedLlama = FusedLlama(model_config, weights, quantization).eval()
+            draft_head = config.speculative == "draft"
+            model: LlamaModel | FusedLlama = FusedLlama(
+                model_config, weights, quantization, draft_head
+            ).eval()
         else:
             model = LlamaModel(model_config, weights, dtype, quantization).to(device).eval()
         log.info(
@@ -300,17 +343,77 @@ class LLMEngine:
         for s in sched.scheduled:
             if s.seq.times.first_scheduled is None:
                 s.seq.times.first_scheduled = now
+        if self.spec is not None:
+            self._plan_guesses(sched)
         result = self.runner.run(sched.scheduled)
-        rows = [SampleRow(s.seq.params, s.seq.generator, self._banned(s.seq)) for s in result.sampled]
-        sample = self.sampler(result.logits[:, : self.num_sampleable], rows) if rows else None
+        logits = result.logits[:, : self.num_sampleable]
+        plain = [j for j, s in enumerate(result.sampled) if not s.draft]
+        rows = [
+            SampleRow(s.seq.params, s.seq.generator, self._banned(s.seq))
+            for s in map(result.sampled.__getitem__, plain)
+        ]
+        sample = self.sampler(logits[[result.rows[j] for j in plain]], rows) if rows else None
         now = time.perf_counter()
         for s in sched.scheduled:
-            s.seq.num_computed += s.num_new_tokens
-            self.block_manager.register_full_blocks(s.seq.table, s.seq.token_ids, s.seq.num_computed)
-        for j, s in enumerate(result.sampled):
+            if not s.draft:
+                s.seq.num_computed += s.num_new_tokens
+                self.block_manager.register_full_blocks(s.seq.table, s.seq.token_ids, s.seq.num_computed)
+        for i, j in enumerate(plain):
             assert sample is not None
-            self._append(s.seq, sample.token_ids[j], sample.logprobs[j], now)
+            self._append(result.sampled[j].seq, sample.token_ids[i], sample.logprobs[i], now)
+        for j, s in enumerate(result.sampled):
+            if s.draft:
+                self._check_guesses(s, logits[result.rows[j] : result.rows[j] + 1 + len(s.draft)], now)
         self.step_times.observe(sched.num_tokens, now - t0)
+        if all(s.num_new_tokens == 1 for s in sched.scheduled):
+            self.decode_step_times.observe(sched.num_tokens, now - t0)
+
+    def _plan_guesses(self, sched: SchedulerOutput) -> None:
+        """Let decoding requests guess tokens to verify in this step, where guessing pays (spec_decode.py)."""
+        assert self.spec is not None
+        bm = self.block_manager
+        room = self.config.max_num_batched_tokens - sched.num_tokens
+        candidates: list[tuple[ScheduledSeq, int]] = []
+        for s in sched.scheduled:
+            seq = s.seq
+            if s.num_new_tokens != 1 or seq.num_uncomputed != 1 or not speculation_allowed(seq):
+                continue
+            cap = min(
+                room,
+                self.spec.controller.max_k,
+                seq.params.max_tokens - seq.num_output_tokens - 1,
+                self.max_model_len - seq.num_tokens,
+            )
+            # Room in the pool for the guesses' KV (a draft model writes it while guessing).
+            while cap > 0 and not bm.allocate(seq.table, seq.num_tokens + cap):
+                cap -= 1
+            if cap > 0:
+                candidates.append((s, cap))
+                room -= cap
+        if not candidates:
+            return
+        threshold = self.spec.controller.threshold(
+            self.decode_step_times.coefficients(), sched.num_tokens, len(sched.scheduled)
+        )
+        drafts = self.spec.plan([(s.seq, cap) for s, cap in candidates], threshold)
+        for (s, _), draft in zip(candidates, drafts):
+            s.draft = draft
+            bm.trim(s.seq.table, s.seq.num_tokens + len(draft))
+
+    def _check_guesses(self, s: ScheduledSeq, logits: torch.Tensor, now: float) -> None:
+        """Keep the confirmed guesses' KV, emit them and the target's own next token, drop the rest."""
+        assert self.spec is not None
+        seq = s.seq
+        tokens, accepted = self.spec.accept(seq, s.draft, logits)
+        seq.num_computed += 1 + accepted
+        self.block_manager.register_full_blocks(
+            seq.table, seq.token_ids + tokens[:accepted], seq.num_computed
+        )
+        for token in tokens:
+            self._append(seq, token, None, now)
+            if seq.finished:
+                return
+        self.block_manager.trim(seq.table, seq.num_tokens)
 
     def _banned(self, seq: Sequence) -> list[int]:
         p = seq.params
@@ -415,6 +518,10 @@ class LLMEngine:
             last_batch_size=last.last_batch_size if sched is None else len(sched.scheduled),
             last_batch_tokens=last.last_batch_tokens if sched is None else sched.num_tokens,
             num_steps=last.num_steps + (sched is not None),
+            spec_proposer=last.spec_proposer,
+            spec_decode_num_draft_tokens=self.spec.num_draft_tokens if self.spec else 0,
+            spec_decode_num_accepted_tokens=self.spec.num_accepted_tokens if self.spec else 0,
+            spec_decode_num_verify_steps=self.spec.num_verify_steps if self.spec else 0,
         )
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from tailserve.engine.scheduler import ScheduledSeq
+from tailserve.engine.sequence import Sequence
 from tailserve.layers.attention import AttentionMetadata, PrefillChunk
 from tailserve.models.fused import FusedLlama
 from tailserve.models.llama import LlamaModel
@@ -19,8 +20,9 @@ from tailserve.models.llama import LlamaModel
 
 @dataclass
 class RunResult:
-    logits: torch.Tensor  # [N, vocab] for the sequences whose every token is now computed
-    sampled: list[ScheduledSeq]  # those sequences, in row order
+    logits: torch.Tensor  # [rows, vocab]: each sampling sequence's last token, then one row per guess
+    sampled: list[ScheduledSeq]  # the sequences whose every token is now computed, in row order
+    rows: list[int]  # the first logits row of each of them
 
 
 def kv_bytes_per_block(model: LlamaModel | FusedLlama, block_size: int, dtype: torch.dtype) -> int:
@@ -62,13 +64,15 @@ class ModelRunner:
 
     def prepare(
         self, batch: list[ScheduledSeq]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        """Flat input ids, positions, attention metadata and the rows whose logits are needed.
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[int]]:
+        """Flat input ids, positions, attention metadata, the rows whose logits are needed, and for
+        each sequence that samples, the first of its rows.
 
-        Single-token work (decodes, and one-token chunks) goes first and is attended in one call.
+        Single-token work (decodes, and one-token chunks) goes first and is attended in one call;
+        a decode with guesses is a chunk (its guesses attend to it causally).
         """
-        singles = [s for s in batch if s.num_new_tokens == 1]
-        chunks = [s for s in batch if s.num_new_tokens > 1]
+        singles = [s for s in batch if s.num_new_tokens + len(s.draft) == 1]
+        chunks = [s for s in batch if s.num_new_tokens + len(s.draft) > 1]
         ids: list[int] = []
         positions: list[int] = []
         slot_parts: list[torch.Tensor] = []
@@ -91,9 +95,10 @@ class ModelRunner:
                 + last % self.block_size
             )
         for s in chunks:
-            seq, n = s.seq, s.num_new_tokens
+            seq, tokens = s.seq, s.token_ids
+            n = len(tokens)
             start, end = seq.num_computed, seq.num_computed + n
-            ids.extend(seq.token_ids[start:end])
+            ids.extend(tokens)
             positions.extend(range(start, end))
             new_slots = self._slots(seq.table.blocks, start, end)
             slot_parts.append(new_slots)
@@ -106,52 +111,74 @@ class ModelRunner:
                 chunk.causal_mask = torch.arange(end)[None, :] <= q_pos[:, None]
             meta.prefills.append(chunk)
         meta.slot_mapping = torch.cat(slot_parts)
-        # Rows to sample: the last token of each sequence that is now fully computed.
         order = singles + chunks
-        rows, row = [], -1
-        for s in order:
-            row += s.num_new_tokens
-            if s.seq.num_computed + s.num_new_tokens == s.seq.num_tokens:
-                rows.append(row)
         batch[:] = order
-        return torch.tensor(ids), torch.tensor(positions), meta, rows
+        rows, firsts = self._sample_rows(order)
+        return torch.tensor(ids), torch.tensor(positions), meta, rows, firsts
+
+    @staticmethod
+    def _sample_rows(batch: list[ScheduledSeq]) -> tuple[list[int], list[int]]:
+        """Rows to sample: the last token of each sequence now fully computed, and each guess's row
+        with the row before it. Also, per sampling sequence, where its rows start among them."""
+        rows: list[int] = []
+        firsts: list[int] = []
+        end = 0
+        for s in batch:
+            end += s.num_new_tokens + len(s.draft)
+            if s.seq.num_computed + s.num_new_tokens == s.seq.num_tokens:
+                firsts.append(len(rows))
+                rows.extend(range(end - 1 - len(s.draft), end))
+        return rows, firsts
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> RunResult:
         if isinstance(self.model, FusedLlama):
             return self._run_fused(batch)
-        ids, positions, meta, rows = self.prepare(batch)
+        ids, positions, meta, rows, firsts = self.prepare(batch)
         if self.device.type != "cpu":
             ids, positions = ids.to(self.device), positions.to(self.device)
             meta = meta.to(self.device)
         hidden = self.model(ids, positions, self.kv_caches, meta)
-        sampled = [s for s in batch if s.seq.num_computed + s.num_new_tokens == s.seq.num_tokens]
         logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)]) if rows else hidden[:0]
-        return RunResult(logits=logits.cpu(), sampled=sampled)
+        return RunResult(logits=logits.cpu(), sampled=self._sampled(batch), rows=firsts)
+
+    @staticmethod
+    def _sampled(batch: list[ScheduledSeq]) -> list[ScheduledSeq]:
+        return [s for s in batch if s.seq.num_computed + s.num_new_tokens == s.seq.num_tokens]
 
     def _run_fused(self, batch: list[ScheduledSeq]) -> RunResult:
+        rows, firsts = self._sample_rows(batch)
+        logits = self._fused(
+            [s.seq for s in batch], [s.token_ids for s in batch], [s.seq.num_computed for s in batch], rows
+        )
+        return RunResult(logits=logits, sampled=self._sampled(batch), rows=firsts)
+
+    def _fused(
+        self, seqs: list[Sequence], tokens: list[list[int]], starts: list[int], rows: list[int], depth=None
+    ) -> torch.Tensor:
+        """The fused step over `tokens[i]` of `seqs[i]` at positions from `starts[i]`: logits of `rows`."""
         ids: list[int] = []
-        spans: list[tuple[int, int]] = []
         tables: list[list[int]] = []
-        rows: list[int] = []
-        sampled: list[ScheduledSeq] = []
-        for s in batch:
-            seq, n = s.seq, s.num_new_tokens
-            start = seq.num_computed
-            ids.extend(seq.token_ids[start : start + n])
-            spans.append((start, n))
-            tables.append(seq.table.blocks[: -(-(start + n) // self.block_size)])
-            if start + n == seq.num_tokens:
-                rows.append(len(ids) - 1)
-                sampled.append(s)
+        for seq, toks, start in zip(seqs, tokens, starts):
+            ids.extend(toks)
+            tables.append(seq.table.blocks[: -(-(start + len(toks)) // self.block_size)])
         width = max(len(t) for t in tables)
-        logits = self.model.compute_logits(
+        return self.model.compute_logits(
             torch.tensor(ids),
-            torch.tensor(spans),
+            torch.tensor([(start, len(t)) for start, t in zip(starts, tokens)]),
             torch.tensor([t + [0] * (width - len(t)) for t in tables]),
             self.block_size,
             torch.tensor(rows, dtype=torch.long),
             self._k_caches,
             self._v_caches,
+            depth,
         )
-        return RunResult(logits=logits, sampled=sampled)
+
+    @torch.inference_mode()
+    def run_tokens(
+        self, seqs: list[Sequence], tokens: list[int], starts: list[int], depth: int
+    ) -> torch.Tensor:
+        """A draft pass: one token per sequence at the given positions, through the first `depth` layers;
+        logits [len(seqs), vocab]. Writes those layers' KV there, which the full pass later overwrites."""
+        assert isinstance(self.model, FusedLlama), "draft passes run on the fused step"
+        return self._fused(seqs, [[t] for t in tokens], starts, list(range(len(seqs))), depth)

@@ -26,6 +26,13 @@ from tailserve.engine.sequence import Sequence, Status
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int  # tokens to run this step, starting at seq.num_computed
+    draft: list[int] = field(default_factory=list)  # guessed tokens run after them (spec_decode.py)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Every token this step runs for the sequence: its new tokens, then the guesses."""
+        start = self.seq.num_computed
+        return self.seq.token_ids[start : start + self.num_new_tokens] + self.draft
 
 
 @dataclass
@@ -35,7 +42,7 @@ class SchedulerOutput:
 
     @property
     def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+        return sum(s.num_new_tokens + len(s.draft) for s in self.scheduled)
 
 
 class Scheduler:

@@ -47,6 +47,7 @@ class Sequence:
     pending_tokens: list[int] = field(default_factory=list)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     num_preemptions: int = 0
+    spec: Any = None  # spec_decode.SpecState once the request has speculated
 
     def __post_init__(self) -> None:
         if not self.token_ids:

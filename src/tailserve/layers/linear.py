@@ -1,8 +1,11 @@
 """Linear layers behind one interface, `y = layer(x)` with x of shape [..., in_features]: dense, and
-weight-only int8 (per channel) and int4 (group-wise). `make_linear` picks the layer for a precision.
+weight-only int8 (per channel, or per group of 32) and int4 (group-wise). `make_linear` picks the layer
+for a precision.
 
-Each layer runs on one of three backends, chosen once from the weight's device:
-  kernel  the C++ AVX512-BF16 kernels (block-packed weights, bf16 activations): CPU, fastest here;
+Each layer runs on one of these backends, chosen once from the weight's device:
+  vnni    grouped int4/int8 on the C++ vpdpbusd kernels, the input quantized to int8 per row and
+          group of 32 (GGUF's Q8 scheme): twice vdpbf16ps' multiply rate, for the fused step;
+  kernel  the C++ AVX512-BF16 kernels (block-packed weights, bf16 activations): CPU;
   torch   PyTorch's packed CPU ops (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`);
   plain   dequantize-and-matmul, correct on any device.
 Dense float32 layers always use `F.linear` (MKL's fp32 GEMV already runs near bandwidth).
@@ -104,8 +107,9 @@ class Int4Linear(Linear):
         super().__init__(weight.shape[0], weight.shape[1], backend)
         self.group = group
         q, scale, lo = quant.quantize_int4(weight, group)
-        if backend == "kernel":
-            self.register_buffer("packed", quant.pack_int4(q))
+        if backend in ("kernel", "vnni"):
+            pack = quant.pack_int4 if backend == "kernel" else quant.pack_vnni_int4
+            self.register_buffer("packed", pack(q))
             self.register_buffer("scales", quant.pack_int4_scales(scale, lo))
         elif backend == "torch":
             self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1))
@@ -118,9 +122,14 @@ class Int4Linear(Linear):
             self.register_buffer("scales", torch.stack([scale, lo]))
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "kernel":
+        if self.backend in ("kernel", "vnni"):
             xb = x.to(torch.bfloat16).contiguous()
-            y = kernels.ops().linear_int4(xb, self.packed, self.scales, self.out_features, self.group)
+            if self.backend == "vnni":
+                y = kernels.ops().linear_vnni(
+                    xb, VNNI_INT4, self.packed, self.scales, self.out_features, self.group
+                )
+            else:
+                y = kernels.ops().linear_int4(xb, self.packed, self.scales, self.out_features, self.group)
             return y.to(x.dtype)
         if self.backend == "torch":
             xb = x.to(torch.bfloat16).contiguous()
@@ -130,12 +139,49 @@ class Int4Linear(Linear):
         return F.linear(x, w.to(x.dtype))
 
 
-def make_linear(weight: torch.Tensor, quantization: str, dtype: torch.dtype) -> Linear:
+class Int8GroupLinear(Linear):
+    """Symmetric int8 weights with an fp16 scale per group of 32: GGUF Q8_0's precision (exact for it).
+    Runs on the vnni backend, or plain."""
+
+    def __init__(
+        self, weight: torch.Tensor, backend: str | None = None, group: int = quant.INT4_GROUP
+    ) -> None:
+        if backend is None:
+            mod = kernels.ops() if weight.device.type == "cpu" else None
+            backend = "vnni" if mod is not None and mod.has_bf16_linear() else "plain"
+        super().__init__(weight.shape[0], weight.shape[1], backend)
+        self.group = group
+        q, scale = quant.quantize_int8_groups(weight, group)
+        if backend == "vnni":
+            self.register_buffer("packed", quant.pack_vnni_int8(q))
+            # vpdpbusd reads q + 128: the min term -128·d takes the offset back out.
+            self.register_buffer("scales", quant.pack_int4_scales(scale, (-128 * scale.float()).half()))
+        else:
+            self.register_buffer("q", q)
+            self.register_buffer("scale", scale)
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "vnni":
+            xb = x.to(torch.bfloat16).contiguous()
+            y = kernels.ops().linear_vnni(
+                xb, VNNI_INT8, self.packed, self.scales, self.out_features, self.group
+            )
+            return y.to(x.dtype)
+        return F.linear(x, quant.dequantize_int8_groups(self.q, self.scale).to(x.dtype))
+
+
+VNNI_INT4, VNNI_INT8 = 3, 4  # csrc/linear.h: kU4, kU8
+
+
+def make_linear(weight: torch.Tensor, quantization: str, dtype: torch.dtype, vnni: bool = False) -> Linear:
     """The layer for one source weight [out, in] at a precision: none stores it in `dtype`; int8/int4
     quantize it as given (a Q4_1 GGUF's weights then requantize to int4 exactly) for `dtype` activations.
+    vnni: int8 and int4 on the vpdpbusd kernels (int8 then per group of 32, as GGUF's Q8_0).
 
     int4 needs in_features divisible by 32; a layer that is not gets int8 instead.
     """
+    if vnni and quantization in ("int8", "int4") and weight.shape[1] % quant.INT4_GROUP == 0:
+        return Int4Linear(weight, "vnni") if quantization == "int4" else Int8GroupLinear(weight, "vnni")
     if quantization == "none":
         return DenseLinear(weight.to(dtype))
     if quantization == "int8" or (quantization == "int4" and weight.shape[1] % quant.INT4_GROUP):

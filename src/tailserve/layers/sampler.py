@@ -27,7 +27,7 @@ class SampleResult:
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]  # (chosen logprob, top-k) per row
 
 
-def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -54,7 +54,7 @@ class Sampler:
             p = row.params
             if p.greedy:
                 continue
-            scaled = _filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
+            scaled = filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
             probs = scaled.softmax(-1)
             chosen[i] = torch.multinomial(probs, 1, generator=row.generator or self.generator)[0]
         token_ids = chosen.tolist()

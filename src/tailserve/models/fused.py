@@ -13,7 +13,16 @@ import torch
 from torch import nn
 
 from tailserve.layers import kernels
-from tailserve.layers.linear import DenseLinear, Int4Linear, Int8Linear, Linear, make_linear
+from tailserve.layers.linear import (
+    VNNI_INT4,
+    VNNI_INT8,
+    DenseLinear,
+    Int4Linear,
+    Int8GroupLinear,
+    Int8Linear,
+    Linear,
+    make_linear,
+)
 from tailserve.models.llama import _layer_weights, rope_tables
 from tailserve.models.loader import ModelConfig
 
@@ -43,15 +52,19 @@ def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def _packed(layer: Linear):
-    """The C++ view of a kernel-backed linear's packed buffers."""
+    """The C++ view of a kernel-backed linear's packed buffers (kinds: csrc/linear.h)."""
     ops = kernels.ops()
-    assert layer.backend == "kernel", "the fused step needs the C++ linears"
+    assert layer.backend in ("kernel", "vnni"), "the fused step needs the C++ linears"
+    n, k = layer.out_features, layer.in_features
     if isinstance(layer, DenseLinear):
-        return ops.Linear(0, layer.packed, torch.empty(0), layer.out_features, layer.in_features, 0)
+        return ops.Linear(0, layer.packed, torch.empty(0), n, k, 0)
     if isinstance(layer, Int8Linear):
-        return ops.Linear(1, layer.packed, layer.scale, layer.out_features, layer.in_features, 0)
+        return ops.Linear(1, layer.packed, layer.scale, n, k, 0)
+    if isinstance(layer, Int8GroupLinear):
+        return ops.Linear(VNNI_INT8, layer.packed, layer.scales, n, k, layer.group)
     assert isinstance(layer, Int4Linear)
-    return ops.Linear(2, layer.packed, layer.scales, layer.out_features, layer.in_features, layer.group)
+    kind = VNNI_INT4 if layer.backend == "vnni" else 2
+    return ops.Linear(kind, layer.packed, layer.scales, n, k, layer.group)
 
 
 class FusedLayer(nn.Module):
@@ -63,23 +76,33 @@ class FusedLayer(nn.Module):
         self.register_buffer("input_norm", w["input_layernorm"].float().contiguous())
         self.register_buffer("post_norm", w["post_attention_layernorm"].float().contiguous())
         qkv = torch.cat([w["self_attn.q_proj"], w["self_attn.k_proj"], w["self_attn.v_proj"]])
-        self.qkv = make_linear(qkv, quantization, bf16)
-        self.o = make_linear(w["self_attn.o_proj"], quantization, bf16)
-        self.gate_up = make_linear(
-            interleave_gate_up(w["mlp.gate_proj"], w["mlp.up_proj"]), quantization, bf16
-        )
-        self.down = make_linear(w["mlp.down_proj"], quantization, bf16)
+        self.qkv = make_linear(qkv, quantization, bf16, vnni=True)
+        self.o = make_linear(w["self_attn.o_proj"], quantization, bf16, vnni=True)
+        gate_up = interleave_gate_up(w["mlp.gate_proj"], w["mlp.up_proj"])
+        self.gate_up = make_linear(gate_up, quantization, bf16, vnni=True)
+        self.down = make_linear(w["mlp.down_proj"], quantization, bf16, vnni=True)
 
 
 class FusedLlama(nn.Module):
     def __init__(
-        self, config: ModelConfig, weights: dict[str, torch.Tensor], quantization: str = "none"
+        self,
+        config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        quantization: str = "none",
+        draft_head: bool = False,
     ) -> None:
-        """Linears are built (and quantized) from the source weights; activations run in bf16."""
+        """Linears are built (and quantized) from the source weights. Activations run in bf16; int8 and
+        int4 layers take them quantized to int8 per group of 32 (vpdpbusd, as llama.cpp does with the
+        same GGUF weights): ~1.3× faster than bf16 activations from 4 rows up, at a KL of ~0.003
+        against fp32 instead of ~0.001 (BENCHMARKS.md).
+
+        draft_head: also an int4 copy of the head for draft passes (`depth` < layers). The head is ~30 %
+        of the bytes an int4 step reads, so a shallow draft is cheap only with a cheap head; its error
+        can cost acceptance, never exactness (the full pass verifies every draft)."""
         super().__init__()
         if not fused_supported(config):
             raise RuntimeError(
-                "the fused step needs the C++ kernels with AVX512-BF16 and an even model shape"
+                "the fused step needs the C++ kernels with AVX512-BF16 and a supported model shape"
             )
         ops = kernels.ops()
         self.config = config
@@ -91,8 +114,11 @@ class FusedLlama(nn.Module):
         head = weights["model.embed_tokens.weight"] if tied else weights.get("lm_head.weight")
         if head is None:
             raise ValueError("weights lack lm_head.weight and the model does not tie embeddings")
-        # int8 head under int4: int4 logits cost ~20× the KL of all int4 layers (quant_accuracy.py).
-        self.lm_head = make_linear(head, "int8" if quantization == "int4" else quantization, torch.bfloat16)
+        # int8 (per group: GGUF Q8_0's own format) head under int4: int4 logits cost ~20× the KL of all
+        # int4 layers (quant_accuracy.py).
+        self.lm_head = make_linear(
+            head, "int8" if quantization == "int4" else quantization, torch.bfloat16, vnni=True
+        )
         cos, sin = rope_tables(config, config.max_position_embeddings)
         self.register_buffer("cos", cos.contiguous(), persistent=False)
         self.register_buffer("sin", sin.contiguous(), persistent=False)
@@ -110,6 +136,9 @@ class FusedLlama(nn.Module):
             self.cos,
             self.sin,
         )
+        if draft_head:
+            self.draft_head = make_linear(head, "int4", torch.bfloat16, vnni=True)
+            self.impl.set_draft_head(_packed(self.draft_head))
         for layer in self.layers:
             self.impl.add_layer(
                 layer.input_norm,
@@ -136,10 +165,13 @@ class FusedLlama(nn.Module):
         sample_rows: torch.Tensor,
         k_caches: list[torch.Tensor],
         v_caches: list[torch.Tensor],
+        depth: int | None = None,
     ) -> torch.Tensor:
         """fp32 logits [len(sample_rows), vocab] of a flat batch.
 
         ids [T]: every sequence's new tokens, sequence after sequence; seqs [S, 2]: per sequence, the
         position of its first new token and how many it has; tables [S, blocks]: block tables.
+        depth: run only the first `depth` layers (a draft pass), then the final norm and the draft head.
         """
-        return self.impl.forward(ids, seqs, tables, block_size, sample_rows, k_caches, v_caches)
+        depth = self.config.num_layers if depth is None else depth
+        return self.impl.forward(ids, seqs, tables, block_size, sample_rows, k_caches, v_caches, depth)

@@ -95,17 +95,6 @@ class _EngineCollector(Collector):
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
             ("num_preemptions", "Requests preempted (to be recomputed).", s.num_preemptions),
             ("prefix_cache_evictions", "Cached KV blocks evicted to make room.", s.prefix_cache_evictions),
-            # No speculative decoding yet: these read 0 until EngineStats carries the two counts.
-            (
-                "spec_decode_num_draft_tokens",
-                "Draft tokens proposed by speculative decoding.",
-                getattr(s, "spec_decode_num_draft_tokens", 0),
-            ),
-            (
-                "spec_decode_num_accepted_tokens",
-                "Draft tokens accepted by the verifier.",
-                getattr(s, "spec_decode_num_accepted_tokens", 0),
-            ),
         )
         for name, doc, value in gauges:
             g = GaugeMetricFamily(PREFIX + name, doc, labels=["model"])
@@ -115,6 +104,39 @@ class _EngineCollector(Collector):
             c = CounterMetricFamily(PREFIX + name, doc, labels=["model"])
             c.add_metric([self.model], value)
             yield c
+        yield from self._speculation(s)
+
+    def _speculation(self, s: EngineStats) -> Iterator[Metric]:
+        """Speculative decoding, labelled by proposer (off: all zero)."""
+        labels = [self.model, s.spec_proposer]
+        drafts, accepted, steps = (
+            s.spec_decode_num_draft_tokens,
+            s.spec_decode_num_accepted_tokens,
+            s.spec_decode_num_verify_steps,
+        )
+        for name, doc, value in (
+            ("spec_decode_num_draft_tokens", "Tokens guessed by the proposer.", drafts),
+            ("spec_decode_num_accepted_tokens", "Guessed tokens the target confirmed.", accepted),
+            ("spec_decode_num_verify_steps", "Request-steps that verified guesses.", steps),
+        ):
+            c = CounterMetricFamily(PREFIX + name, doc, labels=["model", "proposer"])
+            c.add_metric(labels, value)
+            yield c
+        for name, doc, value in (
+            (
+                "spec_decode_acceptance_rate",
+                "Share of guessed tokens accepted, so far.",
+                accepted / drafts if drafts else 0.0,
+            ),
+            (
+                "spec_decode_mean_accepted_length",
+                "Tokens emitted per request-step that verified guesses (accepted + the target's own).",
+                1 + accepted / steps if steps else 0.0,
+            ),
+        ):
+            g = GaugeMetricFamily(PREFIX + name, doc, labels=["model", "proposer"])
+            g.add_metric(labels, value)
+            yield g
 
 
 class Metrics:

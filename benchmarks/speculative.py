@@ -1,0 +1,88 @@
+"""Speculative decoding measured with `tailserve bench`: speculation off vs ngram vs draft, on the
+`copy` workload (the output quotes the prompt) and the `chat` workload, single stream and
+concurrency 8, adaptive back-off on. One server per setting, started in turn on the same machine.
+
+Decode speed is per stream: 1 / TPOT (TPOT = (e2e - TTFT) / (output tokens - 1)), median over
+requests; throughput is output tok/s over the run.
+
+    .venv/bin/python benchmarks/speculative.py [--workloads copy,chat] [--concurrency 1,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+from harness import RECORDED, RESULTS, bench, header, serving, tailserve_cmd
+
+PORT = 8130
+SETTINGS = {
+    "off": [],
+    "ngram": ["--speculative", "ngram"],
+    "draft": ["--speculative", "draft"],
+}
+
+
+def decode_tok_s(run: dict) -> float:
+    tpots = [r["tpot_s"] for r in run["requests"] if r["status"] == "ok" and r.get("tpot_s")]
+    return 1.0 / statistics.median(tpots)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", default="copy,chat")
+    ap.add_argument("--concurrency", default="1,8")
+    ap.add_argument("--settings", default="off,ngram,draft")
+    ap.add_argument("--output-tokens", type=int, default=128)
+    ap.add_argument("--requests-per-stream", type=int, default=4)
+    ap.add_argument("--server-args", default="", help="extra flags for every tailserve serve")
+    args = ap.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    results: dict[str, dict[str, dict[int, dict]]] = {}
+    for setting in args.settings.split(","):
+        flags = SETTINGS[setting] + args.server_args.split()
+        with serving(tailserve_cmd(PORT, *flags), PORT, RESULTS / f"spec-{setting}.log") as url:
+            for workload in args.workloads.split(","):
+                for c in levels:
+                    n = max(8, args.requests_per_stream * c)
+                    record = bench(
+                        url,
+                        RESULTS / f"spec-{setting}-{workload}-c{c}",
+                        "--workload", workload,
+                        "--concurrency", str(c),
+                        "--requests", str(n),
+                        "--output-tokens", str(args.output_tokens),
+                        "--seed", "0",
+                        "--no-plots",
+                    )  # fmt: skip
+                    run = record["runs"][0]
+                    server = run.get("server") or {}
+                    r = {
+                        "decode_tok_s": decode_tok_s(run),
+                        "output_tok_s": run["summary"]["throughput"]["output_tok_per_s"],
+                        "ttft_p50": run["summary"]["latency"]["ttft_s"]["p50"],
+                        "acceptance": server.get("spec_decode_acceptance_rate"),
+                    }
+                    results.setdefault(workload, {}).setdefault(setting, {})[c] = r
+                    print(workload, setting, c, r, flush=True)
+    RECORDED.mkdir(parents=True, exist_ok=True)
+    (RECORDED / "speculative.json").write_text(json.dumps(results, indent=2))
+    print(header("Speculative decoding", "python benchmarks/speculative.py"))
+    print("| workload | conc | setting | decode tok/s per stream | vs off | out tok/s | vs off | TTFT p50 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for workload, by_setting in results.items():
+        for c in levels:
+            base = by_setting.get("off", {}).get(c)
+            for setting, rows in by_setting.items():
+                r = rows[c]
+                d = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base else "-"
+                t = f"{r['output_tok_s'] / base['output_tok_s']:.2f}x" if base else "-"
+                print(
+                    f"| {workload} | {c} | {setting} | {r['decode_tok_s']:.0f} | {d} | "
+                    f"{r['output_tok_s']:.0f} | {t} | {r['ttft_p50'] * 1e3:.0f} ms |"
+                )
+
+
+if __name__ == "__main__":
+    main()

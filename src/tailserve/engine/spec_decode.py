@@ -1,0 +1,236 @@
+"""Speculative decoding: guess k tokens cheaply, check them all in one pass of the target model.
+
+Proposers:
+  ngram  prompt lookup: the continuation of the latest earlier occurrence of the sequence's last n
+         tokens (n from `max_n` down to 1). Free to run; right when the output quotes its context.
+  draft  the target's own first `depth` layers with an int4 head (self-speculation): it shares the
+         target's KV cache, since layer i's keys and values never depend on the layers after it.
+Both propose greedily, i.e. a point-mass guess d per position.
+
+Verification keeps the target's output exactly. Greedy rows accept the longest prefix of guesses
+equal to the target's argmax and take the target's token at the first difference (or a bonus token
+after the last guess); on the fused step every row's logits are bitwise those of plain decoding, so
+greedy output is identical. Sampled rows use the rejection scheme for a point-mass proposal: accept d
+with probability p(d), else draw from p with d removed; the output distribution is the target's.
+Seeded sampled requests do not speculate: how many tokens a step guesses depends on load, and a seed
+must give the same text whatever else runs.
+
+Adaptive back-off (`Controller`): the i-th guess of a request pays off with probability αⁱ (α: its
+acceptance rate, tracked per request) and costs the marginal time of one more token in the step. A
+step of T tokens that emits N takes t ≈ a + b·T (the engine's step-time model, fitted on decode-sized
+steps), so a guess is worth making only while αⁱ ≥ (b + draft cost)·N/t: when decoding is memory-bound
+(few sequences) guesses are nearly free, when it is compute-bound (many sequences) only near-certain
+ones are, and a request whose guesses keep failing stops guessing for a while (doubling each time).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from tailserve.engine.sequence import Sequence
+from tailserve.layers.sampler import filter_top_k_top_p
+from tailserve.sampling import SamplingParams
+
+PROPOSERS = ("off", "ngram", "draft")
+
+
+@dataclass
+class SpecState:
+    """One request's speculation record."""
+
+    acceptance: float  # moving average of the share of guesses accepted
+    proposed: int = 0
+    accepted: int = 0
+    pause_until: int = 0  # step before which the request does not guess
+    pause: int = 0  # length of the last pause, doubled at each failure
+    ngram_index: dict[tuple[int, ...], int] = field(default_factory=dict)
+    ngram_indexed: int = 0  # tokens whose n-grams are in the index
+
+
+class Proposer(ABC):
+    name: str
+
+    @abstractmethod
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+        """Up to ks[i] guessed tokens following seqs[i]'s tokens (possibly none)."""
+
+
+class NgramProposer(Proposer):
+    name = "ngram"
+
+    def __init__(self, max_n: int = 4, min_n: int = 1) -> None:
+        self.max_n, self.min_n = max_n, min_n
+
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+        return [self._one(s, k) for s, k in zip(seqs, ks)]
+
+    def _one(self, seq: Sequence, k: int) -> list[int]:
+        ids, state = seq.token_ids, seq.spec
+        assert state is not None
+        # Index every n-gram that ends before the last token: key → where its continuation starts.
+        index = state.ngram_index
+        for end in range(max(state.ngram_indexed, 1), len(ids)):
+            for n in range(self.min_n, min(self.max_n, end) + 1):
+                index[tuple(ids[end - n : end])] = end
+        state.ngram_indexed = max(len(ids), 1)
+        for n in range(min(self.max_n, len(ids)), self.min_n - 1, -1):
+            start = index.get(tuple(ids[len(ids) - n :]))
+            if start is not None:
+                return ids[start : start + k]
+        return []
+
+
+class DraftProposer(Proposer):
+    """The target's first `depth` layers, run greedily k times over the speculating sequences."""
+
+    name = "draft"
+
+    def __init__(self, runner, depth: int) -> None:
+        self.runner, self.depth = runner, depth
+
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+        drafts: list[list[int]] = [[] for _ in seqs]
+        live = [i for i, k in enumerate(ks) if k > 0]
+        step = 0
+        while live:
+            # Guess step `step` of every live sequence: its last token (then its previous guess) in.
+            last = [drafts[i][-1] if step else seqs[i].token_ids[-1] for i in live]
+            starts = [seqs[i].num_computed + step for i in live]
+            logits = self.runner.run_tokens([seqs[i] for i in live], last, starts, self.depth)
+            for i, t in zip(live, logits.argmax(-1).tolist()):
+                drafts[i].append(t)
+            step += 1
+            live = [i for i in live if len(drafts[i]) < ks[i]]
+        return drafts
+
+
+class Controller:
+    """Chooses how many tokens each request guesses this step (see the module docstring)."""
+
+    def __init__(
+        self,
+        max_k: int,
+        adaptive: bool = True,
+        prior: float = 0.7,
+        decay: float = 0.8,
+        floor: float = 0.15,
+    ) -> None:
+        self.max_k, self.adaptive, self.prior, self.decay, self.floor = max_k, adaptive, prior, decay, floor
+        self.step = 0
+        self.draft_seconds_per_guess = 0.0  # measured cost of one guessed token of one sequence
+
+    def state(self, seq: Sequence) -> SpecState:
+        if seq.spec is None:
+            seq.spec = SpecState(acceptance=self.prior)
+        return seq.spec
+
+    def threshold(self, coefficients: tuple[float, float] | None, num_tokens: int, num_seqs: int) -> float:
+        """The least chance of acceptance a guess needs to pay for itself in this step."""
+        if coefficients is None:
+            return 0.3  # until the step-time model knows the cost of a token
+        a, b = coefficients
+        step = a + b * num_tokens
+        return (b + self.draft_seconds_per_guess) * num_seqs / step
+
+    def choose_k(self, seq: Sequence, threshold: float) -> int:
+        state = self.state(seq)
+        if not self.adaptive:
+            return self.max_k
+        if self.step < state.pause_until:
+            return 0
+        if state.acceptance <= 0.0 or threshold >= 1.0:
+            return 0
+        if threshold <= 0.0:
+            return self.max_k
+        k = int(math.log(threshold) / math.log(state.acceptance)) if state.acceptance < 1.0 else self.max_k
+        return max(0, min(self.max_k, k))
+
+    def observe(self, seq: Sequence, proposed: int, accepted: int) -> None:
+        state = self.state(seq)
+        state.proposed += proposed
+        state.accepted += accepted
+        if proposed == 0:
+            return
+        state.acceptance = self.decay * state.acceptance + (1 - self.decay) * accepted / proposed
+        if state.acceptance < self.floor:
+            # Stop guessing for a while; each failed comeback doubles the pause. A comeback starts
+            # from the floor's level, so it guesses one token before it earns more.
+            state.pause = min(max(2 * state.pause, 4), 256)
+            state.pause_until = self.step + state.pause
+            state.acceptance = self.floor * 1.5
+        elif accepted == proposed:
+            state.pause = 0
+
+
+def speculation_allowed(seq: Sequence) -> bool:
+    """Requests whose output must not depend on how many tokens a step guesses do not speculate."""
+    p = seq.params
+    return (
+        (p.greedy or p.seed is None)
+        and p.logprobs is None
+        and seq.num_output_tokens >= p.min_tokens
+        and seq.num_output_tokens >= 1
+    )
+
+
+def verify(
+    logits: torch.Tensor, draft: list[int], params: SamplingParams, generator: torch.Generator | None
+) -> tuple[list[int], int]:
+    """(tokens to emit, how many guesses were accepted) from the target's logits at the k+1 positions:
+    row i is the distribution after the row's token and the first i guesses."""
+    if params.greedy:
+        best = logits.argmax(-1).tolist()
+        n = 0
+        while n < len(draft) and draft[n] == best[n]:
+            n += 1
+        return draft[:n] + [best[n]], n
+    probs = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p).softmax(-1)
+    for i, d in enumerate(draft):
+        p = probs[i]
+        if torch.rand((), generator=generator).item() < p[d].item():
+            continue
+        rest = p.clone()
+        rest[d] = 0.0
+        return draft[:i] + [int(torch.multinomial(rest, 1, generator=generator)[0])], i
+    return draft + [int(torch.multinomial(probs[len(draft)], 1, generator=generator)[0])], len(draft)
+
+
+class SpecDecoder:
+    """What the engine calls: `plan` guesses before a step, `accept` checks them after it."""
+
+    def __init__(self, proposer: Proposer, controller: Controller) -> None:
+        self.proposer, self.controller = proposer, controller
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+        self.num_verify_steps = 0  # (sequence, step) pairs that verified guesses
+
+    def plan(self, candidates: list[tuple[Sequence, int]], threshold: float) -> list[list[int]]:
+        """Guesses for each (sequence, most tokens it may guess) decoding this step."""
+        c = self.controller
+        c.step += 1
+        ks = [min(cap, c.choose_k(seq, threshold)) for seq, cap in candidates]
+        todo = [i for i, k in enumerate(ks) if k > 0]
+        drafts: list[list[int]] = [[] for _ in candidates]
+        if todo:
+            t0 = time.perf_counter()
+            got = self.proposer.propose([candidates[i][0] for i in todo], [ks[i] for i in todo])
+            guesses = sum(len(d) for d in got)
+            if guesses and isinstance(self.proposer, DraftProposer):
+                per_guess = (time.perf_counter() - t0) / guesses
+                c.draft_seconds_per_guess = 0.9 * c.draft_seconds_per_guess + 0.1 * per_guess
+            for i, d in zip(todo, got):
+                drafts[i] = d
+        return drafts
+
+    def accept(self, seq: Sequence, draft: list[int], logits: torch.Tensor) -> tuple[list[int], int]:
+        tokens, n = verify(logits, draft, seq.params, seq.generator)
+        self.controller.observe(seq, len(draft), n)
+        self.num_draft_tokens += len(draft)
+        self.num_accepted_tokens += n
+        self.num_verify_steps += 1
+        return tokens, n

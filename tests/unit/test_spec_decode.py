@@ -1,0 +1,163 @@
+"""Speculative decoding: guesses never change greedy output, sampled output keeps the target's
+distribution, the controller backs off when guessing does not pay, and no block leaks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tailserve.engine.sequence import Sequence
+from tailserve.engine.spec_decode import Controller, NgramProposer, Proposer, SpecState, verify
+from tailserve.sampling import SamplingParams
+from tests.tiny import MODEL_KINDS, NO_FUSED, run_all, tiny_engine, tiny_fused_model, tiny_model_of
+
+GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+# Prompts that repeat themselves, so the n-gram proposer has something to find.
+LOOPS = [[5, 6, 7, 8, 9] * 6, [40, 41, 42] * 9 + [7], [100 + i % 11 for i in range(50)], [3, 4]]
+
+
+def seq_of(ids: list[int]) -> Sequence:
+    s = Sequence("r", ids, GREEDY)
+    s.spec = SpecState(acceptance=0.7)
+    return s
+
+
+def test_ngram_proposes_the_continuation_of_the_latest_match() -> None:
+    p = NgramProposer(max_n=3, min_n=1)
+    s = seq_of([1, 2, 3, 9, 9, 1, 2, 3, 7, 7, 1, 2, 3])
+    assert p.propose([s], [2]) == [[7, 7]]  # the latest earlier "1 2 3" is followed by 7 7
+    s.token_ids.append(7)
+    assert p.propose([s], [3]) == [[7, 1, 2]]  # the index grew: "2 3 7" was followed by 7 1 2
+    s.token_ids.append(5)
+    assert p.propose([s], [3]) == [[]]  # "5" never came before
+    assert p.propose([seq_of([1, 2, 3, 4])], [4]) == [[]]  # nothing repeats
+
+
+def test_verify_greedy_accepts_the_matching_prefix_then_corrects() -> None:
+    logits = torch.full((4, 10), -5.0)
+    for i, t in enumerate([4, 6, 2, 8]):
+        logits[i, t] = 5.0
+    assert verify(logits, [4, 6, 2], GREEDY, None) == ([4, 6, 2, 8], 3)  # all taken, plus a bonus
+    assert verify(logits, [4, 1, 2], GREEDY, None) == ([4, 6], 1)  # the target's token at the miss
+    assert verify(logits[:1], [], GREEDY, None) == ([4], 0)
+
+
+def test_verify_sampled_keeps_the_target_distribution() -> None:
+    """Rejection sampling with point-mass guesses: the first emitted token follows p0, and the second,
+    when the first guess was accepted, follows p1 — whatever the guesses are."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, generator=g) * 1.5
+    params = SamplingParams(temperature=0.8, max_tokens=8)
+    p = (logits / 0.8).softmax(-1)
+    n = 40_000
+    firsts = torch.zeros(6)
+    seconds = torch.zeros(6)
+    draft = [int(p[0].argmax()), 4]
+    for _ in range(n):
+        tokens, _ = verify(logits, draft, params, g)
+        firsts[tokens[0]] += 1
+        if tokens[0] == draft[0] and len(tokens) > 1:
+            seconds[tokens[1]] += 1
+    assert (firsts / n - p[0]).abs().sum() / 2 < 0.015
+    assert (seconds / seconds.sum() - p[1]).abs().sum() / 2 < 0.02
+
+
+def test_controller_backs_off_and_comes_back() -> None:
+    c = Controller(max_k=6)
+    s = seq_of([1, 2, 3])
+    assert c.choose_k(s, threshold=0.3) == 3  # 0.7³ ≥ 0.3 > 0.7⁴
+    assert c.choose_k(s, threshold=1.0) == 0  # compute-bound: no guess can pay
+    for _ in range(10):
+        c.observe(s, 4, 0)
+    assert s.spec.pause_until > c.step and c.choose_k(s, threshold=0.1) == 0
+    c.step = s.spec.pause_until
+    assert c.choose_k(s, threshold=0.1) >= 1  # a comeback after the pause
+    assert Controller(max_k=5, adaptive=False).choose_k(s, threshold=1.0) == 5
+
+
+@pytest.mark.parametrize(
+    ("kind", "speculative"),
+    [
+        ("torch", "ngram"),
+        pytest.param("fused", "ngram", marks=NO_FUSED),
+        pytest.param("fused", "draft", marks=NO_FUSED),
+    ],
+)
+def test_greedy_output_identical_with_guesses(kind: str, speculative: str) -> None:
+    """(Draft passes run on the fused step only.)"""
+    model = (
+        tiny_fused_model(seed=1, draft_head=True) if speculative == "draft" else tiny_model_of(kind, seed=1)
+    )
+    ref = tiny_engine(model, speculative="off")
+    for i, p in enumerate(LOOPS):
+        ref.add_request(str(i), p, GREEDY)
+    want = run_all(ref)
+    for options in ({}, {"spec_adaptive": False}, {"max_num_batched_tokens": 24, "max_num_seqs": 2}):
+        eng = tiny_engine(model, speculative=speculative, draft_model="layers:1", **options)
+        for i, p in enumerate(LOOPS):
+            eng.add_request(str(i), p, GREEDY)
+        assert run_all(eng) == want, options
+        assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+        if not options:
+            continue
+        assert eng.stats.spec_decode_num_draft_tokens > 0
+    if speculative == "ngram":
+        assert eng.stats.spec_decode_num_accepted_tokens > 0
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_guesses_with_prefix_cache_and_aborts_leak_nothing(kind: str) -> None:
+    model = tiny_model_of(kind, seed=1)
+    eng = tiny_engine(model, speculative="ngram", spec_adaptive=False)
+    for i in range(6):
+        eng.add_request(f"a{i}", LOOPS[0] + [i], GREEDY)
+    for _ in range(4):
+        eng.step()
+    eng.abort("a2")
+    eng.abort("a5")
+    run_all(eng)
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+    ref = tiny_engine(model)
+    ref.add_request("x", LOOPS[0] + [1], GREEDY)
+    again = tiny_engine(model, speculative="ngram", spec_adaptive=False)
+    again.add_request("x", LOOPS[0] + [1], GREEDY)
+    assert run_all(again) == run_all(ref)
+
+
+class Fixed(Proposer):
+    """Guesses the same tokens every time: right sometimes, wrong other times."""
+
+    name = "fixed"
+
+    def __init__(self, guess: list[int]) -> None:
+        self.guess = guess
+
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+        return [self.guess[:k] for k in ks]
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_sampled_engine_output_follows_the_same_distribution(kind: str) -> None:
+    """The distribution of the output tokens that can be guessed (the 2nd and 3rd), with and without
+    guesses, over many unseeded samples of a tiny model."""
+    model = tiny_model_of(kind, seed=2)
+    params = SamplingParams(max_tokens=3, temperature=0.3, ignore_eos=True)
+    n = 800
+
+    def sample(eng) -> torch.Tensor:
+        for i in range(n):
+            eng.add_request(str(i), LOOPS[1], params)
+        c = torch.zeros(2, 256)
+        for toks in run_all(eng).values():
+            c[0, toks[1]] += 1
+            c[1, toks[2]] += 1
+        return c / n
+
+    off = sample(tiny_engine(model, seed=11, max_num_seqs=64))
+    eng = tiny_engine(model, speculative="ngram", spec_adaptive=False, seed=12, max_num_seqs=64)
+    # Guess each position's second most likely token: a verifier that accepts too often shows at once.
+    eng.spec.proposer = Fixed([int(off[0].topk(2).indices[1]), int(off[1].topk(2).indices[1])])
+    spec = sample(eng)
+    assert eng.stats.spec_decode_num_accepted_tokens > n // 50
+    assert eng.stats.spec_decode_num_draft_tokens > eng.stats.spec_decode_num_accepted_tokens
+    assert ((off - spec).abs().sum(-1) / 2 < 0.08).all(), (off - spec).abs().sum(-1) / 2
