@@ -352,7 +352,10 @@ class LLMEngine:
             SampleRow(s.seq.params, s.seq.generator, self._banned(s.seq))
             for s in map(result.sampled.__getitem__, plain)
         ]
-        sample = self.sampler(logits[[result.rows[j] for j in plain]], rows) if rows else None
+        plain_rows = [result.rows[j] for j in plain]
+        # Guesses' rows lie in between only when some request guessed: then gather the others.
+        logits_plain = logits if plain_rows == list(range(len(logits))) else logits[plain_rows]
+        sample = self.sampler(logits_plain, rows) if rows else None
         now = time.perf_counter()
         for s in sched.scheduled:
             if not s.draft:

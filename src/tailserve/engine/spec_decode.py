@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tailserve.engine.sequence import Sequence
-from tailserve.layers.sampler import filter_top_k_top_p
+from tailserve.layers.sampler import argmax_rows, filter_top_k_top_p
 from tailserve.sampling import SamplingParams
 
 PROPOSERS = ("off", "ngram", "draft")
@@ -102,7 +102,7 @@ class DraftProposer(Proposer):
             last = [drafts[i][-1] if step else seqs[i].token_ids[-1] for i in live]
             starts = [seqs[i].num_computed + step for i in live]
             logits = self.runner.run_tokens([seqs[i] for i in live], last, starts, self.depth)
-            for i, t in zip(live, logits.argmax(-1).tolist()):
+            for i, t in zip(live, argmax_rows(logits).tolist()):
                 drafts[i].append(t)
             step += 1
             live = [i for i in live if len(drafts[i]) < ks[i]]
@@ -184,7 +184,7 @@ def verify(
     """(tokens to emit, how many guesses were accepted) from the target's logits at the k+1 positions:
     row i is the distribution after the row's token and the first i guesses."""
     if params.greedy:
-        best = logits.argmax(-1).tolist()
+        best = argmax_rows(logits).tolist()
         n = 0
         while n < len(draft) and draft[n] == best[n]:
             n += 1
