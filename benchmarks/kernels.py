@@ -51,7 +51,9 @@ def weight_bytes(model: LlamaModel | FusedLlama) -> int:
     )
 
 
-def decode_inputs(model: LlamaModel, batch: int, context: int, dtype: torch.dtype, seed: int = 0):
+def decode_inputs(
+    model: LlamaModel | FusedLlama, batch: int, context: int, dtype: torch.dtype, seed: int = 0
+):
     """Random K/V pools and the metadata of one decode step of `batch` sequences of ~`context` tokens."""
     c = model.config
     g = torch.Generator().manual_seed(seed)
@@ -91,7 +93,7 @@ def fused_inputs(model: FusedLlama, ids: torch.Tensor, meta: AttentionMetadata, 
     assert tables is not None and lens is not None
     tables = tables.clone()
     if shared:
-        tables[:, : shared // BLOCK] = tables[0, : shared // BLOCK]
+        tables[:, : shared // BLOCK] = tables[0, : shared // BLOCK].clone()
     shape = model.kv_cache_shape(int(tables.max()) + 1, BLOCK)
     g = torch.Generator().manual_seed(1)
     k = [torch.randn(shape, generator=g).bfloat16() for _ in range(c.num_layers)]
@@ -128,7 +130,7 @@ def main() -> None:
     del weights
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
-        any_model = next(m for m in variants.values() if isinstance(m, LlamaModel))
+        any_model = next(iter(variants.values()))
         ids, pos, pools, meta, kv_bytes = decode_inputs(any_model, batch, args.context, dtype)
         fused_args = fused_inputs(
             variants[next(k for k in variants if k[1] == "fused")], ids, meta, args.shared

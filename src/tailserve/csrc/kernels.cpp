@@ -46,8 +46,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   return out;
 }
 
-// Index of each row's largest value (the first, on ties: as torch.argmax), the rows in parallel. PyTorch's
-// argmax reads ~1.5 GB/s here; a greedy step over 16 × 49k logits spent 0.5 ms in it.
+// Index of each row's largest value (the first, on ties: as torch.argmax). PyTorch's argmax reads
+// ~1.5 GB/s here; a greedy step over 16 × 49k logits spent 0.5 ms in it, this takes ~0.1 ms on one
+// thread (deliberately one: an OpenMP team woken here would spin against the fused step's team).
 torch::Tensor argmax_rows(torch::Tensor x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1 && x.size(1) > 0,
               "argmax_rows takes fp32 [rows, n] with unit column stride");
@@ -55,8 +56,8 @@ torch::Tensor argmax_rows(torch::Tensor x) {
   auto out = torch::empty({R}, torch::kLong);
   const float* xp = x.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
-  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
+  {
+    for (int64_t r = 0; r < R; ++r) {
       const float* row = xp + r * ld;
       float best = row[0];
       int64_t at = 0, i = 0;
@@ -86,7 +87,7 @@ torch::Tensor argmax_rows(torch::Tensor x) {
         if (row[i] > best) best = row[i], at = i;
       op[r] = at;
     }
-  });
+  }
   return out;
 }
 
@@ -158,6 +159,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     torch::Tensor>())
       .def("add_layer", &Llama::add_layer)
       .def("set_draft_head", &Llama::set_draft_head)
+      .def("set_threads", &Llama::set_threads)
       .def("forward", &Llama::forward, nogil)
       .def("take_phase_seconds", &Llama::take_phase_seconds);
 #endif

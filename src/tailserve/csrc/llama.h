@@ -1,10 +1,10 @@
 // The whole Llama decoder step in one call: embedding, every layer, the final norm and the head, over
-// a flat batch of decode rows and prefill chunks. One OpenMP region spans the step; its phases
-// (norm, QKV, RoPE + KV write, attention, O + residual, norm, gate/up + SwiGLU, down + residual) are
-// split statically between threads and separated by barriers. Per decode step that replaces ~600
-// PyTorch op dispatches and their allocations with ~240 barriers, and the GIL is released throughout.
+// a flat batch of decode rows and prefill chunks. One run of the thread team (team.h) spans the step;
+// its phases (norm, QKV, RoPE + KV write, attention, O + residual, norm, gate/up + SwiGLU, down +
+// residual) are split statically between threads and separated by barriers. Per decode step that
+// replaces ~600 PyTorch op dispatches and their allocations with ~240 barriers, and the GIL is
+// released throughout.
 #pragma once
-#include <omp.h>
 
 #include <map>
 #include <memory>
@@ -12,6 +12,7 @@
 
 #include "attention.h"
 #include "linear.h"
+#include "team.h"
 
 namespace {
 
@@ -159,23 +160,23 @@ class Llama {
     std::vector<uint16_t> xn(std::max(T, R) * Hd), attn(T * QD), act(T * I);
     auto logits = torch::empty({R, V}, torch::kFloat);
     float* out = logits.data_ptr<float>();
-    const int nth = at::get_num_threads();
+    const int nth = threads_;
     PairAttentionArgs aa{H,       Hkv,     D,  bs, qkv.data(), QKV, nullptr, nullptr, tb, nblk, row_seq.data(),
                          lens.data(), 1.f / std::sqrt(static_cast<float>(D)), attn.data(), QD};
     const auto* emb = embed_.data_ptr<BF16>();
     const float* cs = cos_.data_ptr<float>();
     const float* sn = sin_.data_ptr<float>();
 
-#pragma omp parallel num_threads(nth)
-    {
-      const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    Team& team = Team::instance();
+    team.run(nth, [&](int tid, int nt) {
       int64_t b, e;
-      double mark = omp_get_wtime();
+      using clock = std::chrono::steady_clock;
+      auto mark = clock::now();
       // After a barrier: thread 0 charges the time since the last one to `phase` (its wall time).
       auto lap = [&](Phase phase) {
         if (tid == 0) {
-          const double now = omp_get_wtime();
-          phase_seconds_[phase] += now - mark;
+          const auto now = clock::now();
+          phase_seconds_[phase] += std::chrono::duration<double>(now - mark).count();
           mark = now;
         }
       };
@@ -190,7 +191,7 @@ class Llama {
       rows(T);
       for (int64_t t = b; t < e; ++t)
         for (int64_t i = 0; i < Hd; ++i) x[t * Hd + i] = load_f(emb[id[t] * Hd + i]);
-#pragma omp barrier
+      team.barrier(nt);
       lap(kEmbed);
       for (int64_t l = 0; l < depth; ++l) {
         const Layer& ly = layers_[l];
@@ -199,10 +200,10 @@ class Llama {
         rows(T);
         for (int64_t t = b; t < e; ++t)
           rms_norm_row(&x[t * Hd], ly.in_norm.data_ptr<float>(), Hd, eps_, &xn[t * Hd]);
-#pragma omp barrier
+        team.barrier(nt);
         lap(kNorm);
         linear(ly.qkv, xn.data(), Hd, T, StoreF32{qkv.data(), QKV, QKV});
-#pragma omp barrier
+        team.barrier(nt);
         lap(kQkv);
         rows(T);
         for (int64_t t = b; t < e; ++t) {
@@ -220,39 +221,45 @@ class Llama {
             }
           }
         }
-#pragma omp barrier
+        team.barrier(nt);
         lap(kRope);
         thread_range(T * Hkv, tid, nt, b, e);
         PairAttentionArgs la = aa;
         la.kc = kc;
         la.vc = vc;
         pair_attention_items(la, b, e);
-#pragma omp barrier
+        team.barrier(nt);
         lap(kAttention);
         linear(ly.o, attn.data(), QD, T, AddF32{x.data(), Hd, Hd});
-#pragma omp barrier
+        team.barrier(nt);
         lap(kO);
         rows(T);
         for (int64_t t = b; t < e; ++t)
           rms_norm_row(&x[t * Hd], ly.post_norm.data_ptr<float>(), Hd, eps_, &xn[t * Hd]);
-#pragma omp barrier
+        team.barrier(nt);
         lap(kNorm);
         linear(ly.gate_up, xn.data(), Hd, T, SwiGlu{act.data(), I, I});
-#pragma omp barrier
+        team.barrier(nt);
         lap(kGateUp);
         linear(ly.down, act.data(), I, T, AddF32{x.data(), Hd, Hd});
-#pragma omp barrier
+        team.barrier(nt);
         lap(kDown);
       }
       rows(R);
       for (int64_t r = b; r < e; ++r) rms_norm_row(&x[sr[r] * Hd], norm_.data_ptr<float>(), Hd, eps_, &xn[r * Hd]);
-#pragma omp barrier
+      team.barrier(nt);
       lap(kNorm);
       linear(head, xn.data(), Hd, R, StoreF32{out, V, V});
-#pragma omp barrier
+      team.barrier(nt);
       lap(kHead);  // (the barrier only so that the head's time is the slowest thread's)
-    }
+    });
     return logits;
+  }
+
+  // Threads that run a step (the caller and threads_ - 1 members of the team).
+  void set_threads(int64_t n) {
+    TORCH_CHECK(n >= 1 && n <= 1024, "threads must be in [1, 1024]");
+    threads_ = static_cast<int>(n);
   }
 
   void set_draft_head(Linear head) {
@@ -277,6 +284,7 @@ class Llama {
   }
 
   int64_t H_, Hkv_, D_, hidden_ = 0, inter_ = 0;
+  int threads_ = 1;
   float eps_;
   torch::Tensor embed_, norm_;
   Linear head_;

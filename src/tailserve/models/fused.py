@@ -90,6 +90,7 @@ class FusedLlama(nn.Module):
         weights: dict[str, torch.Tensor],
         quantization: str = "none",
         draft_head: bool = False,
+        num_threads: int | None = None,
     ) -> None:
         """Linears are built (and quantized) from the source weights. Activations run in bf16; int8 and
         int4 layers take them quantized to int8 per group of 32 (vpdpbusd, as llama.cpp does with the
@@ -98,7 +99,8 @@ class FusedLlama(nn.Module):
 
         draft_head: also an int4 copy of the head for draft passes (`depth` < layers). The head is ~30 %
         of the bytes an int4 step reads, so a shallow draft is cheap only with a cheap head; its error
-        can cost acceptance, never exactness (the full pass verifies every draft)."""
+        can cost acceptance, never exactness (the full pass verifies every draft).
+        num_threads: threads that run a step (default: torch's intra-op count, i.e. the cores)."""
         super().__init__()
         if not fused_supported(config):
             raise RuntimeError(
@@ -136,6 +138,7 @@ class FusedLlama(nn.Module):
             self.cos,
             self.sin,
         )
+        self.impl.set_threads(num_threads or torch.get_num_threads())
         if draft_head:
             self.draft_head = make_linear(head, "int4", torch.bfloat16, vnni=True)
             self.impl.set_draft_head(_packed(self.draft_head))
