@@ -32,7 +32,7 @@ from tailserve.engine.spec_decode import (
 )
 from tailserve.layers.sampler import Sampler, SampleRow
 from tailserve.models.fused import BLOCK_MULTIPLE as FUSED_BLOCK_MULTIPLE
-from tailserve.models.fused import FusedLlama, fused_supported
+from tailserve.models.fused import FusedLlama, cached_fused, fused_supported
 from tailserve.models.llama import LlamaModel
 from tailserve.sampling import SamplingParams
 
@@ -207,15 +207,14 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
-        from tailserve.models.loader import load_config_and_weights, resolve_model
+        from tailserve.models.loader import load_config, load_config_and_weights, resolve_model
         from tailserve.tokenizer import Tokenizer
 
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         path = resolve_model(config.model)
-        model_config, weights = load_config_and_weights(path)
+        model_config = load_config(path)
         device = resolve_device(config.device)
-        weights = {k: v.to(device) for k, v in weights.items()}
         dtype = resolve_dtype(config.dtype, device)
         fused = (
             config.fused
@@ -225,13 +224,27 @@ class LLMEngine:
             and fused_supported(model_config)
         )
         quantization = resolve_quantization(config.quantization, model_config.weight_precision, fused)
+        model: LlamaModel | FusedLlama
         if fused:
-            draft_head = config.speculative == "draft"
-            model: LlamaModel | FusedLlama = FusedLlama(
-                model_config, weights, quantization, draft_head
-            ).eval()
+            draft = config.speculative == "draft"
+            threads = config.num_threads or torch.get_num_threads()
+
+            def build() -> FusedLlama:
+                mc, weights = load_config_and_weights(path)
+                return FusedLlama(mc, weights, quantization, draft, num_threads=threads).eval()
+
+            if config.weight_cache and path.is_file():
+                model = cached_fused(path, quantization, draft, threads, build)
+            else:
+                model = build()
+            # The step runs on its own thread team; PyTorch's (OpenMP) team, woken by the few torch
+            # ops around a step, would spin against it for the cores.
+            torch.set_num_threads(1)
         else:
+            model_config, weights = load_config_and_weights(path)
+            weights = {k: v.to(device) for k, v in weights.items()}
             model = LlamaModel(model_config, weights, dtype, quantization).to(device).eval()
+            del weights
         log.info(
             "model %s: %s step, %s activations, weights %s (checkpoint: %s)",
             path.name,
@@ -240,7 +253,6 @@ class LLMEngine:
             quantization,
             model_config.weight_precision,
         )
-        del weights
         return cls(config, model, Tokenizer.load(path))
 
     # --- requests ---------------------------------------------------------------------------------

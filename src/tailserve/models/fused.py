@@ -9,6 +9,12 @@ verified several tokens at a time.
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -24,7 +30,7 @@ from tailserve.layers.linear import (
     make_linear,
 )
 from tailserve.models.llama import _layer_weights, rope_tables
-from tailserve.models.loader import ModelConfig
+from tailserve.models.loader import ModelConfig, cache_home
 
 SWIGLU_HALF = 16  # gate/up rows per half-block of the packed layout (csrc/linear.h: SwiGlu)
 BLOCK_MULTIPLE = 16  # the KV block size must be a multiple of this (csrc/attention.h: pair layout)
@@ -106,7 +112,6 @@ class FusedLlama(nn.Module):
             raise RuntimeError(
                 "the fused step needs the C++ kernels with AVX512-BF16 and a supported model shape"
             )
-        ops = kernels.ops()
         self.config = config
         self.embed = nn.Parameter(
             weights["model.embed_tokens.weight"].to(torch.bfloat16), requires_grad=False
@@ -127,11 +132,18 @@ class FusedLlama(nn.Module):
         self.layers = nn.ModuleList(
             FusedLayer(config, _layer_weights(weights, i), quantization) for i in range(config.num_layers)
         )
-        self.impl = ops.Llama(
-            config.num_heads,
-            config.num_kv_heads,
-            config.head_dim,
-            config.rms_norm_eps,
+        if draft_head:
+            self.draft_head = make_linear(head, "int4", torch.bfloat16, vnni=True)
+        self._bind(num_threads)
+
+    def _bind(self, num_threads: int | None) -> None:
+        """The C++ model over this module's buffers (built anew after unpickling: `load`)."""
+        c = self.config
+        self.impl = kernels.ops().Llama(
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            c.rms_norm_eps,
             self.embed,
             self.norm,
             _packed(self.lm_head),
@@ -139,8 +151,7 @@ class FusedLlama(nn.Module):
             self.sin,
         )
         self.impl.set_threads(num_threads or torch.get_num_threads())
-        if draft_head:
-            self.draft_head = make_linear(head, "int4", torch.bfloat16, vnni=True)
+        if hasattr(self, "draft_head"):
             self.impl.set_draft_head(_packed(self.draft_head))
         for layer in self.layers:
             self.impl.add_layer(
@@ -151,6 +162,25 @@ class FusedLlama(nn.Module):
                 _packed(layer.gate_up),
                 _packed(layer.down),
             )
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("impl", None)  # a view of the buffers, rebuilt by `load`
+        return state
+
+    def save(self, path: Path) -> None:
+        """The packed model, for `load` to skip dequantizing and quantizing at the next start."""
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(self, tmp)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path, num_threads: int | None = None) -> FusedLlama:
+        model = torch.load(path, weights_only=False)  # our own cache file (see cached_fused)
+        if not isinstance(model, cls):
+            raise TypeError(f"{path} holds a {type(model).__name__}, not a FusedLlama")
+        model._bind(num_threads)
+        return model.eval()
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         """One layer's K (or V) pool: [blocks, kv_heads, block_size, head_dim] in the kernel's pair layout."""
@@ -178,3 +208,41 @@ class FusedLlama(nn.Module):
         """
         depth = self.config.num_layers if depth is None else depth
         return self.impl.forward(ids, seqs, tables, block_size, sample_rows, k_caches, v_caches, depth)
+
+
+log = logging.getLogger("tailserve.fused")
+_PACKING_SOURCES = ("fused.py", "../layers/quant.py", "../layers/linear.py", "llama.py")
+
+
+def cached_fused(
+    model_file: Path,
+    quantization: str,
+    draft_head: bool,
+    num_threads: int | None,
+    build: Callable[[], FusedLlama],
+) -> FusedLlama:
+    """The packed model from the disk cache when this model file, precision and packing code were
+    packed before; else `build()` it and store it. A second start of the default model then skips
+    ~8 s of dequantizing, quantizing and packing."""
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    st = model_file.stat()
+    h.update(f"{model_file.resolve()}|{st.st_size}|{st.st_mtime_ns}|{quantization}|{draft_head}".encode())
+    h.update(torch.__version__.encode())
+    for name in _PACKING_SOURCES:
+        h.update((here / name).resolve().read_bytes())
+    path = cache_home() / "packed" / f"{model_file.stem}-{quantization}-{h.hexdigest()[:16]}.pt"
+    if path.exists():
+        try:
+            model = FusedLlama.load(path, num_threads)
+            log.info("packed weights loaded from %s", path)
+            return model
+        except Exception as e:  # a damaged or foreign file: rebuild it
+            log.warning("packed weights in %s unusable (%s): packing again", path, e)
+    model = build()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        model.save(path)
+    except OSError as e:
+        log.warning("could not cache the packed weights in %s: %s", path, e)
+    return model

@@ -1,0 +1,58 @@
+"""The packed-weight cache: a saved fused model loads back to the same logits, a second start skips
+packing, and a changed model file or precision packs again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tailserve.models.fused import FusedLlama, cached_fused
+from tests.tiny import NO_FUSED, TINY, tiny_fused_model
+
+pytestmark = NO_FUSED
+
+
+def logits(model: FusedLlama) -> torch.Tensor:
+    shape = model.kv_cache_shape(4, 16)
+    k = [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(TINY.num_layers)]
+    v = [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(TINY.num_layers)]
+    ids = torch.tensor([5, 9, 33, 2, 7])
+    return model.compute_logits(ids, torch.tensor([[0, 5]]), torch.arange(4)[None], 16, torch.arange(5), k, v)
+
+
+def test_save_and_load_give_the_same_logits(tmp_path: Path) -> None:
+    model = tiny_fused_model(quantization="int4", draft_head=True)
+    model.save(tmp_path / "m.pt")
+    again = FusedLlama.load(tmp_path / "m.pt")
+    assert torch.equal(logits(again), logits(model))
+    assert hasattr(again, "draft_head")
+
+
+def test_cached_fused_packs_once_per_file_and_precision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TAILSERVE_HOME", str(tmp_path / "home"))
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"stands in for the model file")
+    built: list[str] = []
+
+    def build(q: str):
+        def make() -> FusedLlama:
+            built.append(q)
+            return tiny_fused_model(quantization=q)
+
+        return make
+
+    first = cached_fused(source, "int4", False, None, build("int4"))
+    second = cached_fused(source, "int4", False, None, build("int4"))
+    assert built == ["int4"] and torch.equal(logits(second), logits(first))
+    cached_fused(source, "int8", False, None, build("int8"))  # another precision: packed anew
+    source.write_bytes(b"a changed model file")
+    cached_fused(source, "int4", False, None, build("int4"))  # another file: packed anew
+    assert built == ["int4", "int8", "int4"]
+    for f in (tmp_path / "home" / "packed").glob("*.pt"):
+        f.write_bytes(b"damaged")
+    cached_fused(source, "int4", False, None, build("int4"))  # a damaged cache file is rebuilt
+    assert built[-1] == "int4" and len(built) == 4
