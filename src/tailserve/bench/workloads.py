@@ -37,6 +37,41 @@ _WORD_TEXT = (
 )
 _WORDS = _WORD_TEXT.split()
 
+# Plain sentences for passages a model is asked to quote: small models copy prose faithfully but
+# paraphrase word salad, and the copy workload is only what it says when the answer quotes the prompt.
+_PROSE = (
+    "The city library opens at nine in the morning and closes at six in the evening.",
+    "Visitors can borrow up to five books at a time, and each loan lasts three weeks.",
+    "The reading room on the second floor is quiet and has large windows that face the park.",
+    "To make a simple tomato soup, cook two chopped onions in olive oil until they are soft.",
+    "Add six ripe tomatoes, a cup of water and a pinch of salt, then let it simmer for twenty minutes.",
+    "Our team meeting is moved to Thursday at two o'clock because the conference room is booked.",
+    "Please bring the quarterly report and your notes on the new project.",
+    "If you cannot attend, send a short update to Maria before noon.",
+    "The train to the coast leaves from platform four every hour.",
+    "The journey takes about ninety minutes and passes through three small towns.",
+    "Tickets can be bought at the station or online, and children under twelve travel for half price.",
+    "Water the tomato plants early in the morning, before the sun is strong.",
+    "The museum has a new exhibition of old maps, some of them more than four hundred years old.",
+    "A good password is long, easy for you to remember and hard for anyone else to guess.",
+    "The bakery on the corner sells fresh bread every day except Monday.",
+    "After the storm, the river rose so high that the old bridge was closed for a week.",
+    "Remember to switch off the lights and lock the back door when you leave the office.",
+    "The course covers the basics of statistics, from averages to simple regression.",
+    "Each student will present a short project at the end of the term.",
+    "The hotel offers free breakfast, a small gym and a shuttle to the airport.",
+    "Our support team answers emails within one working day.",
+    "The bike path follows the lake for six miles and then turns north into the forest.",
+    "Store the medicine in a cool, dry place and keep it away from children.",
+    "The concert starts at eight, and the doors open half an hour earlier.",
+    "She planted apple trees along the fence, and after three years they gave their first fruit.",
+    "The new software update fixes several bugs and makes the app start faster.",
+    "Please read the safety instructions before you use the machine for the first time.",
+    "The farmers' market is open on Saturdays from early morning until one in the afternoon.",
+    "He wrote a letter to his grandmother every month while he was studying abroad.",
+    "The restaurant is closed for renovation and will open again in the spring.",
+)
+
 _QUESTIONS = (
     "Explain the following in simple terms.",
     "Summarize the passage below.",
@@ -63,6 +98,17 @@ def synth_text(rng: random.Random, approx_tokens: int) -> str:
         sentences.append(" ".join(words).capitalize() + ".")
         n += k
     return " ".join(sentences)
+
+
+def prose_text(rng: random.Random, approx_tokens: int) -> str:
+    """Plain sentences, none twice in a row, totalling about `approx_tokens` tokens."""
+    order: list[str] = []
+    while est_tokens(" ".join(order)) < approx_tokens:
+        pool = list(_PROSE)
+        rng.shuffle(pool)
+        order.extend(pool)
+    words = " ".join(order).split()
+    return " ".join(words[: max(1, round(approx_tokens / TOKENS_PER_WORD))])
 
 
 @dataclass(frozen=True)
@@ -148,7 +194,7 @@ def build_workload(name: str, num_requests: int, seed: int, params: WorkloadPara
             else:
                 turn = Turn(_user_turn(rng, 32, 128), out)
         elif name == "copy":
-            passage = synth_text(rng, out)
+            passage = prose_text(rng, out)
             turn = Turn(f"Repeat the following passage word for word.\n\n{passage}", out, tag="copy")
         elif name == "disconnect" and rng.random() < p.disconnect_share:
             drop = rng.randint(1, max(1, out // 2))
