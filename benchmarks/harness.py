@@ -24,8 +24,10 @@ RECORDED = ROOT / "benchmarks" / "recorded"  # the summaries BENCHMARKS.md quote
 PEERS = ROOT.parent / "shared" / "peers"
 
 
-def tailserve_cmd(port: int, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "tailserve.cli", "serve", "--port", str(port), *flags]
+def tailserve_cmd(port: int | None, *flags: str) -> list[str]:
+    """`tailserve serve` with these flags (and the port, unless None: serving_all adds it)."""
+    port_flags = [] if port is None else ["--port", str(port)]
+    return [sys.executable, "-m", "tailserve.cli", "serve", *port_flags, *flags]
 
 
 @contextlib.contextmanager
@@ -55,6 +57,21 @@ def serving(cmd: list[str], port: int, log: Path, timeout: float = 600.0) -> Ite
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@contextlib.contextmanager
+def serving_all(servers: dict[str, list[str]], first_port: int, logs: Path) -> Iterator[dict[str, str]]:
+    """Several servers at once (label → command without --port), on consecutive ports: benchmarks
+    alternate between them, so the machine's drift hits every setting alike. An idle tailserve server
+    sleeps (its thread team parks after 3 ms), so the others do not slow it."""
+    with contextlib.ExitStack() as stack:
+        urls = {}
+        for i, (label, cmd) in enumerate(servers.items()):
+            port = first_port + i
+            urls[label] = stack.enter_context(
+                serving([*cmd, "--port", str(port)], port, logs / f"{label}.log")
+            )
+        yield urls
 
 
 def bench(url: str, out: Path, *flags: str) -> dict:

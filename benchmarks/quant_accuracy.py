@@ -3,6 +3,9 @@ tokens and mean KL divergence of the next-token distributions.
 
     python benchmarks/quant_accuracy.py [--model NAME] [--tokens 64] [--json out.json]
 
+Each precision runs on the PyTorch model (bf16 activations; int8 per channel, int4 per group) and on
+the fused C++ step (int8 per group of 32 and int4 there take int8-quantized activations, as llama.cpp).
+
 Greedy match: each precision generates `--tokens` tokens greedily through the engine (its decode path,
 kernels included); the rate is the share of positions equal to fp32's continuation. KL: the fp32
 continuation is fed to every precision (teacher forcing) and KL(fp32 ‖ precision) is averaged over
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from tailserve.config import EngineConfig
 from tailserve.engine.engine import LLMEngine
 from tailserve.layers.attention import AttentionMetadata, PrefillChunk
+from tailserve.models.fused import FusedLlama
 from tailserve.models.llama import LlamaModel
 from tailserve.models.loader import load_config_and_weights, resolve_model
 from tailserve.sampling import SamplingParams
@@ -36,15 +40,19 @@ TEXTS = [
     "In 1969, the Apollo 11 mission",
     "A hash table is a data structure that",
 ]
-PRECISIONS = {  # name → (activation dtype, quantization)
-    "fp32": (torch.float32, "none"),
-    "bf16": (torch.bfloat16, "none"),
-    "int8": (torch.bfloat16, "int8"),
-    "int4": (torch.bfloat16, "int4"),
+PRECISIONS = {  # name → (activation dtype, quantization, model)
+    "fp32": (torch.float32, "none", "torch"),
+    "bf16": (torch.bfloat16, "none", "torch"),
+    "int8": (torch.bfloat16, "int8", "torch"),
+    "int4": (torch.bfloat16, "int4", "torch"),
+    "fused bf16": (torch.bfloat16, "none", "fused"),
+    "fused int8": (torch.bfloat16, "int8", "fused"),
+    "fused int4": (torch.bfloat16, "int4", "fused"),
 }
+BLOCK = 16
 
 
-def generate(model: LlamaModel, prompts: list[list[int]], tokens: int) -> list[list[int]]:
+def generate(model: LlamaModel | FusedLlama, prompts: list[list[int]], tokens: int) -> list[list[int]]:
     engine = LLMEngine(EngineConfig(model="bench", kv_cache_memory=0.05, max_num_seqs=len(prompts)), model)
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     for i, p in enumerate(prompts):
@@ -57,9 +65,18 @@ def generate(model: LlamaModel, prompts: list[list[int]], tokens: int) -> list[l
 
 
 @torch.inference_mode()
-def log_probs(model: LlamaModel, ids: list[int]) -> torch.Tensor:
+def log_probs(model: LlamaModel | FusedLlama, ids: list[int]) -> torch.Tensor:
     """Next-token log-probabilities after every position of `ids`, one prefill chunk."""
     c, t = model.config, len(ids)
+    if isinstance(model, FusedLlama):
+        nblk = -(-t // BLOCK)
+        kv = [
+            torch.zeros(model.kv_cache_shape(nblk, BLOCK), dtype=torch.bfloat16)
+            for _ in range(2 * c.num_layers)
+        ]
+        seqs, tables = torch.tensor([[0, t]]), torch.arange(nblk)[None]
+        lg = model.compute_logits(torch.tensor(ids), seqs, tables, BLOCK, torch.arange(t), kv[::2], kv[1::2])
+        return lg.log_softmax(-1)
     pools = [
         (
             torch.zeros(t, c.num_kv_heads, c.head_dim, dtype=model.embed.dtype),
@@ -82,8 +99,11 @@ def main() -> None:
     tok = Tokenizer.load(path)
     prompts = [tok.encode(t) for t in TEXTS]
     results, ref_gen, ref_lp = {}, None, None
-    for name, (dtype, quantization) in PRECISIONS.items():
-        model = LlamaModel(config, weights, dtype, quantization).eval()
+    for name, (dtype, quantization, impl) in PRECISIONS.items():
+        if impl == "fused":
+            model: LlamaModel | FusedLlama = FusedLlama(config, weights, quantization).eval()
+        else:
+            model = LlamaModel(config, weights, dtype, quantization).eval()
         gen = generate(model, prompts, args.tokens)
         ref_gen = ref_gen or gen
         lps = [log_probs(model, p + g)[len(p) - 1 : -1] for p, g in zip(prompts, ref_gen, strict=True)]
@@ -97,7 +117,7 @@ def main() -> None:
         )
         rate = match / (len(prompts) * args.tokens)
         results[name] = {"greedy_match": rate, "mean_kl": kl.mean().item()}
-        print(f"{name:>5}: greedy-match {rate:6.1%}  mean KL {kl.mean().item():.5f}", flush=True)
+        print(f"{name:>10}: greedy-match {rate:6.1%}  mean KL {kl.mean().item():.5f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
