@@ -17,10 +17,11 @@ import statistics
 from harness import RECORDED, RESULTS, bench, header, serving, tailserve_cmd
 
 PORT = 8120
+COMMON: list[str] = []  # --server-args: flags for every server
 
 
 def run(label: str, server_flags: list[str], bench_flags: list[str]) -> dict:
-    with serving(tailserve_cmd(PORT, *server_flags), PORT, RESULTS / f"{label}.log") as url:
+    with serving(tailserve_cmd(PORT, *COMMON, *server_flags), PORT, RESULTS / f"{label}.log") as url:
         return bench(url, RESULTS / label, "--seed", "0", "--no-plots", *bench_flags)["runs"][0]
 
 
@@ -92,7 +93,9 @@ def straggler() -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="chat,multiturn,straggler")
+    ap.add_argument("--server-args", default="", help="extra flags for every tailserve serve")
     args = ap.parse_args()
+    COMMON.extend(args.server_args.split())
     parts = {"chat": chat, "multiturn": multiturn, "straggler": straggler}
     tables = {name: parts[name]() for name in args.parts.split(",")}
     RECORDED.mkdir(parents=True, exist_ok=True)

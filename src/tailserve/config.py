@@ -19,12 +19,17 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory: float = 1.0  # GiB for the KV block pool
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512  # per-step token budget (decodes + prefill chunks)
+    # Per-step token budget (decodes + prefill chunks). Small: a step of 128 prompt tokens takes ~0.1 s
+    # here, so requests arriving together get first tokens in turn rather than all after one long
+    # step, and running streams' ITL stays bounded; prefill is compute-bound from ~32 rows on, so
+    # larger chunks would buy no throughput (BENCHMARKS.md).
+    max_num_batched_tokens: int = 128
     max_model_len: int | None = None  # defaults to the model's context length, capped by the pool
     chunked_prefill: bool = True
     prefix_cache: bool = True
     length_aware: bool = True  # short prompts ahead of long ones; long ones keep a floor of the budget
     long_prefill_threshold: int | None = None  # tokens left to prefill above which a prompt is long
+    # (default: half the budget, at least 256)
     priority_aging: float = 2.0  # seconds of waiting that count as one priority level
     quantization: str = "auto"  # auto | none | int8 | int4 (auto: the checkpoint's own, on the fused step)
     fused: bool = True  # the whole step in one C++ call where the CPU has AVX512-BF16 (dtype bf16)

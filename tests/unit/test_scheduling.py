@@ -24,11 +24,18 @@ def first_token_steps(eng, ids: list[str]) -> dict[str, int]:
 
 
 def long_and_short(length_aware: bool) -> dict[str, int]:
-    eng = tiny_engine(MODEL, max_num_batched_tokens=32, max_num_seqs=8, length_aware=length_aware)
+    eng = tiny_engine(
+        MODEL, max_num_batched_tokens=32, max_num_seqs=8, length_aware=length_aware, long_prefill_threshold=16
+    )
     eng.add_request("long", prompts(20)[-1] * 3, greedy(4))  # 390 tokens: a dozen chunks
     eng.step()
     eng.add_request("short", prompts(21)[2], greedy(4))  # 7 tokens
     return first_token_steps(eng, ["long", "short"])
+
+
+def test_long_lane_threshold_does_not_shrink_with_the_budget() -> None:
+    assert tiny_engine(MODEL, max_num_batched_tokens=32, max_num_seqs=8).scheduler.long_threshold == 256
+    assert tiny_engine(MODEL, max_num_batched_tokens=2048).scheduler.long_threshold == 1024
 
 
 def test_short_prompt_is_not_stalled_by_a_long_prefill() -> None:
@@ -40,7 +47,7 @@ def test_short_prompt_is_not_stalled_by_a_long_prefill() -> None:
 
 
 def test_long_prefill_keeps_a_floor_of_the_budget() -> None:
-    eng = tiny_engine(MODEL, max_num_batched_tokens=32, max_num_seqs=16)
+    eng = tiny_engine(MODEL, max_num_batched_tokens=32, max_num_seqs=16, long_prefill_threshold=16)
     eng.add_request("long", prompts(22)[-1], greedy(2))
     for i in range(12):  # a steady stream of short prompts wanting the whole budget
         eng.add_request(f"s{i}", prompts(23 + i)[3], greedy(2))

@@ -153,8 +153,10 @@ def test_sampled_engine_output_follows_the_same_distribution(kind: str) -> None:
             c[1, toks[2]] += 1
         return c / n
 
-    off = sample(tiny_engine(model, seed=11, max_num_seqs=64))
-    eng = tiny_engine(model, speculative="ngram", spec_adaptive=False, seed=12, max_num_seqs=64)
+    off = sample(tiny_engine(model, seed=11, max_num_seqs=64, max_num_batched_tokens=512))
+    eng = tiny_engine(
+        model, speculative="ngram", spec_adaptive=False, seed=12, max_num_seqs=64, max_num_batched_tokens=512
+    )
     # Guess each position's second most likely token: a verifier that accepts too often shows at once.
     eng.spec.proposer = Fixed([int(off[0].topk(2).indices[1]), int(off[1].topk(2).indices[1])])
     spec = sample(eng)

@@ -6,7 +6,7 @@ priority (lower first) improved by one level per `priority_aging` seconds of wai
 starves. With length-aware lanes, a prompt with more than `long_prefill_threshold` tokens left is
 "long": short prompts go ahead of long ones at equal priority, and long ones get at most the budget
 the short ones leave, but never less than a quarter of it, so a straggler neither stalls the short
-requests' first tokens nor starves itself.
+requests' first tokens nor starves itself; within a lane the shortest remaining prompt goes first.
 
 When the KV pool runs dry, the least urgent running sequence (lowest priority, newest) is preempted:
 its blocks are freed and it goes back to the queue to be recomputed later (its computed prefix
@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 from tailserve.engine.block_manager import BlockManager
 from tailserve.engine.sequence import Sequence, Status
+
+LONG_PROMPT_TOKENS = 256  # the least default threshold of the long lane
 
 
 @dataclass
@@ -61,7 +63,9 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
         self.length_aware = length_aware
-        self.long_threshold = long_prefill_threshold or max(max_num_batched_tokens // 2, 1)
+        # "Long" is absolute, not a share of the budget: with a small budget, half of it would put
+        # ordinary chat turns in the long lane, behind the very prompts the lanes shield them from.
+        self.long_threshold = long_prefill_threshold or max(max_num_batched_tokens // 2, LONG_PROMPT_TOKENS)
         self.long_min_share = max(max_num_batched_tokens // 4, 1)
         self.priority_aging = priority_aging
         self.waiting: list[Sequence] = []
@@ -98,11 +102,15 @@ class Scheduler:
     def _lane(self, seq: Sequence) -> int:
         return int(self.length_aware and seq.num_uncomputed > self.long_threshold)
 
-    def _prefill_key(self, seq: Sequence, now: float) -> tuple[float, int, int]:
-        aged, order = self._urgency(seq, now)
+    def _prefill_key(self, seq: Sequence, now: float) -> tuple[int, int, int, int]:
+        """Priority aged in whole levels, then lane, then the shortest remaining prompt (which
+        minimises the mean time to first token), then arrival. A request still moves up a level per
+        `priority_aging` seconds of waiting, so nothing starves."""
         if not self.length_aware:
-            return (0.0, 0, order)  # first come, first served
-        return (aged, self._lane(seq), order)
+            return (0, 0, 0, seq.arrival_order)  # first come, first served
+        waited = now - seq.times.arrival
+        level = seq.priority - (int(waited / self.priority_aging) if self.priority_aging > 0 else 0)
+        return (level, self._lane(seq), seq.num_uncomputed, seq.arrival_order)
 
     # --- the step ---------------------------------------------------------------------------------
 
@@ -125,9 +133,12 @@ class Scheduler:
         prefills = [s for s in self.running if s.num_uncomputed > 1]
         candidates = sorted(prefills + self.waiting, key=lambda s: self._prefill_key(s, now))
         long_cap = budget
+        reserve = 0  # held back from short prompts for the long lane's floor, until a long one runs
         if self.length_aware:
             short_demand = sum(s.num_uncomputed for s in candidates if self._lane(s) == 0)
             long_cap = max(budget - short_demand, self.long_min_share)
+            if any(self._lane(s) for s in candidates):
+                reserve = min(self.long_min_share, budget)
         prefilled = False
         for seq in candidates:
             if budget <= 0:
@@ -141,7 +152,7 @@ class Scheduler:
                 n -= len(hits) * self.bm.block_size
             long = self.length_aware and n > self.long_threshold
             if self.enable_chunked_prefill:
-                n = min(n, budget, long_cap) if long else min(n, budget)
+                n = min(n, budget, long_cap) if long else min(n, budget - reserve)
             elif n > budget and prefilled:
                 continue  # unchunked: a whole prompt, alone if it exceeds the budget
             if n <= 0:
@@ -155,6 +166,7 @@ class Scheduler:
             prefilled = True
             if long:
                 long_cap -= n
+                reserve = 0
         return out
 
     def _grow(self, seq: Sequence, n: int, out: SchedulerOutput, now: float) -> bool:
