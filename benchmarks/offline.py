@@ -107,13 +107,18 @@ def main() -> None:
     ap.add_argument("--output-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--quantization", default="auto", help="tailserve's weights (auto: int4 for the Q4_1 GGUF)"
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
-    llm = LLM(DEFAULT_MODEL, dtype=args.dtype, max_num_seqs=args.requests)
+    threads = torch.get_num_threads()
+    llm = LLM(DEFAULT_MODEL, dtype=args.dtype, max_num_seqs=args.requests, quantization=args.quantization)
     prompts = chat_prompts(llm, args.requests, args.seed)
     ours = bench_tailserve(llm, prompts, args.output_tokens)
     del llm
+    torch.set_num_threads(threads)  # the fused engine sets PyTorch's own threads to 1 beside its team
     theirs = bench_transformers(resolve_model(DEFAULT_MODEL), prompts, args.output_tokens, dtype)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
@@ -124,6 +129,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "dtype": args.dtype,
+        "quantization": args.quantization,
         "requests": args.requests,
         "mean_prompt_tokens": sum(map(len, prompts)) / len(prompts),
         "output_tokens": args.output_tokens,

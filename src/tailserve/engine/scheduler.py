@@ -74,7 +74,14 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
+        seq.prefix_hint = len(self.bm.lookup(seq.token_ids)) * self.bm.block_size
         self.waiting.append(seq)
+
+    @staticmethod
+    def _work(seq: Sequence) -> int:
+        """Prompt tokens left to compute; for a waiting request, less what the prefix cache held when
+        last looked up (a chat turn behind a cached system prompt is short work, not a long prompt)."""
+        return seq.num_uncomputed - (seq.prefix_hint if seq.status is Status.WAITING else 0)
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
@@ -82,7 +89,7 @@ class Scheduler:
     @property
     def num_waiting_tokens(self) -> int:
         """Prompt tokens still to prefill for the queue: what a new request would wait behind."""
-        return sum(s.num_uncomputed for s in self.waiting)
+        return sum(self._work(s) for s in self.waiting)
 
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out of the scheduler and give its blocks back (finish or abort)."""
@@ -100,7 +107,7 @@ class Scheduler:
         return (aged, seq.arrival_order)
 
     def _lane(self, seq: Sequence) -> int:
-        return int(self.length_aware and seq.num_uncomputed > self.long_threshold)
+        return int(self.length_aware and self._work(seq) > self.long_threshold)
 
     def _prefill_key(self, seq: Sequence, now: float) -> tuple[int, int, int, int]:
         """Priority aged in whole levels, then lane, then the shortest remaining prompt (which
@@ -110,7 +117,7 @@ class Scheduler:
             return (0, 0, 0, seq.arrival_order)  # first come, first served
         waited = now - seq.times.arrival
         level = seq.priority - (int(waited / self.priority_aging) if self.priority_aging > 0 else 0)
-        return (level, self._lane(seq), seq.num_uncomputed, seq.arrival_order)
+        return (level, self._lane(seq), self._work(seq), seq.arrival_order)
 
     # --- the step ---------------------------------------------------------------------------------
 
@@ -135,7 +142,7 @@ class Scheduler:
         long_cap = budget
         reserve = 0  # held back from short prompts for the long lane's floor, until a long one runs
         if self.length_aware:
-            short_demand = sum(s.num_uncomputed for s in candidates if self._lane(s) == 0)
+            short_demand = sum(self._work(s) for s in candidates if self._lane(s) == 0)
             long_cap = max(budget - short_demand, self.long_min_share)
             if any(self._lane(s) for s in candidates):
                 reserve = min(self.long_min_share, budget)
@@ -149,7 +156,8 @@ class Scheduler:
                 if out.preempted or len(self.running) >= self.max_num_seqs:
                     continue  # no new work while the pool is short or every slot is taken
                 hits = self.bm.lookup(seq.token_ids)
-                n -= len(hits) * self.bm.block_size
+                seq.prefix_hint = len(hits) * self.bm.block_size
+                n -= seq.prefix_hint
             long = self.length_aware and n > self.long_threshold
             if self.enable_chunked_prefill:
                 n = min(n, budget, long_cap) if long else min(n, budget - reserve)

@@ -36,6 +36,7 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)  # prompt + output
     num_computed: int = 0  # tokens whose KV is in the cache
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first schedule
+    prefix_hint: int = 0  # while waiting: tokens the prefix cache held at the last lookup (scheduling)
     table: BlockTable = field(default_factory=BlockTable)
     status: Status = Status.WAITING
     finish_reason: str | None = None
