@@ -1,10 +1,14 @@
-"""What the HTTP server adds: the same chat requests in-process (LLMEngine) and over HTTP (tailserve serve
-+ tailserve bench), measured one after the other in one run.
+"""What the HTTP server adds: the same chat requests in-process (LLM) and over HTTP (tailserve serve), in
+one run, alternated so the machine's drift hits both alike.
 
-- concurrency 1: p50 TTFT over HTTP vs the engine's in-process time to first token;
-- concurrency 16: output tok/s over HTTP vs the offline engine running the same requests 16 at a time.
+- concurrency 1: for each prompt, its time to first token in-process, then over HTTP (a streaming
+  request on a fresh connection, timed to the first content chunk); reported as both p50s and the
+  median of the per-prompt differences (prompts differ in length, so two medians alone mix prompt
+  lengths into the overhead);
+- concurrency 16: output tok/s of `tailserve bench` over HTTP vs the in-process engine running the
+  same requests 16 at a time, alternated `--rounds` times (medians).
 
-    .venv/bin/python benchmarks/server_overhead.py [--requests 16] [--requests-c16 64]
+    .venv/bin/python benchmarks/server_overhead.py [--requests 16] [--requests-c16 64] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -14,61 +18,53 @@ import json
 import statistics
 import time
 
-from harness import RECORDED, RESULTS, bench, header, pct, serving, tailserve_cmd
-from offline import chat_prompts
+import httpx
+from harness import RECORDED, RESULTS, bench, header, serving, tailserve_cmd
 
+from tailserve.bench.workloads import WorkloadParams, build_workload
 from tailserve.llm import LLM
 from tailserve.sampling import SamplingParams
 
 PORT = 8110
 
 
-def in_process(n1: int, n16: int, new: int) -> dict[str, float]:
-    llm = LLM(max_num_seqs=16)
-    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
-    prompts1 = chat_prompts(llm, n1, 0)
-    llm.generate(
-        prompts1[:1], SamplingParams(max_tokens=2, temperature=0.0)
-    )  # warm, like the bench's warm-up
-    ttfts = []
-    for p in prompts1:
-        t0 = time.perf_counter()
-        first = None
-        for out in llm.stream(p, params):
-            if first is None and out.new_token_ids:
-                first = time.perf_counter() - t0
-        ttfts.append(first)
-    prompts16 = chat_prompts(llm, n16, 0)
+def conversations(n: int, seed: int) -> list[list[dict[str, str]]]:
+    wl = build_workload("chat", n, seed, WorkloadParams(output_tokens=64))
+    return [
+        [{"role": "system", "content": s.system}, {"role": "user", "content": s.turns[0].user}]
+        for s in wl.sessions
+    ]
+
+
+def local_ttft(llm: LLM, ids: list[int], params: SamplingParams) -> float:
     t0 = time.perf_counter()
-    outs = llm.generate(prompts16, params)
-    wall = time.perf_counter() - t0
-    return {
-        "ttft_p50": statistics.median(ttfts),
-        "output_tok_s_c16": sum(len(o.token_ids) for o in outs) / wall,
-    }
+    stream = llm.stream(ids, params)
+    for out in stream:
+        if out.new_token_ids:
+            first = time.perf_counter() - t0
+            stream.close()  # aborts the request, as the HTTP client's disconnect does
+            return first
+    raise RuntimeError("no token")
 
 
-def over_http(n1: int, n16: int, new: int) -> dict[str, float]:
-    with serving(tailserve_cmd(PORT, "--max-num-seqs", "16"), PORT, RESULTS / "server_overhead.log") as url:
-        common = [
-            "--workload",
-            "chat",
-            "--output-tokens",
-            str(new),
-            "--seed",
-            "0",
-            "--no-plots",
-            "--warmup",
-            "1",
-        ]
-        r1 = bench(url, RESULTS / "overhead-c1", *common, "--concurrency", "1", "--requests", str(n1))[
-            "runs"
-        ][0]
-        r16 = bench(url, RESULTS / "overhead-c16", *common, "--concurrency", "16", "--requests", str(n16))
-    return {
-        "ttft_p50": pct(r1, "ttft_s", "p50"),
-        "output_tok_s_c16": r16["runs"][0]["summary"]["throughput"]["output_tok_per_s"],
+def http_ttft(client: httpx.Client, url: str, messages: list[dict[str, str]], max_tokens: int) -> float:
+    """From sending the request (a fresh connection) to its first content chunk. The client is made
+    beforehand: constructing one costs ~20 ms (it loads a TLS context), which is not the server's."""
+    body = {
+        "model": client.get(f"{url}/v1/models").json()["data"][0]["id"],
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "temperature": 0,
+        "ignore_eos": True,
     }
+    headers = {"Connection": "close"}
+    t0 = time.perf_counter()
+    with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"content":"' in line and '"content":""' not in line:
+                return time.perf_counter() - t0
+    raise RuntimeError("the stream ended without content")
 
 
 def main() -> None:
@@ -76,17 +72,58 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--requests-c16", type=int, default=64)
     ap.add_argument("--output-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    local = in_process(args.requests, args.requests_c16, args.output_tokens)
-    http = over_http(args.requests, args.requests_c16, args.output_tokens)
+    convs = conversations(args.requests, 0)
+    warm = conversations(1, 99)[0]  # another seed: caches the system prompt, none of the measured turns
+    params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
+    with serving(tailserve_cmd(PORT, "--max-num-seqs", "16"), PORT, RESULTS / "server_overhead.log") as url:
+        llm = LLM(max_num_seqs=16)
+        tok = llm.tokenizer
+        ids = [tok.encode(tok.apply_chat_template(c)) for c in convs]
+        llm.generate(tok.encode(tok.apply_chat_template(warm)), SamplingParams(max_tokens=2))
+        client = httpx.Client(timeout=60)
+        http_ttft(client, url, warm, 2)
+        local, remote = [], []
+        for i, c in enumerate(convs):
+            local.append(local_ttft(llm, ids[i], params))
+            remote.append(http_ttft(client, url, c, args.output_tokens))
+        prompts16 = [tok.encode(tok.apply_chat_template(c)) for c in conversations(args.requests_c16, 0)]
+        tok_s_local, tok_s_http = [], []
+        for rnd in range(args.rounds):
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts16, params)
+            tok_s_local.append(sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t0))
+            record = bench(
+                url,
+                RESULTS / f"overhead-c16-r{rnd}",
+                "--workload", "chat",
+                "--output-tokens", str(args.output_tokens),
+                "--seed", "0",
+                "--no-plots",
+                "--warmup", "1",
+                "--concurrency", "16",
+                "--requests", str(args.requests_c16),
+            )  # fmt: skip
+            tok_s_http.append(record["runs"][0]["summary"]["throughput"]["output_tok_per_s"])
+    result = {
+        "ttft_local_s": local,
+        "ttft_http_s": remote,
+        "ttft_p50_local": statistics.median(local),
+        "ttft_p50_http": statistics.median(remote),
+        "ttft_paired_median_diff": statistics.median(h - x for h, x in zip(remote, local, strict=True)),
+        "output_tok_s_c16_local": statistics.median(tok_s_local),
+        "output_tok_s_c16_http": statistics.median(tok_s_http),
+    }
     RECORDED.mkdir(parents=True, exist_ok=True)
-    (RECORDED / "server_overhead.json").write_text(json.dumps({"in_process": local, "http": http}, indent=2))
+    (RECORDED / "server_overhead.json").write_text(json.dumps(result, indent=2))
     print(header("Server overhead", "python benchmarks/server_overhead.py"))
     print("| metric | in-process engine | over HTTP | difference |\n|---|---|---|---|")
-    d = (http["ttft_p50"] - local["ttft_p50"]) * 1e3
-    t_local, t_http = local["ttft_p50"] * 1e3, http["ttft_p50"] * 1e3
-    print(f"| TTFT p50, concurrency 1 | {t_local:.1f} ms | {t_http:.1f} ms | {d:+.1f} ms |")
-    a, b = local["output_tok_s_c16"], http["output_tok_s_c16"]
+    a, b = result["ttft_p50_local"] * 1e3, result["ttft_p50_http"] * 1e3
+    print(f"| TTFT p50, concurrency 1 | {a:.1f} ms | {b:.1f} ms | {b - a:+.1f} ms |")
+    paired = result["ttft_paired_median_diff"] * 1e3
+    print(f"| TTFT, same prompt, median of differences | | | {paired:+.1f} ms |")
+    a, b = result["output_tok_s_c16_local"], result["output_tok_s_c16_http"]
     print(f"| output tok/s, concurrency 16 | {a:.0f} | {b:.0f} | {b / a:.2f}x |")
 
 

@@ -75,6 +75,24 @@ def test_controller_backs_off_and_comes_back() -> None:
     assert Controller(max_k=5, adaptive=False).choose_k(s, threshold=1.0) == 5
 
 
+def test_new_requests_inherit_the_proposers_record() -> None:
+    """After a proposer has failed for many requests, a new one does not pay to learn it again: it
+    guesses only on probe steps, one token; a proposer that succeeds lets new requests guess at once."""
+    c = Controller(max_k=4)
+    for i in range(100):
+        s = Sequence(str(i), [1, 2], GREEDY)
+        c.observe(s, 4, 0)
+    fresh = Sequence("new", [1, 2], GREEDY)
+    c.step = 1
+    assert c.choose_k(fresh, threshold=0.1) == 0
+    c.step = Controller.PROBE_EVERY
+    assert c.choose_k(fresh, threshold=0.1) == 1
+    good = Controller(max_k=4)
+    for i in range(100):
+        good.observe(Sequence(str(i), [1, 2], GREEDY), 4, 4)
+    assert good.choose_k(Sequence("new", [1, 2], GREEDY), threshold=0.3) == 4
+
+
 @pytest.mark.parametrize(
     ("kind", "speculative"),
     [

@@ -18,9 +18,11 @@ must give the same text whatever else runs.
 Adaptive back-off (`Controller`): the i-th guess of a request pays off with probability αⁱ (α: its
 acceptance rate, tracked per request) and costs the marginal time of one more token in the step. A
 step of T tokens that emits N takes t ≈ a + b·T (the engine's step-time model, fitted on decode-sized
-steps), so a guess is worth making only while αⁱ ≥ (b + draft cost)·N/t: when decoding is memory-bound
-(few sequences) guesses are nearly free, when it is compute-bound (many sequences) only near-certain
-ones are, and a request whose guesses keep failing stops guessing for a while (doubling each time).
+steps), so a guess is worth making only while αⁱ ≥ margin·(b + draft cost)·N/t: when decoding is
+memory-bound (few sequences) guesses are nearly free, when it is compute-bound (many sequences) only
+near-certain ones are, and a request whose guesses keep failing stops guessing for a while (doubling
+each time). A new request starts from the proposer's acceptance over all requests, so a proposer that
+fails on this traffic costs nothing but an occasional one-token probe.
 """
 
 from __future__ import annotations
@@ -112,6 +114,11 @@ class DraftProposer(Proposer):
 class Controller:
     """Chooses how many tokens each request guesses this step (see the module docstring)."""
 
+    # A guess must promise this many times its estimated cost: the estimate leaves out the per-request
+    # bookkeeping of checking guesses, and at the break-even point guessing only adds variance.
+    MARGIN = 1.3
+    PROBE_EVERY = 64  # steps between the chances a request below the floor gets to guess one token
+
     def __init__(
         self,
         max_k: int,
@@ -120,13 +127,16 @@ class Controller:
         decay: float = 0.8,
         floor: float = 0.15,
     ) -> None:
-        self.max_k, self.adaptive, self.prior, self.decay, self.floor = max_k, adaptive, prior, decay, floor
+        self.max_k, self.adaptive, self.decay, self.floor = max_k, adaptive, decay, floor
         self.step = 0
         self.draft_seconds_per_guess = 0.0  # measured cost of one guessed token of one sequence
+        # The proposer's acceptance over all requests: where a new request starts, so short requests
+        # do not each pay to learn that a proposer fails on this traffic.
+        self.acceptance = prior
 
     def state(self, seq: Sequence) -> SpecState:
         if seq.spec is None:
-            seq.spec = SpecState(acceptance=self.prior)
+            seq.spec = SpecState(acceptance=self.acceptance)
         return seq.spec
 
     def threshold(self, coefficients: tuple[float, float] | None, num_tokens: int, num_seqs: int) -> float:
@@ -135,7 +145,7 @@ class Controller:
             return 0.3  # until the step-time model knows the cost of a token
         a, b = coefficients
         step = a + b * num_tokens
-        return (b + self.draft_seconds_per_guess) * num_seqs / step
+        return self.MARGIN * (b + self.draft_seconds_per_guess) * num_seqs / step
 
     def choose_k(self, seq: Sequence, threshold: float) -> int:
         state = self.state(seq)
@@ -143,7 +153,9 @@ class Controller:
             return self.max_k
         if self.step < state.pause_until:
             return 0
-        if state.acceptance <= 0.0 or threshold >= 1.0:
+        if state.acceptance < self.floor:  # learnt (or inherited) that guessing fails: probe now and then
+            return 1 if self.step % self.PROBE_EVERY == 0 and threshold < 1.0 else 0
+        if threshold >= 1.0:
             return 0
         if threshold <= 0.0:
             return self.max_k
@@ -156,7 +168,9 @@ class Controller:
         state.accepted += accepted
         if proposed == 0:
             return
-        state.acceptance = self.decay * state.acceptance + (1 - self.decay) * accepted / proposed
+        rate = accepted / proposed
+        self.acceptance = 0.95 * self.acceptance + 0.05 * rate
+        state.acceptance = self.decay * state.acceptance + (1 - self.decay) * rate
         if state.acceptance < self.floor:
             # Stop guessing for a while; each failed comeback doubles the pause. A comeback starts
             # from the floor's level, so it guesses one token before it earns more.
