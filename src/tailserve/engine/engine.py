@@ -394,24 +394,31 @@ class LLMEngine:
             if s.num_new_tokens != 1 or seq.num_uncomputed != 1 or not speculation_allowed(seq):
                 continue
             cap = min(
-                room,
                 self.spec.controller.max_k,
                 seq.params.max_tokens - seq.num_output_tokens - 1,
                 self.max_model_len - seq.num_tokens,
             )
-            # Room in the pool for the guesses' KV (a draft model writes it while guessing).
-            while cap > 0 and not bm.allocate(seq.table, seq.num_tokens + cap):
-                cap -= 1
             if cap > 0:
                 candidates.append((s, cap))
-                room -= cap
         if not candidates:
             return
         threshold = self.spec.controller.threshold(
             self.decode_step_times.coefficients(), sched.num_tokens, len(sched.scheduled)
         )
-        drafts = self.spec.plan([(s.seq, cap) for s, cap in candidates], threshold)
-        for (s, _), draft in zip(candidates, drafts):
+        ks = self.spec.choose([(s.seq, cap) for s, cap in candidates], threshold)
+        guessing: list[tuple[ScheduledSeq, int]] = []
+        for (s, _), k in zip(candidates, ks):
+            k = min(k, room)
+            # Room in the pool for the guesses' KV (a draft model writes it while guessing).
+            while k > 0 and not bm.allocate(s.seq.table, s.seq.num_tokens + k):
+                k -= 1
+            if k > 0:
+                guessing.append((s, k))
+                room -= k
+        if not guessing:
+            return
+        drafts = self.spec.propose([s.seq for s, _ in guessing], [k for _, k in guessing])
+        for (s, _), draft in zip(guessing, drafts):
             s.draft = draft
             bm.trim(s.seq.table, s.seq.num_tokens + len(draft))
 

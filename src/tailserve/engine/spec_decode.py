@@ -215,7 +215,7 @@ def verify(
 
 
 class SpecDecoder:
-    """What the engine calls: `plan` guesses before a step, `accept` checks them after it."""
+    """What the engine calls: `choose` and `propose` guesses before a step, `accept` checks them after."""
 
     def __init__(self, proposer: Proposer, controller: Controller) -> None:
         self.proposer, self.controller = proposer, controller
@@ -223,22 +223,22 @@ class SpecDecoder:
         self.num_accepted_tokens = 0
         self.num_verify_steps = 0  # (sequence, step) pairs that verified guesses
 
-    def plan(self, candidates: list[tuple[Sequence, int]], threshold: float) -> list[list[int]]:
-        """Guesses for each (sequence, most tokens it may guess) decoding this step."""
+    def choose(self, candidates: list[tuple[Sequence, int]], threshold: float) -> list[int]:
+        """How many tokens each (sequence, most it may guess) decoding this step should guess."""
         c = self.controller
         c.step += 1
-        ks = [min(cap, c.choose_k(seq, threshold)) for seq, cap in candidates]
-        todo = [i for i, k in enumerate(ks) if k > 0]
-        drafts: list[list[int]] = [[] for _ in candidates]
-        if todo:
-            t0 = time.perf_counter()
-            got = self.proposer.propose([candidates[i][0] for i in todo], [ks[i] for i in todo])
-            guesses = sum(len(d) for d in got)
-            if guesses and isinstance(self.proposer, DraftProposer):
-                per_guess = (time.perf_counter() - t0) / guesses
-                c.draft_seconds_per_guess = 0.9 * c.draft_seconds_per_guess + 0.1 * per_guess
-            for i, d in zip(todo, got):
-                drafts[i] = d
+        return [min(cap, c.choose_k(seq, threshold)) for seq, cap in candidates]
+
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+        """The guesses (up to ks[i] each; the sequences' blocks must already hold them)."""
+        t0 = time.perf_counter()
+        drafts = self.proposer.propose(seqs, ks)
+        guesses = sum(len(d) for d in drafts)
+        if guesses and isinstance(self.proposer, DraftProposer):
+            c = self.controller
+            c.draft_seconds_per_guess = (
+                0.9 * c.draft_seconds_per_guess + 0.1 * (time.perf_counter() - t0) / guesses
+            )
         return drafts
 
     def accept(self, seq: Sequence, draft: list[int], logits: torch.Tensor) -> tuple[list[int], int]:
