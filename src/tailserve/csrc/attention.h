@@ -261,8 +261,8 @@ void pair_attention_item(const PairAttentionArgs& a, int64_t n, int64_t h) {
   const int64_t* row = a.table + a.row_seq[n] * a.table_stride;
   alignas(64) uint32_t qp[G][P];  // q as bf16 pairs, what vdpbf16ps broadcasts
   alignas(64) uint32_t ep[G][8];  // a tile's probabilities as bf16 pairs of tokens
-  __m512 acc[G][DC];
-  float mx[G], sum[G];
+  __m512 acc[G][DC], sum[G];  // sum: the softmax denominators, lane-wise (reduced once, at the end)
+  float mx[G];
   for (int g = 0; g < G; ++g) {
     const float* qg = a.q + n * a.q_stride + (h * G + g) * D;
     for (int64_t p = 0; p < P; ++p)
@@ -270,7 +270,7 @@ void pair_attention_item(const PairAttentionArgs& a, int64_t n, int64_t h) {
                  static_cast<uint32_t>(c10::BFloat16(qg[2 * p + 1]).x) << 16;
     for (int c = 0; c < DC; ++c) acc[g][c] = _mm512_setzero_ps();
     mx[g] = -std::numeric_limits<float>::infinity();
-    sum[g] = 0.f;
+    sum[g] = _mm512_setzero_ps();
   }
   const __m512 scale = _mm512_set1_ps(a.scale), ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t t0 = 0; t0 < ctx; t0 += 16) {
@@ -298,13 +298,15 @@ void pair_attention_item(const PairAttentionArgs& a, int64_t n, int64_t h) {
     }
     for (int g = 0; g < G; ++g) {
       const __m512 s = _mm512_mask_mov_ps(ninf, live, _mm512_mul_ps(_mm512_add_ps(s0[g], s1[g]), scale));
-      const float mnew = std::max(mx[g], _mm512_reduce_max_ps(s));
-      const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(s, _mm512_set1_ps(mnew))));
-      const float alpha = fast_exp(mx[g] - mnew);  // ~0 on the first tile, where acc and sum are 0
-      sum[g] = sum[g] * alpha + _mm512_reduce_add_ps(e);
-      mx[g] = mnew;
-      const __m512 av = _mm512_set1_ps(alpha);
-      for (int c = 0; c < DC; ++c) acc[g][c] = _mm512_mul_ps(acc[g][c], av);
+      const float tile_max = _mm512_reduce_max_ps(s);
+      if (tile_max > mx[g]) {  // a new maximum: rescale what was accumulated (0 on the first tile)
+        const __m512 av = _mm512_set1_ps(fast_exp(mx[g] - tile_max));
+        for (int c = 0; c < DC; ++c) acc[g][c] = _mm512_mul_ps(acc[g][c], av);
+        sum[g] = _mm512_mul_ps(sum[g], av);
+        mx[g] = tile_max;
+      }
+      const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(s, _mm512_set1_ps(mx[g]))));
+      sum[g] = _mm512_add_ps(sum[g], e);
       _mm256_store_si256(reinterpret_cast<__m256i*>(ep[g]), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
     }
     for (int64_t i = 0; i < (valid + 1) / 2; ++i) {
@@ -316,7 +318,8 @@ void pair_attention_item(const PairAttentionArgs& a, int64_t n, int64_t h) {
     }
   }
   for (int g = 0; g < G; ++g) {
-    const __m512 inv = _mm512_set1_ps(sum[g] > 0.f ? 1.f / sum[g] : 0.f);
+    const float total = _mm512_reduce_add_ps(sum[g]);
+    const __m512 inv = _mm512_set1_ps(total > 0.f ? 1.f / total : 0.f);
     uint16_t* og = a.out + n * a.out_stride + (h * G + g) * D;
     for (int c = 0; c < DC; ++c)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(og + 16 * c),

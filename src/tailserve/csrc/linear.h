@@ -274,32 +274,25 @@ inline float bf16_to_f(uint16_t b) {
   return f;
 }
 
-// The input of a linear of kind `a.kind` from x [M, K] (bf16 bits), in `scratch`: group sums for int4;
-// for the VNNI kinds each group of each row in int8 (scale max|x| / 127, round to nearest) with the
-// scale and the rescaled sum of the int8 values. Per row, independent of the other rows.
-inline Input prepare_input(const PackedWeight& a, const uint16_t* x, int64_t ldx, int64_t M, InputScratch& scratch) {
-  Input in{x, ldx, nullptr, nullptr, nullptr};
-  if (!a.grouped()) return in;
+// Rows [m0, m1) of the input of a linear of kind `a.kind` from x [M, K] (bf16 bits), into `in`'s buffers
+// (row-major, sized for M rows): group sums for int4; for the VNNI kinds each group of each row in int8
+// (scale max|x| / 127, round to nearest) with the scale and the rescaled sum of the int8 values.
+// Per row, independent of the other rows, so threads may share the rows out.
+inline void prepare_rows(const PackedWeight& a, const Input& in, int64_t m0, int64_t m1) {
+  if (!a.grouped()) return;
   const int64_t K = a.K, G = a.group, groups = K / G;
-  scratch.sums.resize(M * groups);
-  if (!a.vnni()) {
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t g = 0; g < groups; ++g) {
-        const uint16_t* xg = x + m * ldx + g * G;
+  float* sums = const_cast<float*>(in.sums);
+  for (int64_t m = m0; m < m1; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint16_t* xg = in.x + m * in.ldx + g * G;
+      if (!a.vnni()) {
         float s = 0.f;
 #pragma omp simd reduction(+ : s)
         for (int64_t i = 0; i < G; ++i) s += bf16_to_f(xg[i]);
-        scratch.sums[m * groups + g] = s;
+        sums[m * groups + g] = s;
+        continue;
       }
-    in.sums = scratch.sums.data();
-    return in;
-  }
-  scratch.qscale.resize(M * groups);
-  scratch.q.resize(M * K);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < groups; ++g) {
-      const uint16_t* xg = x + m * ldx + g * G;
-      int8_t* qg = scratch.q.data() + m * K + g * G;
+      int8_t* qg = const_cast<int8_t*>(in.q) + m * K + g * G;
       float amax = 0.f;
 #pragma omp simd reduction(max : amax)
       for (int64_t i = 0; i < G; ++i) amax = std::max(amax, std::fabs(bf16_to_f(xg[i])));
@@ -311,12 +304,33 @@ inline Input prepare_input(const PackedWeight& a, const uint16_t* x, int64_t ldx
         qg[i] = static_cast<int8_t>(v);
         total += v;
       }
-      scratch.qscale[m * groups + g] = scale;
-      scratch.sums[m * groups + g] = scale * static_cast<float>(total);
+      const_cast<float*>(in.qscale)[m * groups + g] = scale;
+      sums[m * groups + g] = scale * static_cast<float>(total);
     }
-  in.sums = scratch.sums.data();
-  in.q = scratch.q.data();
-  in.qscale = scratch.qscale.data();
+}
+
+// An Input over x whose buffers are `scratch`'s as they are (big enough for the rows to prepare).
+inline Input input_view(const PackedWeight& a, const uint16_t* x, int64_t ldx, InputScratch& scratch) {
+  return Input{x, ldx, a.grouped() ? scratch.sums.data() : nullptr, a.vnni() ? scratch.q.data() : nullptr,
+               a.vnni() ? scratch.qscale.data() : nullptr};
+}
+
+// Sizes `scratch` for M rows of a linear's input.
+inline void size_scratch(const PackedWeight& a, int64_t M, InputScratch& scratch) {
+  if (!a.grouped()) return;
+  const int64_t groups = a.K / a.group;
+  scratch.sums.resize(std::max<size_t>(scratch.sums.size(), M * groups));
+  if (a.vnni()) {
+    scratch.qscale.resize(std::max<size_t>(scratch.qscale.size(), M * groups));
+    scratch.q.resize(std::max<size_t>(scratch.q.size(), M * a.K));
+  }
+}
+
+// The whole input of a linear, prepared by the calling thread alone.
+inline Input prepare_input(const PackedWeight& a, const uint16_t* x, int64_t ldx, int64_t M, InputScratch& scratch) {
+  size_scratch(a, M, scratch);
+  const Input in = input_view(a, x, ldx, scratch);
+  prepare_rows(a, in, 0, M);
   return in;
 }
 #endif

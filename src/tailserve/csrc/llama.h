@@ -47,6 +47,10 @@ struct Layer {
 
 using BF16 = c10::BFloat16;
 
+// From this many rows a linear's input is quantized by all threads, each a share of the rows, then a
+// barrier; below it every thread quantizes all rows itself, which is cheaper than the barrier.
+constexpr int64_t kSharedInputRows = 16;
+
 inline uint16_t bf16_bits(float f) { return BF16(f).x; }
 
 // y = x / rms(x) · w, rounded to bf16 (the next linear's input).
@@ -167,6 +171,10 @@ class Llama {
     const float* cs = cos_.data_ptr<float>();
     const float* sn = sin_.data_ptr<float>();
 
+    InputScratch shared;  // the linears' inputs when the threads prepare them together
+    for (const Layer& ly : layers_)
+      for (const Linear* l : {&ly.qkv, &ly.o, &ly.gate_up, &ly.down}) size_scratch(l->pw, T, shared);
+    size_scratch(head.pw, R, shared);
     Team& team = Team::instance();
     team.run(nth, [&](int tid, int nt) {
       int64_t b, e;
@@ -180,9 +188,17 @@ class Llama {
           mark = now;
         }
       };
-      InputScratch scratch;  // each thread prepares a linear's whole input itself: no extra barrier
+      InputScratch scratch;  // a few rows: each thread prepares a linear's whole input itself, no barrier
       auto linear = [&](const Linear& l, const uint16_t* x, int64_t ld, int64_t M, const auto& epi) {
-        const Input in = prepare_input(l.pw, x, ld, M, scratch);
+        Input in;
+        if (M >= kSharedInputRows && nt > 1) {  // many rows: the threads share the work, one barrier more
+          in = input_view(l.pw, x, ld, shared);
+          thread_range(M, tid, nt, b, e);
+          prepare_rows(l.pw, in, b, e);
+          team.barrier(nt);
+        } else {
+          in = prepare_input(l.pw, x, ld, M, scratch);
+        }
         thread_range(l.pw.blocks(), tid, nt, b, e);
         linear_blocks(l.pw, in, M, b, e, epi);
       };
