@@ -2,7 +2,8 @@
 
 Each server is started in turn on 127.0.0.1, loaded with `tailserve bench --workload chat` at each
 concurrency (64 output tokens, ignore_eos, greedy), then stopped. Prints a markdown table with ratios
-against tailserve and writes benchmarks/results/peers.json.
+against tailserve and each row's share of the machine's bandwidth and compute ceilings (ceilings.py,
+measured first), and writes benchmarks/recorded/peers.json.
 
     .venv/bin/python benchmarks/peers.py [--peers tailserve,llamacpp,vllm] [--concurrency 1,8,16]
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ceilings import measure, shares
 from harness import PEERS, RECORDED, RESULTS, bench, header, pct, serving, tailserve_cmd
 
 from tailserve.models.loader import resolve_model
@@ -40,6 +42,8 @@ def main() -> None:
     args = ap.parse_args()
     gguf = str(resolve_model("smollm2-135m-instruct"))
     levels = [int(c) for c in args.concurrency.split(",")]
+    ceil = measure()
+    print("ceilings", ceil, flush=True)
     results: dict[str, dict[int, dict]] = {}
     for name in args.peers.split(","):
         cmd = server_cmd(name, gguf, args.tailserve_args.split())
@@ -73,12 +77,20 @@ def main() -> None:
                     "output_tok_s": run["summary"]["throughput"]["output_tok_per_s"],
                     "prompt_tokens_mean": run["summary"]["tokens"]["prompt"]["mean"],
                 }
+                results[name][c].update(shares(name, results[name][c], c, ceil, args.output_tokens))
                 print(name, c, results[name][c], flush=True)
     RECORDED.mkdir(parents=True, exist_ok=True)
-    (RECORDED / "peers.json").write_text(json.dumps(results, indent=2))
+    (RECORDED / "peers.json").write_text(json.dumps({"ceilings": ceil, **results}, indent=2))
     print(header("tailserve vs peers, chat workload", "python benchmarks/peers.py --peers " + args.peers))
-    print("| server | conc | ok | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | out tok/s | tok/s vs tailserve |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        f"Ceilings: read {ceil['read_gb_s']:.1f} GB/s, bf16 {ceil['bf16_gflop_s']:.0f} GFLOP/s, "
+        f"int8 {ceil['int8_gop_s']:.0f} GOP/s.\n"
+    )
+    print(
+        "| server | conc | ok | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | out tok/s | tok/s vs tailserve "
+        "| bandwidth share | compute share |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, rows in results.items():
         for c, r in rows.items():
             base = results.get("tailserve", {}).get(c)
@@ -86,7 +98,7 @@ def main() -> None:
             print(
                 f"| {name} | {c} | {r['ok']}/{r['requests']} | {r['ttft_p50'] * 1e3:.0f} ms | "
                 f"{r['ttft_p99'] * 1e3:.0f} ms | {r['itl_p50'] * 1e3:.1f} ms | {r['itl_p99'] * 1e3:.1f} ms | "
-                f"{r['output_tok_s']:.0f} | {ratio} |"
+                f"{r['output_tok_s']:.0f} | {ratio} | {r['bandwidth_share']:.0%} | {r['compute_share']:.0%} |"
             )
 
 
