@@ -8,8 +8,18 @@ import torch
 
 from tailserve.engine.sequence import Sequence
 from tailserve.engine.spec_decode import Controller, NgramProposer, Proposer, SpecState, verify
+from tailserve.models.fused import FusedLlama
 from tailserve.sampling import SamplingParams
-from tests.tiny import MODEL_KINDS, NO_FUSED, run_all, tiny_engine, tiny_fused_model, tiny_model_of
+from tests.tiny import (
+    MODEL_KINDS,
+    NO_FUSED,
+    TINY,
+    run_all,
+    tiny_engine,
+    tiny_fused_model,
+    tiny_model_of,
+    tiny_weights,
+)
 
 GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
 # Prompts that repeat themselves, so the n-gram proposer has something to find.
@@ -121,6 +131,25 @@ def test_greedy_output_identical_with_guesses(kind: str, speculative: str) -> No
         assert eng.stats.spec_decode_num_draft_tokens > 0
     if speculative == "ngram":
         assert eng.stats.spec_decode_num_accepted_tokens > 0
+
+
+@NO_FUSED
+def test_draft_of_the_first_layers_is_accepted_when_the_rest_add_nothing() -> None:
+    """With the last layer's attention and MLP outputs zeroed, the first layer alone computes the model:
+    a broken draft pass (wrong positions, KV, depth or rollback) would show as low acceptance."""
+    w = tiny_weights(seed=1)
+    last = f"model.layers.{TINY.num_layers - 1}."
+    w[last + "self_attn.o_proj.weight"].zero_()
+    w[last + "mlp.down_proj.weight"].zero_()
+    model = FusedLlama(TINY, w, "none", draft_head=True).eval()
+    eng = tiny_engine(model, speculative="draft", draft_model="layers:1", spec_adaptive=False)
+    for i, p in enumerate(LOOPS):
+        eng.add_request(str(i), p, GREEDY)
+    run_all(eng)
+    drafted, accepted = eng.stats.spec_decode_num_draft_tokens, eng.stats.spec_decode_num_accepted_tokens
+    assert drafted > 50
+    assert accepted / drafted > 0.8  # the draft head is int4: a near tie may still flip
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
 
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)
