@@ -77,11 +77,13 @@ def tiny_model_of(kind: str, seed: int = 0) -> LlamaModel | FusedLlama:
     return tiny_model(seed) if kind == "torch" else tiny_fused_model(seed)
 
 
-def tiny_engine(model: LlamaModel | FusedLlama | None = None, **options) -> LLMEngine:
+def tiny_engine(
+    model: LlamaModel | FusedLlama | None = None, draft: FusedLlama | None = None, **options
+) -> LLMEngine:
     options.setdefault("kv_cache_memory", 0.01)
     # Small blocks cross block boundaries often; the fused step's KV layout needs multiples of 16.
     options.setdefault("block_size", 16 if isinstance(model, FusedLlama) else 4)
-    return LLMEngine(EngineConfig(model="tiny", **options), model or tiny_model())
+    return LLMEngine(EngineConfig(model="tiny", **options), model or tiny_model(), draft=draft)
 
 
 def run_all(engine: LLMEngine) -> dict[str, list[int]]:

@@ -36,7 +36,9 @@ class EngineConfig:
     weight_cache: bool = True  # keep the fused step's packed weights on disk: the next start is fast
     speculative: str = "off"  # off | ngram | draft (spec_decode.py)
     num_speculative_tokens: int = 4  # most tokens a request guesses per step
-    draft_model: str | None = None  # for draft: "layers:N", the target's first N layers (default: a quarter)
+    # For draft: "layers:N", the target's own first N layers (default: a quarter of them), or a model
+    # (name or path) that shares the target's tokenizer, run with a KV pool of its own.
+    draft_model: str | None = None
     spec_adaptive: bool = True  # guess only what pays for itself (acceptance and step cost); off: always k
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; None = torch's default

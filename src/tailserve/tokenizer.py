@@ -113,6 +113,13 @@ class Tokenizer:
             ids.add(eos_token_id)
         return ids
 
+    def same_vocabulary(self, other: Tokenizer) -> bool:
+        """Whether both map every token text to the same id (a draft model's guesses are ids)."""
+        def vocab(t: Tokenizer) -> dict[str, int]:
+            return t._backend.get_vocab(with_added_tokens=True)
+
+        return vocab(self) == vocab(other)
+
     # --- loading ------------------------------------------------------------------------------------
 
     @classmethod

@@ -128,3 +128,26 @@ def test_greedy_identical_with_speculation(loaded, speculative: str) -> None:
     assert eng.stats.spec_decode_num_draft_tokens > 0
     if speculative == "ngram":
         assert eng.stats.spec_decode_num_accepted_tokens > 10
+
+
+def test_separate_draft_model_loaded_by_name(loaded, default_model_path: Path) -> None:
+    """`--draft-model NAME` loads a second model (here the target's own checkpoint, so it must guess
+    every token right), checks its tokenizer, gives it a KV pool, and the output stays plain decoding's."""
+    _, _, tok = loaded
+    eng = LLMEngine.from_config(
+        EngineConfig(
+            model=str(default_model_path),
+            speculative="draft",
+            draft_model="smollm2-135m-instruct",
+            spec_adaptive=False,
+            kv_cache_memory=0.1,
+        )
+    )
+    plain = LLMEngine(EngineConfig(kv_cache_memory=0.1), eng.model, tok)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    for e in (eng, plain):
+        for i, t in enumerate(TEXTS):
+            e.add_request(str(i), tok.encode(t), params)
+    assert run_all(eng) == run_all(plain)
+    drafted = eng.stats.spec_decode_num_draft_tokens
+    assert drafted > 0 and eng.stats.spec_decode_num_accepted_tokens == drafted

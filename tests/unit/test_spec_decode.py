@@ -3,9 +3,12 @@ distribution, the controller backs off when guessing does not pay, and no block 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
+from tailserve.engine.model_runner import kv_bytes_per_block
 from tailserve.engine.sequence import Sequence
 from tailserve.engine.spec_decode import Controller, NgramProposer, Proposer, SpecState, verify
 from tailserve.models.fused import FusedLlama
@@ -150,6 +153,45 @@ def test_draft_of_the_first_layers_is_accepted_when_the_rest_add_nothing() -> No
     assert drafted > 50
     assert accepted / drafted > 0.8  # the draft head is int4: a near tie may still flip
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+@NO_FUSED
+@pytest.mark.parametrize("same", [True, False], ids=["draft=target", "other-draft"])
+def test_separate_draft_model_keeps_output_and_its_own_kv(same: bool) -> None:
+    """A separate draft model with its own KV pool: greedy output identical, prefix-cache hits and
+    preemptions (whose KV the draft never computed) caught up on, no block leaked. The target itself as
+    its own draft must guess every token right: any stale or misplaced draft KV would show."""
+    target = tiny_fused_model(seed=1)
+    draft = target if same else tiny_fused_model(seed=2)
+    ref = tiny_engine(target)
+    for i, p in enumerate(LOOPS):
+        ref.add_request(str(i), p, GREEDY)
+    want = run_all(ref)
+    per_block = kv_bytes_per_block(target, 16, torch.bfloat16)
+    for options in (
+        {},
+        {"max_num_batched_tokens": 24, "max_num_seqs": 3, "kv_cache_memory": 12 * per_block / (1 << 30)},
+    ):
+        eng = tiny_engine(target, draft=draft, speculative="draft", spec_adaptive=False, **options)
+        for rnd in range(2):  # the second round's prompts are all in the prefix cache
+            for i, p in enumerate(LOOPS):
+                eng.add_request(f"{rnd}.{i}", p, GREEDY)
+            got = run_all(eng)
+            assert [got[f"{rnd}.{i}"] for i in range(len(LOOPS))] == [want[str(i)] for i in range(len(LOOPS))]
+            assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+        drafted, accepted = eng.stats.spec_decode_num_draft_tokens, eng.stats.spec_decode_num_accepted_tokens
+        assert drafted > 50
+        if same:
+            assert accepted == drafted, options
+        if options:
+            assert eng.scheduler.num_preemptions > 0
+
+
+@NO_FUSED
+def test_draft_model_with_another_vocabulary_is_refused() -> None:
+    other = FusedLlama(replace(TINY, vocab_size=128), tiny_weights(replace(TINY, vocab_size=128)), "none")
+    with pytest.raises(ValueError, match="vocabulary"):
+        tiny_engine(tiny_fused_model(), draft=other, speculative="draft")
 
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)

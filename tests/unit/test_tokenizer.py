@@ -481,3 +481,11 @@ def test_bad_calls_raise(tiny_bpe: Tokenizer) -> None:
         tiny_bpe.id_to_piece(-1)
     with pytest.raises(ValueError, match="non-empty strings"):
         IncrementalDetokenizer(tiny_bpe, stop=[""])
+
+
+@pytest.mark.model
+def test_same_vocabulary_is_what_a_draft_model_needs(
+    smol: Tokenizer, tiny_bpe: Tokenizer, model_path: Path
+) -> None:
+    assert smol.same_vocabulary(Tokenizer.load(model_path))
+    assert not smol.same_vocabulary(tiny_bpe)

@@ -135,9 +135,48 @@ class StepTimeModel:
         return 0.0 if ab is None else tokens / (ab[0] + ab[1] * tokens)
 
 
+def _load_fused(path, quantization: str, draft_head: bool, threads: int, weight_cache: bool) -> FusedLlama:
+    """The fused model of a checkpoint, from the packed-weight cache when it can be."""
+    from tailserve.models.loader import load_config_and_weights
+
+    def build() -> FusedLlama:
+        mc, weights = load_config_and_weights(path)
+        return FusedLlama(mc, weights, quantization, draft_head, num_threads=threads).eval()
+
+    if weight_cache and path.is_file():
+        return cached_fused(path, quantization, draft_head, threads, build)
+    return build()
+
+
+def _load_draft(name: str, target_path, threads: int, weight_cache: bool) -> FusedLlama:
+    """A separate draft model (name or path) in its checkpoint's own precision; it must tokenize as the
+    target does, or its guesses would be other tokens' ids."""
+    from tailserve.models.loader import load_config, resolve_model
+    from tailserve.tokenizer import Tokenizer
+
+    path = resolve_model(name)
+    mc = load_config(path)
+    if not fused_supported(mc):
+        raise ValueError(f"draft model {name!r}: its shape does not run on the fused step")
+    if not Tokenizer.load(path).same_vocabulary(Tokenizer.load(target_path)):
+        raise ValueError(f"draft model {name!r} does not share the target's tokenizer")
+    quantization = resolve_quantization("auto", mc.weight_precision, True)
+    draft = _load_fused(path, quantization, False, threads, weight_cache)
+    log.info("draft model %s: %s weights", path.name, mc.weight_precision)
+    return draft
+
+
 class LLMEngine:
-    def __init__(self, config: EngineConfig, model: LlamaModel | FusedLlama, tokenizer=None) -> None:
-        """Build from a loaded model; `from_config` loads one. tokenizer may be None (token ids only)."""
+    def __init__(
+        self,
+        config: EngineConfig,
+        model: LlamaModel | FusedLlama,
+        tokenizer=None,
+        draft: FusedLlama | None = None,
+    ) -> None:
+        """Build from a loaded model; `from_config` loads one. tokenizer may be None (token ids only).
+        draft: a separate draft model for `speculative="draft"` (`from_config` loads `draft_model` when
+        it names a model), sharing the target's vocabulary; it gets a KV pool of its own."""
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
@@ -176,14 +215,16 @@ class LLMEngine:
         self._order = itertools.count()
         self.step_times = StepTimeModel()
         self.decode_step_times = StepTimeModel()  # steps with no prompt work: what a guess costs
-        self.spec = self._make_spec_decoder(config)
+        self.spec = self._make_spec_decoder(config, draft, num_blocks)
         self.stats = EngineStats(
             num_free_blocks=num_blocks,
             num_total_blocks=num_blocks,
             spec_proposer=config.speculative,
         )
 
-    def _make_spec_decoder(self, config: EngineConfig) -> SpecDecoder | None:
+    def _make_spec_decoder(
+        self, config: EngineConfig, draft: FusedLlama | None, num_blocks: int
+    ) -> SpecDecoder | None:
         if config.speculative not in PROPOSERS:
             raise ValueError(f"unknown speculative {config.speculative!r}; use one of {', '.join(PROPOSERS)}")
         if config.speculative == "off":
@@ -195,15 +236,30 @@ class LLMEngine:
             return SpecDecoder(NgramProposer(), controller)
         if not isinstance(self.model, FusedLlama):
             raise ValueError("draft speculation runs on the fused C++ step (CPU with AVX512-BF16, bf16)")
+        if draft is not None:
+            if not isinstance(draft, FusedLlama):
+                raise ValueError("a draft model runs on the fused C++ step too")
+            if draft.config.vocab_size != self.model.config.vocab_size:
+                raise ValueError(
+                    f"the draft model's vocabulary ({draft.config.vocab_size} tokens) is not the "
+                    f"target's ({self.model.config.vocab_size})"
+                )
+            pool = ModelRunner(draft, num_blocks, config.block_size, self.dtype, self.device)
+            log.info(
+                "draft model: %d layers, KV pool %.0f MiB beside the target's",
+                draft.config.num_layers,
+                num_blocks * kv_bytes_per_block(draft, config.block_size, self.dtype) / (1 << 20),
+            )
+            return SpecDecoder(DraftProposer(pool, own_kv=True), controller)
         layers = self.model.config.num_layers
         spec = config.draft_model or f"layers:{max(1, layers // 4)}"
         kind, _, n = spec.partition(":")
         if kind != "layers" or not n.isdigit() or not 1 <= int(n) < layers:
             raise ValueError(
-                f"draft model {spec!r}: give layers:N, the target's first N layers (1 <= N < {layers}); "
-                "a separate draft checkpoint is not supported"
+                f"draft model {spec!r}: give layers:N, the target's first N layers (1 <= N < {layers}), "
+                "or a model that shares the target's tokenizer (loaded by LLMEngine.from_config)"
             )
-        return SpecDecoder(DraftProposer(self.runner, int(n)), controller)
+        return SpecDecoder(DraftProposer(self.runner, depth=int(n)), controller)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -224,19 +280,16 @@ class LLMEngine:
             and fused_supported(model_config)
         )
         quantization = resolve_quantization(config.quantization, model_config.weight_precision, fused)
+        draft_model = config.draft_model or "layers:"
+        separate_draft = config.speculative == "draft" and not draft_model.startswith("layers:")
         model: LlamaModel | FusedLlama
+        draft: FusedLlama | None = None
         if fused:
-            draft = config.speculative == "draft"
             threads = config.num_threads or torch.get_num_threads()
-
-            def build() -> FusedLlama:
-                mc, weights = load_config_and_weights(path)
-                return FusedLlama(mc, weights, quantization, draft, num_threads=threads).eval()
-
-            if config.weight_cache and path.is_file():
-                model = cached_fused(path, quantization, draft, threads, build)
-            else:
-                model = build()
+            self_draft = config.speculative == "draft" and not separate_draft
+            model = _load_fused(path, quantization, self_draft, threads, config.weight_cache)
+            if separate_draft:
+                draft = _load_draft(draft_model, path, threads, config.weight_cache)
             # The step runs on its own thread team; PyTorch's (OpenMP) team, woken by the few torch
             # ops around a step, would spin against it for the cores.
             torch.set_num_threads(1)
@@ -253,7 +306,7 @@ class LLMEngine:
             quantization,
             model_config.weight_precision,
         )
-        return cls(config, model, Tokenizer.load(path))
+        return cls(config, model, Tokenizer.load(path), draft)
 
     # --- requests ---------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ tables; the PyTorch model (models/llama.py) takes the AttentionMetadata built he
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -175,10 +176,13 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def run_tokens(
-        self, seqs: list[Sequence], tokens: list[int], starts: list[int], depth: int
+    def run_chunks(
+        self, seqs: list[Sequence], chunks: list[list[int]], starts: list[int], depth: int | None = None
     ) -> torch.Tensor:
-        """A draft pass: one token per sequence at the given positions, through the first `depth` layers;
-        logits [len(seqs), vocab]. Writes those layers' KV there, which the full pass later overwrites."""
+        """A draft pass: `chunks[i]` of `seqs[i]` at positions from `starts[i]` (within its blocks),
+        through the first `depth` layers (all when None); logits of each chunk's last token
+        [len(seqs), vocab]. Writes those layers' KV there, which a full pass of the target later
+        overwrites when this pool is the target's."""
         assert isinstance(self.model, FusedLlama), "draft passes run on the fused step"
-        return self._fused(seqs, [[t] for t in tokens], starts, list(range(len(seqs))), depth)
+        rows = list(itertools.accumulate(len(c) for c in chunks))
+        return self._fused(seqs, chunks, starts, [r - 1 for r in rows], depth)

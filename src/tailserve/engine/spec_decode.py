@@ -3,8 +3,11 @@
 Proposers:
   ngram  prompt lookup: the continuation of the latest earlier occurrence of the sequence's last n
          tokens (n from `max_n` down to 1). Free to run; right when the output quotes its context.
-  draft  the target's own first `depth` layers with an int4 head (self-speculation): it shares the
-         target's KV cache, since layer i's keys and values never depend on the layers after it.
+  draft  a draft model run greedily: the target's own first `depth` layers with an int4 head
+         (self-speculation), which shares the target's KV cache since layer i's keys and values never
+         depend on the layers after it; or a separate model sharing the target's tokenizer, with a KV
+         pool of its own indexed by the same block tables, which before guessing catches up on the
+         tokens the target computed since its last pass.
 Both propose greedily, i.e. a point-mass guess d per position.
 
 Verification keeps the target's output exactly. Greedy rows accept the longest prefix of guesses
@@ -52,6 +55,8 @@ class SpecState:
     pause: int = 0  # length of the last pause, doubled at each failure
     ngram_index: dict[tuple[int, ...], int] = field(default_factory=dict)
     ngram_indexed: int = 0  # tokens whose n-grams are in the index
+    draft_computed: int = 0  # a separate draft model: tokens whose KV its pool holds
+    draft_preemptions: int = 0  # the request's preemptions when that was counted (blocks since freed)
 
 
 class Proposer(ABC):
@@ -88,27 +93,46 @@ class NgramProposer(Proposer):
 
 
 class DraftProposer(Proposer):
-    """The target's first `depth` layers, run greedily k times over the speculating sequences."""
+    """A draft model run greedily k times over the speculating sequences (`runner`: the model and the
+    KV pool it writes). depth: the target's first `depth` layers, whose KV is the target's own (the
+    full pass rewrites it). own_kv: a separate model, whose pool holds only what it computed, so each
+    sequence's first pass also feeds it the tokens it has not seen (the whole prompt, the first time:
+    prefix-cache hits and preemptions give the target KV that the draft's pool lacks)."""
 
     name = "draft"
 
-    def __init__(self, runner, depth: int) -> None:
-        self.runner, self.depth = runner, depth
+    def __init__(self, runner, depth: int | None = None, own_kv: bool = False) -> None:
+        self.runner, self.depth, self.own_kv = runner, depth, own_kv
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
         drafts: list[list[int]] = [[] for _ in seqs]
         live = [i for i, k in enumerate(ks) if k > 0]
         step = 0
         while live:
-            # Guess step `step` of every live sequence: its last token (then its previous guess) in.
-            last = [drafts[i][-1] if step else seqs[i].token_ids[-1] for i in live]
-            starts = [seqs[i].num_computed + step for i in live]
-            logits = self.runner.run_tokens([seqs[i] for i in live], last, starts, self.depth)
+            # Guess step `step` of every live sequence: its last token (then its previous guess) in,
+            # after the tokens the draft has not seen yet.
+            chunks = [[drafts[i][-1]] if step else self._unseen(seqs[i]) for i in live]
+            starts = [seqs[i].num_computed + step + 1 - len(c) for i, c in zip(live, chunks)]
+            logits = self.runner.run_chunks([seqs[i] for i in live], chunks, starts, self.depth)
             for i, t in zip(live, argmax_rows(logits).tolist()):
                 drafts[i].append(t)
             step += 1
             live = [i for i in live if len(drafts[i]) < ks[i]]
         return drafts
+
+    def _unseen(self, seq: Sequence) -> list[int]:
+        """The tokens up to and including the last one whose KV the draft still needs; marks them seen
+        (guesses after them are not: a rejected guess's KV is garbage, an accepted one is recomputed)."""
+        last = seq.num_computed  # the last token's position: every token before it has target KV
+        if not self.own_kv:
+            return [seq.token_ids[last]]
+        state = seq.spec
+        assert state is not None
+        if state.draft_preemptions != seq.num_preemptions:
+            state.draft_computed, state.draft_preemptions = 0, seq.num_preemptions
+        seen = min(state.draft_computed, last)
+        state.draft_computed = last + 1
+        return seq.token_ids[seen : last + 1]
 
 
 class Controller:
