@@ -7,6 +7,11 @@ Decode speed is per stream: 1 / TPOT (TPOT = (e2e - TTFT) / (output tokens - 1))
 requests; throughput is output tok/s over the run.
 
     .venv/bin/python benchmarks/speculative.py [--workloads copy,chat] [--concurrency 1,8]
+
+A bf16 target with its own int4 checkpoint as the draft (a cheaper copy of the target):
+
+    .venv/bin/python benchmarks/speculative.py --settings off,draft --json speculative_int4_draft.json \
+        --server-args "--quantization none --draft-model smollm2-135m-instruct"
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ def main() -> None:
     ap.add_argument("--requests-per-stream", type=int, default=4)
     ap.add_argument("--server-args", default="", help="extra flags for every tailserve serve")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--json", default="speculative.json", help="summary file under benchmarks/recorded")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     settings = args.settings.split(",")
@@ -76,7 +82,7 @@ def main() -> None:
         med["acceptance"] = statistics.median(acc) if acc else None
         results.setdefault(workload, {}).setdefault(setting, {})[c] = med
     RECORDED.mkdir(parents=True, exist_ok=True)
-    (RECORDED / "speculative.json").write_text(json.dumps(results, indent=2))
+    (RECORDED / args.json).write_text(json.dumps(results, indent=2))
     print(header("Speculative decoding", "python benchmarks/speculative.py"))
     print("| workload | conc | setting | decode tok/s/stream | ×off | out tok/s | ×off | TTFT p50 | acc |")
     print("|---|---|---|---|---|---|---|---|---|")

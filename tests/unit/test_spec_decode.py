@@ -10,7 +10,7 @@ import torch
 
 from tailserve.engine.model_runner import kv_bytes_per_block
 from tailserve.engine.sequence import Sequence
-from tailserve.engine.spec_decode import Controller, NgramProposer, Proposer, SpecState, verify
+from tailserve.engine.spec_decode import Controller, NgramProposer, Proposer, SpecDecoder, SpecState, verify
 from tailserve.models.fused import FusedLlama
 from tailserve.sampling import SamplingParams
 from tests.tiny import (
@@ -252,3 +252,24 @@ def test_sampled_engine_output_follows_the_same_distribution(kind: str) -> None:
     assert eng.stats.spec_decode_num_accepted_tokens > n // 50
     assert eng.stats.spec_decode_num_draft_tokens > eng.stats.spec_decode_num_accepted_tokens
     assert ((off - spec).abs().sum(-1) / 2 < 0.08).all(), (off - spec).abs().sum(-1) / 2
+
+
+class Behind(Fixed):
+    """A draft model that has not seen `lag` tokens of every sequence."""
+
+    def __init__(self, lag: int) -> None:
+        super().__init__([7, 7, 7, 7])
+        self._lag = lag
+        self.seconds_per_catch_up_token = 1e-3
+
+    def lag(self, seq: Sequence) -> int:
+        return self._lag
+
+
+def test_a_draft_that_must_catch_up_guesses_only_where_the_catch_up_pays() -> None:
+    """Catching up on 500 tokens (0.5 s) stays within 10 % of 40 tokens' decoding only from 0.125 s a
+    step (max_tokens 40, nothing generated yet)."""
+    seq = seq_of([5, 6, 7] * 10)
+    for lag, step_seconds, guesses in ((1, 0.01, True), (500, 0.01, False), (500, 0.2, True)):
+        spec = SpecDecoder(Behind(lag), Controller(4))
+        assert (spec.choose([(seq, 4)], threshold=0.1, step_seconds=step_seconds)[0] > 0) is guesses

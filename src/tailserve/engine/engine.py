@@ -455,10 +455,10 @@ class LLMEngine:
                 candidates.append((s, cap))
         if not candidates:
             return
-        threshold = self.spec.controller.threshold(
-            self.decode_step_times.coefficients(), sched.num_tokens, len(sched.scheduled)
-        )
-        ks = self.spec.choose([(s.seq, cap) for s, cap in candidates], threshold)
+        coefficients = self.decode_step_times.coefficients()
+        threshold = self.spec.controller.threshold(coefficients, sched.num_tokens, len(sched.scheduled))
+        step_seconds = coefficients[0] + coefficients[1] * sched.num_tokens if coefficients else None
+        ks = self.spec.choose([(s.seq, cap) for s, cap in candidates], threshold, step_seconds)
         guessing: list[tuple[ScheduledSeq, int]] = []
         for (s, _), k in zip(candidates, ks):
             k = min(k, room)

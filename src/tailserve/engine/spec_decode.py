@@ -61,10 +61,16 @@ class SpecState:
 
 class Proposer(ABC):
     name: str
+    seconds_per_guess = 0.0  # a model's time per guessed token (moving average; 0: no model)
+    seconds_per_catch_up_token = 0.0  # a separate draft's time per token it catches up on
 
     @abstractmethod
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
         """Up to ks[i] guessed tokens following seqs[i]'s tokens (possibly none)."""
+
+    def lag(self, seq: Sequence) -> int:
+        """Tokens the proposer must run for `seq` before its first guess: 1 when it is in step."""
+        return 1
 
 
 class NgramProposer(Proposer):
@@ -92,6 +98,11 @@ class NgramProposer(Proposer):
         return []
 
 
+def _average(old: float, new: float) -> float:
+    """A moving average of measured costs; the first measurement stands alone."""
+    return new if old == 0.0 else 0.9 * old + 0.1 * new
+
+
 class DraftProposer(Proposer):
     """A draft model run greedily k times over the speculating sequences (`runner`: the model and the
     KV pool it writes). depth: the target's first `depth` layers, whose KV is the target's own (the
@@ -113,26 +124,40 @@ class DraftProposer(Proposer):
             # after the tokens the draft has not seen yet.
             chunks = [[drafts[i][-1]] if step else self._unseen(seqs[i]) for i in live]
             starts = [seqs[i].num_computed + step + 1 - len(c) for i, c in zip(live, chunks)]
+            t0 = time.perf_counter()
             logits = self.runner.run_chunks([seqs[i] for i in live], chunks, starts, self.depth)
             for i, t in zip(live, argmax_rows(logits).tolist()):
                 drafts[i].append(t)
+            self._observe(time.perf_counter() - t0, len(live), sum(len(c) for c in chunks))
             step += 1
             live = [i for i in live if len(drafts[i]) < ks[i]]
         return drafts
 
+    def _observe(self, seconds: float, guesses: int, tokens: int) -> None:
+        """Costs, from a pass of `tokens` tokens that guessed `guesses`: a pass of one token per
+        sequence prices a guess, a pass with catch-up chunks prices a caught-up token."""
+        if tokens == guesses:
+            self.seconds_per_guess = _average(self.seconds_per_guess, seconds / guesses)
+        else:
+            self.seconds_per_catch_up_token = _average(self.seconds_per_catch_up_token, seconds / tokens)
+
+    def lag(self, seq: Sequence) -> int:
+        if not self.own_kv:
+            return 1
+        state = seq.spec
+        stale = state is None or state.draft_preemptions != seq.num_preemptions  # its blocks were freed
+        seen = 0 if stale else min(state.draft_computed, seq.num_computed)
+        return seq.num_computed + 1 - seen
+
     def _unseen(self, seq: Sequence) -> list[int]:
         """The tokens up to and including the last one whose KV the draft still needs; marks them seen
         (guesses after them are not: a rejected guess's KV is garbage, an accepted one is recomputed)."""
-        last = seq.num_computed  # the last token's position: every token before it has target KV
-        if not self.own_kv:
-            return [seq.token_ids[last]]
-        state = seq.spec
-        assert state is not None
-        if state.draft_preemptions != seq.num_preemptions:
-            state.draft_computed, state.draft_preemptions = 0, seq.num_preemptions
-        seen = min(state.draft_computed, last)
-        state.draft_computed = last + 1
-        return seq.token_ids[seen : last + 1]
+        last, n = seq.num_computed, self.lag(seq)  # last: the last token's position
+        if self.own_kv:
+            state = seq.spec
+            assert state is not None
+            state.draft_computed, state.draft_preemptions = last + 1, seq.num_preemptions
+        return seq.token_ids[last + 1 - n : last + 1]
 
 
 class Controller:
@@ -247,22 +272,31 @@ class SpecDecoder:
         self.num_accepted_tokens = 0
         self.num_verify_steps = 0  # (sequence, step) pairs that verified guesses
 
-    def choose(self, candidates: list[tuple[Sequence, int]], threshold: float) -> list[int]:
-        """How many tokens each (sequence, most it may guess) decoding this step should guess."""
+    # A separate draft model must first run a request's tokens it has not seen (its whole prompt, the
+    # first time): worth it only while that costs at most this share of the request's remaining decode.
+    CATCH_UP_SHARE = 0.1
+
+    def choose(
+        self, candidates: list[tuple[Sequence, int]], threshold: float, step_seconds: float | None = None
+    ) -> list[int]:
+        """How many tokens each (sequence, most it may guess) decoding this step should guess.
+        step_seconds: the expected time of this step (None while unknown)."""
         c = self.controller
         c.step += 1
-        return [min(cap, c.choose_k(seq, threshold)) for seq, cap in candidates]
+        ks = [min(cap, c.choose_k(seq, threshold)) for seq, cap in candidates]
+        if c.adaptive and step_seconds:
+            per_token = self.proposer.seconds_per_catch_up_token
+            for i, (seq, _) in enumerate(candidates):
+                lag = self.proposer.lag(seq) if ks[i] else 1
+                budget = self.CATCH_UP_SHARE * (seq.params.max_tokens - seq.num_output_tokens) * step_seconds
+                if lag > 1 and lag * per_token > budget:
+                    ks[i] = 0
+        return ks
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
         """The guesses (up to ks[i] each; the sequences' blocks must already hold them)."""
-        t0 = time.perf_counter()
         drafts = self.proposer.propose(seqs, ks)
-        guesses = sum(len(d) for d in drafts)
-        if guesses and isinstance(self.proposer, DraftProposer):
-            c = self.controller
-            c.draft_seconds_per_guess = (
-                0.9 * c.draft_seconds_per_guess + 0.1 * (time.perf_counter() - t0) / guesses
-            )
+        self.controller.draft_seconds_per_guess = self.proposer.seconds_per_guess
         return drafts
 
     def accept(self, seq: Sequence, draft: list[int], logits: torch.Tensor) -> tuple[list[int], int]:
