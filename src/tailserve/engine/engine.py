@@ -250,7 +250,7 @@ class LLMEngine:
                 draft.config.num_layers,
                 num_blocks * kv_bytes_per_block(draft, config.block_size, self.dtype) / (1 << 20),
             )
-            return SpecDecoder(DraftProposer(pool, own_kv=True), controller)
+            return SpecDecoder(DraftProposer(pool, blocks=self.block_manager), controller)
         layers = self.model.config.num_layers
         spec = config.draft_model or f"layers:{max(1, layers // 4)}"
         kind, _, n = spec.partition(":")

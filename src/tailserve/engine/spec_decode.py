@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tailserve.engine.block_manager import BlockManager
 from tailserve.engine.sequence import Sequence
 from tailserve.layers.sampler import argmax_rows, filter_top_k_top_p
 from tailserve.sampling import SamplingParams
@@ -106,14 +107,18 @@ def _average(old: float, new: float) -> float:
 class DraftProposer(Proposer):
     """A draft model run greedily k times over the speculating sequences (`runner`: the model and the
     KV pool it writes). depth: the target's first `depth` layers, whose KV is the target's own (the
-    full pass rewrites it). own_kv: a separate model, whose pool holds only what it computed, so each
-    sequence's first pass also feeds it the tokens it has not seen (the whole prompt, the first time:
-    prefix-cache hits and preemptions give the target KV that the draft's pool lacks)."""
+    full pass rewrites it). Or a separate model with a pool of its own, which holds only what the draft
+    computed: each sequence's first pass then also feeds it the tokens it has not seen (the prompt, the
+    first time, less the leading blocks it computed for an earlier request with the same prefix).
+    """
 
     name = "draft"
 
-    def __init__(self, runner, depth: int | None = None, own_kv: bool = False) -> None:
-        self.runner, self.depth, self.own_kv = runner, depth, own_kv
+    def __init__(self, runner, depth: int | None = None, blocks: BlockManager | None = None) -> None:
+        """blocks: the target's block manager, given for a separate draft (its own KV pool): the draft's
+        KV of a prefix-cached block is reused as long as the block still holds that prefix."""
+        self.runner, self.depth, self.blocks = runner, depth, blocks
+        self._block_keys: dict[int, int] = {}  # block id → prefix key whose draft KV the pool holds
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
         drafts: list[list[int]] = [[] for _ in seqs]
@@ -142,21 +147,30 @@ class DraftProposer(Proposer):
             self.seconds_per_catch_up_token = _average(self.seconds_per_catch_up_token, seconds / tokens)
 
     def lag(self, seq: Sequence) -> int:
-        if not self.own_kv:
+        if self.blocks is None:
             return 1
         state = seq.spec
         stale = state is None or state.draft_preemptions != seq.num_preemptions  # its blocks were freed
         seen = 0 if stale else min(state.draft_computed, seq.num_computed)
+        if seen < seq.num_computed:  # leading blocks the draft computed for an earlier request
+            table, bm, cached = seq.table, self.blocks, 0
+            for bid, key in zip(table.blocks, table.keys):
+                if self._block_keys.get(bid) != key or bm.blocks[bid].key != key:
+                    break
+                cached += bm.block_size
+            seen = max(seen, min(cached, seq.num_computed))
         return seq.num_computed + 1 - seen
 
     def _unseen(self, seq: Sequence) -> list[int]:
         """The tokens up to and including the last one whose KV the draft still needs; marks them seen
         (guesses after them are not: a rejected guess's KV is garbage, an accepted one is recomputed)."""
         last, n = seq.num_computed, self.lag(seq)  # last: the last token's position
-        if self.own_kv:
+        if self.blocks is not None:
             state = seq.spec
             assert state is not None
             state.draft_computed, state.draft_preemptions = last + 1, seq.num_preemptions
+            for bid, key in zip(seq.table.blocks, seq.table.keys):  # full blocks, all now in the pool
+                self._block_keys[bid] = key
         return seq.token_ids[last + 1 - n : last + 1]
 
 
