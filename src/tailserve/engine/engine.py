@@ -408,8 +408,10 @@ class LLMEngine:
         for s in sched.scheduled:
             if s.seq.times.first_scheduled is None:
                 s.seq.times.first_scheduled = now
+        drafting = 0.0  # the proposer's time: priced apart from the target's (spec_decode.Controller)
         if self.spec is not None:
             self._plan_guesses(sched)
+            drafting = time.perf_counter() - t0
         result = self.runner.run(sched.scheduled)
         logits = result.logits[:, : self.num_sampleable]
         plain = [j for j, s in enumerate(result.sampled) if not s.draft]
@@ -434,7 +436,7 @@ class LLMEngine:
                 self._check_guesses(s, logits[result.rows[j] : result.rows[j] + 1 + len(s.draft)], now)
         self.step_times.observe(sched.num_tokens, now - t0)
         if all(s.num_new_tokens == 1 for s in sched.scheduled):
-            self.decode_step_times.observe(sched.num_tokens, now - t0)
+            self.decode_step_times.observe(sched.num_tokens, now - t0 - drafting)
 
     def _plan_guesses(self, sched: SchedulerOutput) -> None:
         """Let decoding requests guess tokens to verify in this step, where guessing pays (spec_decode.py)."""
