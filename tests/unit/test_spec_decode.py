@@ -273,3 +273,6 @@ def test_a_draft_that_must_catch_up_guesses_only_where_the_catch_up_pays() -> No
     for lag, step_seconds, guesses in ((1, 0.01, True), (500, 0.01, False), (500, 0.2, True)):
         spec = SpecDecoder(Behind(lag), Controller(4))
         assert (spec.choose([(seq, 4)], threshold=0.1, step_seconds=step_seconds)[0] > 0) is guesses
+    # Beside 7 other sequences, which all wait for it, the same catch-up costs 8 times as much.
+    spec = SpecDecoder(Behind(500), Controller(4))
+    assert spec.choose([(seq, 4)], threshold=0.1, step_seconds=0.2, num_seqs=8) == [0]

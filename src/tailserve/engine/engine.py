@@ -460,7 +460,9 @@ class LLMEngine:
         coefficients = self.decode_step_times.coefficients()
         threshold = self.spec.controller.threshold(coefficients, sched.num_tokens, len(sched.scheduled))
         step_seconds = coefficients[0] + coefficients[1] * sched.num_tokens if coefficients else None
-        ks = self.spec.choose([(s.seq, cap) for s, cap in candidates], threshold, step_seconds)
+        ks = self.spec.choose(
+            [(s.seq, cap) for s, cap in candidates], threshold, step_seconds, len(sched.scheduled)
+        )
         guessing: list[tuple[ScheduledSeq, int]] = []
         for (s, _), k in zip(candidates, ks):
             k = min(k, room)

@@ -287,14 +287,19 @@ class SpecDecoder:
         self.num_verify_steps = 0  # (sequence, step) pairs that verified guesses
 
     # A separate draft model must first run a request's tokens it has not seen (its whole prompt, the
-    # first time): worth it only while that costs at most this share of the request's remaining decode.
+    # first time), while every sequence of the step waits: worth it only while that costs at most this
+    # share of the request's remaining decode time.
     CATCH_UP_SHARE = 0.1
 
     def choose(
-        self, candidates: list[tuple[Sequence, int]], threshold: float, step_seconds: float | None = None
+        self,
+        candidates: list[tuple[Sequence, int]],
+        threshold: float,
+        step_seconds: float | None = None,
+        num_seqs: int = 1,
     ) -> list[int]:
         """How many tokens each (sequence, most it may guess) decoding this step should guess.
-        step_seconds: the expected time of this step (None while unknown)."""
+        step_seconds: the expected time of this step (None while unknown); num_seqs: sequences in it."""
         c = self.controller
         c.step += 1
         ks = [min(cap, c.choose_k(seq, threshold)) for seq, cap in candidates]
@@ -303,7 +308,7 @@ class SpecDecoder:
             for i, (seq, _) in enumerate(candidates):
                 lag = self.proposer.lag(seq) if ks[i] else 1
                 budget = self.CATCH_UP_SHARE * (seq.params.max_tokens - seq.num_output_tokens) * step_seconds
-                if lag > 1 and lag * per_token > budget:
+                if lag > 1 and lag * per_token * num_seqs > budget:
                     ks[i] = 0
         return ks
 
