@@ -25,7 +25,9 @@ steps), so a guess is worth making only while αⁱ ≥ margin·(b + draft cost)
 memory-bound (few sequences) guesses are nearly free, when it is compute-bound (many sequences) only
 near-certain ones are, and a request whose guesses keep failing stops guessing for a while (doubling
 each time). A new request starts from the proposer's acceptance over all requests, so a proposer that
-fails on this traffic costs nothing but an occasional one-token probe.
+fails on this traffic costs nothing but an occasional one-token probe. A separate draft's catch-up on
+a request's unseen tokens holds up the whole step, so a request guesses only while that costs at most
+a tenth of its remaining decode time, counted once per sequence of the step.
 """
 
 from __future__ import annotations
