@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import socket
+import statistics
 import threading
 import time
 import uuid
@@ -23,7 +24,6 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tailserve.bench.prom import parse
-from tailserve.bench.stats import percentile
 from tailserve.cli import main as tailserve_main
 from tailserve.config import EngineConfig, ServerConfig
 from tailserve.engine.engine import AsyncEngine, LLMEngine
@@ -318,11 +318,14 @@ def test_bench_server_ttft_agrees_with_the_client(
     sv = run["server"]
     assert sv is not None and sv["ttft_count"] == 8
     assert agree(sv["ttft_mean_s"], sv["client_ttft_mean_s"]), sv  # what the bench itself checks
-    # The p50s, both exact: the server's per-request TTFTs from its request log, less the warm-up's.
+    # Request by request: the server's TTFT from its request log (the warm-up's, the first, left out)
+    # against the client's. The client's clock starts before the server's and stops after it, by a
+    # localhost round trip plus HTTP and SSE work on the same 2 cores.
     lines = sorted(
         observed(server, lambda: request_log if len(request_log) >= 9 else []), key=lambda x: x["time"]
     )
     assert len(lines) == 9
-    server_p50 = percentile(sorted(x["ttft_s"] for x in lines[1:]), 50)
-    client_p50 = run["summary"]["latency"]["ttft_s"]["p50"]
-    assert agree(server_p50, client_p50), (server_p50, client_p50)
+    server_ttft = {x["request_id"]: x["ttft_s"] for x in lines[1:]}
+    gaps = [r["ttft_s"] - server_ttft[f"tailserve-bench-{r['id']}"] for r in run["requests"]]
+    assert min(gaps) > -0.001, gaps
+    assert statistics.median(gaps) < 0.015, gaps
