@@ -78,6 +78,17 @@ inline void load_pair(const uint8_t* w, int64_t p, __m512bh& w0, __m512bh& w1) {
   }
 }
 
+// One group's fp16 (scale, min) per channel of block `blk`, widened: channels [0, 16) and [16, 32).
+struct GroupScales {
+  __m512 d0, d1, m0, m1;
+};
+
+inline GroupScales group_scales(const PackedWeight& a, int64_t blk, int64_t groups, int64_t g) {
+  const uint16_t* gs = a.gscale + (blk * groups + g) * 64;
+  auto widen = [gs](int i) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gs + 16 * i))); };
+  return {widen(0), widen(1), widen(2), widen(3)};
+}
+
 // --- epilogues: (row m, block blk, channels blk·32 + [0, 16) in v0 and + [16, 32) in v1) -----------
 
 struct StoreBf16 {  // y[m, n] = v, bf16
@@ -147,14 +158,9 @@ void linear_tile(const PackedWeight& a, const Input& in, int64_t blk, int64_t m0
           c1[m] = _mm512_dpbf16_ps(c1[m], xb, w1);
         }
       }
-      const uint16_t* gs = a.gscale + (blk * groups + g) * 64;
-      const __m512 d0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gs)));
-      const __m512 d1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gs + 16)));
-      const __m512 k128 = _mm512_set1_ps(128.f);
-      const __m512 o0 =
-          _mm512_fnmadd_ps(k128, d0, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gs + 32))));
-      const __m512 o1 =
-          _mm512_fnmadd_ps(k128, d1, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gs + 48))));
+      const GroupScales gs = group_scales(a, blk, groups, g);
+      const __m512 d0 = gs.d0, d1 = gs.d1, k128 = _mm512_set1_ps(128.f);
+      const __m512 o0 = _mm512_fnmadd_ps(k128, d0, gs.m0), o1 = _mm512_fnmadd_ps(k128, d1, gs.m1);
       for (int m = 0; m < MT; ++m) {
         const __m512 xs = _mm512_set1_ps(xsum[(m0 + m) * groups + g]);
         y0[m] = _mm512_fmadd_ps(o0, xs, _mm512_fmadd_ps(d0, c0[m], y0[m]));
@@ -213,11 +219,8 @@ void vnni_tile(const PackedWeight& a, const Input& in, int64_t blk, int64_t m0, 
         c1[m] = _mm512_dpbusd_epi32(c1[m], w1, xb);
       }
     }
-    const uint16_t* gs = a.gscale + (blk * groups + g) * 64;
-    const __m512 d0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gs)));
-    const __m512 d1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gs + 16)));
-    const __m512 n0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gs + 32)));
-    const __m512 n1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gs + 48)));
+    const GroupScales gs = group_scales(a, blk, groups, g);
+    const __m512 d0 = gs.d0, d1 = gs.d1, n0 = gs.m0, n1 = gs.m1;
     for (int m = 0; m < MT; ++m) {
       const int64_t i = (m0 + m) * groups + g;
       const __m512 s = _mm512_set1_ps(in.qscale[i]), xs = _mm512_set1_ps(in.sums[i]);
