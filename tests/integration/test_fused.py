@@ -151,3 +151,22 @@ def test_separate_draft_model_loaded_by_name(loaded, default_model_path: Path) -
     assert run_all(eng) == run_all(plain)
     drafted = eng.stats.spec_decode_num_draft_tokens
     assert drafted > 0 and eng.stats.spec_decode_num_accepted_tokens == drafted
+
+
+def test_logits_of_a_few_rows_equal_those_of_all_rows(fused: FusedLlama, loaded) -> None:
+    """The last layer runs its attention and MLP only on the rows whose logits are asked for: those
+    rows' logits must be bitwise what a pass computing every row gives, full depth or a draft's."""
+    _, _, tok = loaded
+    a, b = tok.encode(TEXTS[0]), tok.encode(TEXTS[1])
+    c, nblk = fused.config, 8
+    shape = fused.kv_cache_shape(2 * nblk, BLOCK)
+    ids = torch.tensor(a + b)
+    seqs = torch.tensor([[0, len(a)], [0, len(b)]])
+    tables = torch.arange(2 * nblk).reshape(2, nblk)
+    few = torch.tensor([3, len(a) - 1, len(a) + len(b) - 1])
+    for depth in (None, c.num_layers // 2):
+        k = [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(c.num_layers)]
+        v = [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(c.num_layers)]
+        every = fused.compute_logits(ids, seqs, tables, BLOCK, torch.arange(len(ids)), k, v, depth)
+        some = fused.compute_logits(ids, seqs, tables, BLOCK, few, k, v, depth)
+        assert torch.equal(some, every[few])

@@ -171,6 +171,20 @@ class Llama {
     const float* cs = cos_.data_ptr<float>();
     const float* sn = sin_.data_ptr<float>();
 
+    // The last layer's attention and MLP matter only for the rows whose logits are wanted (the other
+    // rows' hidden states are dropped, their K and V already written): they run on those rows alone.
+    const bool trim = R < T;
+    std::vector<int64_t> seq_s(R), lens_s(R);
+    std::vector<float> x_s(trim ? R * Hd : 0), qkv_s(trim ? R * QKV : 0);
+    for (int64_t r = 0; r < R; ++r) {
+      seq_s[r] = row_seq[sr[r]];
+      lens_s[r] = lens[sr[r]];
+    }
+    PairAttentionArgs aa_s = aa;
+    aa_s.q = qkv_s.data();
+    aa_s.row_seq = seq_s.data();
+    aa_s.lens = lens_s.data();
+
     InputScratch shared;  // the linears' inputs when the threads prepare them together
     for (const Layer& ly : layers_)
       for (const Linear* l : {&ly.qkv, &ly.o, &ly.gate_up, &ly.down}) size_scratch(l->pw, T, shared);
@@ -239,30 +253,46 @@ class Llama {
         }
         team.barrier(nt);
         lap(kRope);
-        thread_range(T * Hkv, tid, nt, b, e);
+        int64_t M = T;  // rows from here on: all, or in the last layer only the sampled ones
+        float* xr = x.data();
         PairAttentionArgs la = aa;
+        if (trim && l == depth - 1) {
+          rows(R);
+          for (int64_t r = b; r < e; ++r) {
+            std::copy_n(&qkv[sr[r] * QKV], QKV, &qkv_s[r * QKV]);
+            std::copy_n(&x[sr[r] * Hd], Hd, &x_s[r * Hd]);
+          }
+          team.barrier(nt);
+          M = R;
+          xr = x_s.data();
+          la = aa_s;
+        }
         la.kc = kc;
         la.vc = vc;
+        thread_range(M * Hkv, tid, nt, b, e);
         pair_attention_items(la, b, e);
         team.barrier(nt);
         lap(kAttention);
-        linear(ly.o, attn.data(), QD, T, AddF32{x.data(), Hd, Hd});
+        linear(ly.o, attn.data(), QD, M, AddF32{xr, Hd, Hd});
         team.barrier(nt);
         lap(kO);
-        rows(T);
+        rows(M);
         for (int64_t t = b; t < e; ++t)
-          rms_norm_row(&x[t * Hd], ly.post_norm.data_ptr<float>(), Hd, eps_, &xn[t * Hd]);
+          rms_norm_row(&xr[t * Hd], ly.post_norm.data_ptr<float>(), Hd, eps_, &xn[t * Hd]);
         team.barrier(nt);
         lap(kNorm);
-        linear(ly.gate_up, xn.data(), Hd, T, SwiGlu{act.data(), I, I});
+        linear(ly.gate_up, xn.data(), Hd, M, SwiGlu{act.data(), I, I});
         team.barrier(nt);
         lap(kGateUp);
-        linear(ly.down, act.data(), I, T, AddF32{x.data(), Hd, Hd});
+        linear(ly.down, act.data(), I, M, AddF32{xr, Hd, Hd});
         team.barrier(nt);
         lap(kDown);
       }
       rows(R);
-      for (int64_t r = b; r < e; ++r) rms_norm_row(&x[sr[r] * Hd], norm_.data_ptr<float>(), Hd, eps_, &xn[r * Hd]);
+      for (int64_t r = b; r < e; ++r) {
+        const float* xf = trim ? &x_s[r * Hd] : &x[sr[r] * Hd];
+        rms_norm_row(xf, norm_.data_ptr<float>(), Hd, eps_, &xn[r * Hd]);
+      }
       team.barrier(nt);
       lap(kNorm);
       linear(head, xn.data(), Hd, R, StoreF32{out, V, V});
