@@ -115,6 +115,7 @@ class Tokenizer:
 
     def same_vocabulary(self, other: Tokenizer) -> bool:
         """Whether both map every token text to the same id (a draft model's guesses are ids)."""
+
         def vocab(t: Tokenizer) -> dict[str, int]:
             return t._backend.get_vocab(with_added_tokens=True)
 
