@@ -157,8 +157,9 @@ class Tokenizer:
             scores = field("scores")
             if scores is None or len(scores) != len(tokens):
                 raise ValueError(f"{path}: a llama (SentencePiece) tokenizer needs one score per token")
-            backend = _sentencepiece_bpe(tokens, types, scores, merges, field("unknown_token_id"),
-                                         field("add_space_prefix", True))
+            backend = _sentencepiece_bpe(
+                tokens, types, scores, merges, field("unknown_token_id"), field("add_space_prefix", True)
+            )
         else:
             raise ValueError(f"{path}: tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
         # Matched whole in text: control tokens as special (skippable on decode), user-defined as plain.
@@ -240,7 +241,7 @@ class Tokenizer:
         if self._anchor:
             text = self._backend.decode([*self._anchor, token_id], skip_special_tokens=False)
             if text.startswith(self._anchor_text):
-                return text[len(self._anchor_text):]
+                return text[len(self._anchor_text) :]
         return self._backend.decode([token_id], skip_special_tokens=False)
 
     def _check_ids(self, ids: Sequence[int]) -> None:
@@ -320,7 +321,7 @@ class IncrementalDetokenizer:
         new_text = self._decode(self._ids, skip_special_tokens=self._skip)
         if len(new_text) <= len(self._prefix_text) or new_text.endswith("\ufffd"):
             return ""
-        delta = new_text[len(self._prefix_text):]
+        delta = new_text[len(self._prefix_text) :]
         # Slide the window: the tokens just emitted become the next step's context.
         del self._ids[: self._read]
         self._read = len(self._ids)
@@ -333,7 +334,7 @@ class IncrementalDetokenizer:
         if self.stop_hit is not None:
             return ""
         new_text = self._decode(self._ids, skip_special_tokens=self._skip)
-        delta = new_text[len(self._prefix_text):].rstrip("\ufffd")
+        delta = new_text[len(self._prefix_text) :].rstrip("\ufffd")
         self._read, self._prefix_text = len(self._ids), new_text  # a second flush releases nothing
         return self._release(delta, final=True)
 
@@ -366,7 +367,7 @@ class IncrementalDetokenizer:
                 if buf.endswith(s[:k]):
                     keep = k
                     break
-        return buf[: len(buf) - keep], buf[len(buf) - keep:]
+        return buf[: len(buf) - keep], buf[len(buf) - keep :]
 
 
 # --- GGUF backends ------------------------------------------------------------------------------------
@@ -484,8 +485,13 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
     # jinja2's own tojson HTML-escapes <, >, & and ', which would corrupt tool schemas in prompts.
     return json.dumps(
         value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys

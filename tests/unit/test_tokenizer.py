@@ -44,8 +44,23 @@ def write_gguf(path: Path, *, model: str, tokens: list[str], types: list[int], *
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Merges over "ab \n", "hello world" and the first two bytes of 👍, so tokens span characters and spaces.
 TINY_MERGES = [
-    "a b", "b a", "Ġ a", "Ġ b", "Ġa b", "Ċ Ċ", "Ġ Ġ", "ab ab",
-    "h e", "l l", "ll o", "he llo", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld",
+    "a b",
+    "b a",
+    "Ġ a",
+    "Ġ b",
+    "Ġa b",
+    "Ċ Ċ",
+    "Ġ Ġ",
+    "ab ab",
+    "h e",
+    "l l",
+    "ll o",
+    "he llo",
+    "Ġ w",
+    "o r",
+    "Ġw or",
+    "l d",
+    "Ġwor ld",
     " ".join(byte_chars("👍")[:2]),
 ]
 
@@ -65,9 +80,24 @@ def tiny_bpe(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
 
 
 SPM_PIECES = {  # piece: score; SentencePiece merges the pair whose result scores best
-    "▁": -100.0, "h": -100.0, "e": -100.0, "l": -100.0, "o": -100.0, "w": -100.0, "r": -100.0, "d": -100.0,
-    "he": -1.0, "ll": -2.0, "llo": -3.0, "hello": -4.0, "▁hello": -5.0,
-    "or": -6.0, "ld": -6.5, "wor": -7.0, "world": -8.0, "▁world": -9.0,
+    "▁": -100.0,
+    "h": -100.0,
+    "e": -100.0,
+    "l": -100.0,
+    "o": -100.0,
+    "w": -100.0,
+    "r": -100.0,
+    "d": -100.0,
+    "he": -1.0,
+    "ll": -2.0,
+    "llo": -3.0,
+    "hello": -4.0,
+    "▁hello": -5.0,
+    "or": -6.0,
+    "ld": -6.5,
+    "wor": -7.0,
+    "world": -8.0,
+    "▁world": -9.0,
 }
 
 
@@ -78,8 +108,16 @@ def tiny_spm(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     types = [2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES)
     scores = [0.0] * (3 + 256) + list(SPM_PIECES.values())
     path = tmp_path_factory.mktemp("spm") / "spm.gguf"
-    write_gguf(path, model="llama", tokens=tokens, types=types, token_scores=scores,
-               bos_token_id=1, eos_token_id=2, unk_token_id=0)
+    write_gguf(
+        path,
+        model="llama",
+        tokens=tokens,
+        types=types,
+        token_scores=scores,
+        bos_token_id=1,
+        eos_token_id=2,
+        unk_token_id=0,
+    )
     return Tokenizer.from_gguf(path)
 
 
@@ -154,8 +192,9 @@ def test_metadata_and_end_of_generation(smol: Tokenizer) -> None:
 def test_eos_equal_to_bos_is_dropped_when_a_turn_end_exists(tiny_bpe: Tokenizer, tmp_path: Path) -> None:
     # The tiny file says eos = bos = <|im_start|>, a known conversion quirk.
     assert tiny_bpe.eos_token_ids == {0, 2}
-    path = write_gguf(tmp_path / "t.gguf", model="gpt2", tokens=["<s>", "a"], types=[3, 1], bos_token_id=0,
-                      eos_token_id=0)
+    path = write_gguf(
+        tmp_path / "t.gguf", model="gpt2", tokens=["<s>", "a"], types=[3, 1], bos_token_id=0, eos_token_id=0
+    )
     alone = Tokenizer.from_gguf(path)
     assert alone.eos_token_ids == {0}  # nothing else ends a turn: keep what the metadata says
 
@@ -181,16 +220,26 @@ def test_hf_folder_loads_like_transformers(hf: Any, tmp_path: Path) -> None:
         assert tok.encode(text) == hf.encode(text), text
         assert tok.decode(tok.encode(text)) == hf.decode(hf.encode(text), skip_special_tokens=True)
     messages = [{"role": "user", "content": "hi"}]
-    assert tok.apply_chat_template(messages) == hf.apply_chat_template(messages, tokenize=False,
-                                                                       add_generation_prompt=True)
+    assert tok.apply_chat_template(messages) == hf.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
     assert 2 in tok.eos_token_ids and tok.bos_token_id == 1 and not tok.add_bos_token
 
 
 def test_hf_folder_reads_bos_rule_and_eos_lists(tiny_bpe: Tokenizer, tmp_path: Path) -> None:
     tiny_bpe._backend.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": {"content": "<|im_start|>"}, "eos_token": "<|endoftext|>", "add_bos_token": True,
-         "chat_template": [{"name": "default", "template": "{{ bos_token }}{{ messages[0]['content'] }}"}]}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": {"content": "<|im_start|>"},
+                "eos_token": "<|endoftext|>",
+                "add_bos_token": True,
+                "chat_template": [
+                    {"name": "default", "template": "{{ bos_token }}{{ messages[0]['content'] }}"}
+                ],
+            }
+        )
+    )
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 2]}))
     tok = Tokenizer.from_hf_dir(tmp_path)
     assert tok.encode("ab") == [1, *tiny_bpe.encode("ab")]
@@ -263,7 +312,7 @@ def check_stream(tok: Tokenizer, ids: Sequence[int], prompt: Sequence[int] = (),
     full = tok.decode([*prompt, *ids], skip)
     head = tok.decode(list(prompt), skip)
     assert full.startswith(head)
-    expected = full[len(head):].rstrip("\ufffd")  # an unfinished character at the end is dropped
+    expected = full[len(head) :].rstrip("\ufffd")  # an unfinished character at the end is dropped
     deltas = stream(tok, ids, prompt, skip_special_tokens=skip)
     assert "".join(deltas) == expected
     if "\ufffd" not in expected:
@@ -436,18 +485,36 @@ def test_bad_files_raise_clear_errors(tmp_path: Path) -> None:
         (lambda: Tokenizer.load(tmp_path / "missing.gguf"), "not a .gguf file or a folder"),
         (lambda: Tokenizer.from_gguf(junk), "not a readable GGUF"),
         (lambda: Tokenizer.from_hf_dir(empty), "no tokenizer.json"),
-        (lambda: Tokenizer.from_gguf(write_gguf(tmp_path / "b.gguf", model="bert", tokens=["a"], types=[1])),
-         "tokenizer model 'bert' is not supported"),
-        (lambda: Tokenizer.from_gguf(tiny_bpe_path(tmp_path / "p.gguf", tokenizer_pre="klingon")),
-         "pre-tokenizer 'klingon' is not supported"),
-        (lambda: Tokenizer.from_gguf(tiny_bpe_path(tmp_path / "e.gguf", eos_token_id=10**6)),
-         "outside the vocabulary"),
-        (lambda: Tokenizer.from_gguf(write_gguf(tmp_path / "m.gguf", model="gpt2", tokens=["a"], types=[1],
-                                                token_merges=["a"])), "malformed merge"),
-        (lambda: Tokenizer.from_gguf(write_gguf(tmp_path / "s.gguf", model="llama", tokens=["a"], types=[1])),
-         "one score per token"),
-        (lambda: Tokenizer.from_gguf(tiny_bpe_path(tmp_path / "t.gguf", chat_template="{% for %}")),
-         "chat template does not parse"),
+        (
+            lambda: Tokenizer.from_gguf(
+                write_gguf(tmp_path / "b.gguf", model="bert", tokens=["a"], types=[1])
+            ),
+            "tokenizer model 'bert' is not supported",
+        ),
+        (
+            lambda: Tokenizer.from_gguf(tiny_bpe_path(tmp_path / "p.gguf", tokenizer_pre="klingon")),
+            "pre-tokenizer 'klingon' is not supported",
+        ),
+        (
+            lambda: Tokenizer.from_gguf(tiny_bpe_path(tmp_path / "e.gguf", eos_token_id=10**6)),
+            "outside the vocabulary",
+        ),
+        (
+            lambda: Tokenizer.from_gguf(
+                write_gguf(tmp_path / "m.gguf", model="gpt2", tokens=["a"], types=[1], token_merges=["a"])
+            ),
+            "malformed merge",
+        ),
+        (
+            lambda: Tokenizer.from_gguf(
+                write_gguf(tmp_path / "s.gguf", model="llama", tokens=["a"], types=[1])
+            ),
+            "one score per token",
+        ),
+        (
+            lambda: Tokenizer.from_gguf(tiny_bpe_path(tmp_path / "t.gguf", chat_template="{% for %}")),
+            "chat template does not parse",
+        ),
         (lambda: Tokenizer.from_hf_dir(broken), "not a valid tokenizer.json"),
     ]
     for call, message in cases:
