@@ -129,10 +129,15 @@ class StepTimeModel:
         a = (self.sy - b * self.sx) / self.n
         return max(a, 0.0), max(b, 1e-7)
 
+    def seconds(self, tokens: int) -> float | None:
+        """The time of a step of `tokens` tokens (None while unknown)."""
+        ab = self.coefficients()
+        return None if ab is None else ab[0] + ab[1] * tokens
+
     def rate(self, tokens: int) -> float:
         """Tokens per second through steps of `tokens` tokens (0 while unknown)."""
-        ab = self.coefficients()
-        return 0.0 if ab is None else tokens / (ab[0] + ab[1] * tokens)
+        t = self.seconds(tokens)
+        return 0.0 if t is None else tokens / t
 
 
 def _load_fused(path, quantization: str, draft_head: bool, threads: int, weight_cache: bool) -> FusedLlama:
@@ -280,16 +285,17 @@ class LLMEngine:
             and fused_supported(model_config)
         )
         quantization = resolve_quantization(config.quantization, model_config.weight_precision, fused)
-        draft_model = config.draft_model or "layers:"
-        separate_draft = config.speculative == "draft" and not draft_model.startswith("layers:")
+        # A draft model is named, or "layers:N" (the default) takes the target's own first layers.
+        draft_name = config.draft_model or ""
+        separate = config.speculative == "draft" and draft_name != "" and not draft_name.startswith("layers:")
         model: LlamaModel | FusedLlama
         draft: FusedLlama | None = None
         if fused:
             threads = config.num_threads or torch.get_num_threads()
-            self_draft = config.speculative == "draft" and not separate_draft
+            self_draft = config.speculative == "draft" and not separate  # needs the target's draft head
             model = _load_fused(path, quantization, self_draft, threads, config.weight_cache)
-            if separate_draft:
-                draft = _load_draft(draft_model, path, threads, config.weight_cache)
+            if separate:
+                draft = _load_draft(draft_name, path, threads, config.weight_cache)
             # The step runs on its own thread team; PyTorch's (OpenMP) team, woken by the few torch
             # ops around a step, would spin against it for the cores.
             torch.set_num_threads(1)
@@ -457,9 +463,13 @@ class LLMEngine:
                 candidates.append((s, cap))
         if not candidates:
             return
-        coefficients = self.decode_step_times.coefficients()
-        threshold = self.spec.controller.threshold(coefficients, sched.num_tokens, len(sched.scheduled))
-        step_seconds = coefficients[0] + coefficients[1] * sched.num_tokens if coefficients else None
+        threshold = self.spec.controller.threshold(
+            self.decode_step_times.coefficients(),
+            sched.num_tokens,
+            len(sched.scheduled),
+            self.spec.proposer.seconds_per_guess,
+        )
+        step_seconds = self.decode_step_times.seconds(sched.num_tokens)
         ks = self.spec.choose(
             [(s.seq, cap) for s, cap in candidates], threshold, step_seconds, len(sched.scheduled)
         )

@@ -167,13 +167,15 @@ class DraftProposer(Proposer):
         """The tokens up to and including the last one whose KV the draft still needs; marks them seen
         (guesses after them are not: a rejected guess's KV is garbage, an accepted one is recomputed)."""
         last, n = seq.num_computed, self.lag(seq)  # last: the last token's position
+        first = last + 1 - n
         if self.blocks is not None:
             state = seq.spec
             assert state is not None
             state.draft_computed, state.draft_preemptions = last + 1, seq.num_preemptions
-            for bid, key in zip(seq.table.blocks, seq.table.keys):  # full blocks, all now in the pool
+            start = first // self.blocks.block_size  # full blocks from here on: in the pool once this runs
+            for bid, key in zip(seq.table.blocks[start:], seq.table.keys[start:]):
                 self._block_keys[bid] = key
-        return seq.token_ids[last + 1 - n : last + 1]
+        return seq.token_ids[first : last + 1]
 
 
 class Controller:
@@ -194,7 +196,6 @@ class Controller:
     ) -> None:
         self.max_k, self.adaptive, self.decay, self.floor = max_k, adaptive, decay, floor
         self.step = 0
-        self.draft_seconds_per_guess = 0.0  # measured cost of one guessed token of one sequence
         # The proposer's acceptance over all requests: where a new request starts, so short requests
         # do not each pay to learn that a proposer fails on this traffic.
         self.acceptance = prior
@@ -204,13 +205,16 @@ class Controller:
             seq.spec = SpecState(acceptance=self.acceptance)
         return seq.spec
 
-    def threshold(self, coefficients: tuple[float, float] | None, num_tokens: int, num_seqs: int) -> float:
-        """The least chance of acceptance a guess needs to pay for itself in this step."""
+    def threshold(
+        self, coefficients: tuple[float, float] | None, num_tokens: int, num_seqs: int, guess_seconds: float
+    ) -> float:
+        """The least chance of acceptance a guess needs to pay for itself in this step (guess_seconds:
+        the proposer's own time per guess)."""
         if coefficients is None:
             return 0.3  # until the step-time model knows the cost of a token
         a, b = coefficients
         step = a + b * num_tokens
-        return self.MARGIN * (b + self.draft_seconds_per_guess) * num_seqs / step
+        return self.MARGIN * (b + guess_seconds) * num_seqs / step
 
     def choose_k(self, seq: Sequence, threshold: float) -> int:
         state = self.state(seq)
@@ -316,9 +320,7 @@ class SpecDecoder:
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
         """The guesses (up to ks[i] each; the sequences' blocks must already hold them)."""
-        drafts = self.proposer.propose(seqs, ks)
-        self.controller.draft_seconds_per_guess = self.proposer.seconds_per_guess
-        return drafts
+        return self.proposer.propose(seqs, ks)
 
     def accept(self, seq: Sequence, draft: list[int], logits: torch.Tensor) -> tuple[list[int], int]:
         tokens, n = verify(logits, draft, seq.params, seq.generator)
