@@ -75,10 +75,34 @@ def serving_all(servers: dict[str, list[str]], first_port: int, logs: Path) -> I
 
 
 def bench(url: str, out: Path, *flags: str) -> dict:
-    """One `tailserve bench` run (quiet, no plots unless asked); returns its first run's record."""
+    """One `tailserve bench` run (quiet, no plots unless asked); returns its run record (`runs[0]`)."""
     cmd = [sys.executable, "-m", "tailserve.cli", "bench", "--url", url, "--quiet", "--out", str(out), *flags]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return json.loads((out / "bench.json").read_text())
+    return json.loads((out / "bench.json").read_text())["runs"][0]
+
+
+def closed_loop(
+    url: str,
+    out: Path,
+    workload: str,
+    concurrency: int,
+    requests: int,
+    output_tokens: int,
+    seed: int,
+    *flags: str,
+) -> dict:
+    """`bench` of a seeded workload at a fixed concurrency, without plots."""
+    return bench(
+        url,
+        out,
+        "--workload", workload,
+        "--concurrency", str(concurrency),
+        "--requests", str(requests),
+        "--output-tokens", str(output_tokens),
+        "--seed", str(seed),
+        "--no-plots",
+        *flags,
+    )  # fmt: skip
 
 
 def pct(run: dict, metric: str, q: str) -> float:

@@ -50,7 +50,7 @@ def main() -> None:
             order = ("off", "on") if r % 2 == 0 else ("on", "off")
             for name in order:
                 out = RESULTS / f"obs_overhead-{name}-{r}"
-                run = bench(urls[name], out, *common)["runs"][0]
+                run = bench(urls[name], out, *common)
                 s = run["summary"]
                 runs[name].append(
                     {

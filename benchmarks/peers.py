@@ -14,7 +14,7 @@ import argparse
 import json
 
 from ceilings import measure, shares
-from harness import PEERS, RECORDED, RESULTS, bench, header, pct, serving, tailserve_cmd
+from harness import PEERS, RECORDED, RESULTS, closed_loop, header, pct, serving, tailserve_cmd
 
 from tailserve.models.loader import resolve_model
 
@@ -51,22 +51,7 @@ def main() -> None:
             for c in levels:
                 n = max(16, args.requests_per_stream * c)
                 out = RESULTS / f"peers-{name}-c{c}"
-                record = bench(
-                    url,
-                    out,
-                    "--workload",
-                    "chat",
-                    "--concurrency",
-                    str(c),
-                    "--requests",
-                    str(n),
-                    "--output-tokens",
-                    str(args.output_tokens),
-                    "--seed",
-                    "0",
-                    "--no-plots",
-                )
-                run = record["runs"][0]
+                run = closed_loop(url, out, "chat", c, n, args.output_tokens, 0)
                 results.setdefault(name, {})[c] = {
                     "ok": run["summary"]["counts"]["ok"],
                     "requests": n,

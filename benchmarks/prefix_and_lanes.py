@@ -23,7 +23,7 @@ COMMON: list[str] = []  # --server-args: flags for every server
 
 def run(label: str, server_flags: list[str], bench_flags: list[str]) -> dict:
     with serving(tailserve_cmd(PORT, *COMMON, *server_flags), PORT, RESULTS / f"{label}.log") as url:
-        return bench(url, RESULTS / label, "--seed", "0", "--no-plots", *bench_flags)["runs"][0]
+        return bench(url, RESULTS / label, "--seed", "0", "--no-plots", *bench_flags)
 
 
 def ttft(run_: dict, q: str) -> float:
@@ -91,8 +91,8 @@ def straggler(rounds: int) -> list[str]:
         for rnd in range(rounds):
             for label, (server, flags) in settings.items():
                 out = RESULTS / f"straggler-{server}-r{rnd}"
-                record = bench(urls[server], out, "--seed", str(rnd), "--no-plots", *common, *flags)
-                pooled[label] += record["runs"][0]["requests"]
+                run = bench(urls[server], out, "--seed", str(rnd), "--no-plots", *common, *flags)
+                pooled[label] += run["requests"]
     n = sum(1 for r in pooled["no long prompts"] if r["status"] == "ok")
     rows = [
         f"| straggler c=8, {rounds} rounds pooled | short TTFT p50 | short TTFT p99 | long TTFT p50 |",

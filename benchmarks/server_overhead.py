@@ -19,7 +19,7 @@ import statistics
 import time
 
 import httpx
-from harness import RECORDED, RESULTS, bench, header, serving, tailserve_cmd
+from harness import RECORDED, RESULTS, closed_loop, header, serving, tailserve_cmd
 
 from tailserve.bench.workloads import WorkloadParams, build_workload
 from tailserve.llm import LLM
@@ -94,18 +94,9 @@ def main() -> None:
             t0 = time.perf_counter()
             outs = llm.generate(prompts16, params)
             tok_s_local.append(sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t0))
-            record = bench(
-                url,
-                RESULTS / f"overhead-c16-r{rnd}",
-                "--workload", "chat",
-                "--output-tokens", str(args.output_tokens),
-                "--seed", "0",
-                "--no-plots",
-                "--warmup", "1",
-                "--concurrency", "16",
-                "--requests", str(args.requests_c16),
-            )  # fmt: skip
-            tok_s_http.append(record["runs"][0]["summary"]["throughput"]["output_tok_per_s"])
+            out = RESULTS / f"overhead-c16-r{rnd}"
+            run = closed_loop(url, out, "chat", 16, args.requests_c16, args.output_tokens, 0, "--warmup", "1")
+            tok_s_http.append(run["summary"]["throughput"]["output_tok_per_s"])
     result = {
         "ttft_local_s": local,
         "ttft_http_s": remote,

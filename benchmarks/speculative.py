@@ -20,7 +20,7 @@ import argparse
 import json
 import statistics
 
-from harness import RECORDED, RESULTS, bench, header, serving_all, tailserve_cmd
+from harness import RECORDED, RESULTS, closed_loop, header, serving_all, tailserve_cmd
 
 PORT = 8130
 SETTINGS = {
@@ -56,17 +56,8 @@ def main() -> None:
                 for c in levels:
                     for setting in settings:
                         n = max(8, args.requests_per_stream * c)
-                        record = bench(
-                            urls[setting],
-                            RESULTS / f"spec-{setting}-{workload}-c{c}-r{rnd}",
-                            "--workload", workload,
-                            "--concurrency", str(c),
-                            "--requests", str(n),
-                            "--output-tokens", str(args.output_tokens),
-                            "--seed", str(rnd),
-                            "--no-plots",
-                        )  # fmt: skip
-                        run = record["runs"][0]
+                        out = RESULTS / f"spec-{setting}-{workload}-c{c}-r{rnd}"
+                        run = closed_loop(urls[setting], out, workload, c, n, args.output_tokens, rnd)
                         r = {
                             "decode_tok_s": decode_tok_s(run),
                             "output_tok_s": run["summary"]["throughput"]["output_tok_per_s"],

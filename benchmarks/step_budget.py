@@ -11,7 +11,7 @@ import argparse
 import json
 import statistics
 
-from harness import RECORDED, RESULTS, bench, header, pct, serving_all, tailserve_cmd
+from harness import RECORDED, RESULTS, closed_loop, header, pct, serving_all, tailserve_cmd
 
 PORT = 8140
 
@@ -31,17 +31,8 @@ def main() -> None:
         for rnd in range(args.rounds):
             for c in levels:
                 for b in budgets:
-                    record = bench(
-                        urls[b],
-                        RESULTS / f"budget-{b}-c{c}-r{rnd}",
-                        "--workload", "chat",
-                        "--concurrency", str(c),
-                        "--requests", str(4 * c),
-                        "--output-tokens", str(args.output_tokens),
-                        "--seed", str(rnd),
-                        "--no-plots",
-                    )  # fmt: skip
-                    run = record["runs"][0]
+                    out = RESULTS / f"budget-{b}-c{c}-r{rnd}"
+                    run = closed_loop(urls[b], out, "chat", c, 4 * c, args.output_tokens, rnd)
                     r = {
                         "ttft_p50": pct(run, "ttft_s", "p50"),
                         "ttft_p99": pct(run, "ttft_s", "p99"),
