@@ -56,37 +56,35 @@ torch::Tensor argmax_rows(torch::Tensor x) {
   auto out = torch::empty({R}, torch::kLong);
   const float* xp = x.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
-  {
-    for (int64_t r = 0; r < R; ++r) {
-      const float* row = xp + r * ld;
-      float best = row[0];
-      int64_t at = 0, i = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    const float* row = xp + r * ld;
+    float best = row[0];
+    int64_t at = 0, i = 0;
 #if defined(__AVX512F__)
-      if (N >= 16) {
-        __m512 vbest = _mm512_loadu_ps(row);
-        __m512i vidx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), vat = vidx;
-        const __m512i step = _mm512_set1_epi32(16);
-        for (i = 16; i + 16 <= N; i += 16) {
-          vidx = _mm512_add_epi32(vidx, step);
-          const __m512 v = _mm512_loadu_ps(row + i);
-          const __mmask16 gt = _mm512_cmp_ps_mask(v, vbest, _CMP_GT_OQ);  // strict: a lane keeps its first max
-          vbest = _mm512_mask_mov_ps(vbest, gt, v);
-          vat = _mm512_mask_mov_epi32(vat, gt, vidx);
-        }
-        alignas(64) float bv[16];
-        alignas(64) int32_t bi[16];
-        _mm512_store_ps(bv, vbest);
-        _mm512_store_si512(bi, vat);
-        best = bv[0];
-        at = bi[0];
-        for (int l = 1; l < 16; ++l)
-          if (bv[l] > best || (bv[l] == best && bi[l] < at)) best = bv[l], at = bi[l];
+    if (N >= 16) {
+      __m512 vbest = _mm512_loadu_ps(row);
+      __m512i vidx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), vat = vidx;
+      const __m512i step = _mm512_set1_epi32(16);
+      for (i = 16; i + 16 <= N; i += 16) {
+        vidx = _mm512_add_epi32(vidx, step);
+        const __m512 v = _mm512_loadu_ps(row + i);
+        const __mmask16 gt = _mm512_cmp_ps_mask(v, vbest, _CMP_GT_OQ);  // strict: a lane keeps its first max
+        vbest = _mm512_mask_mov_ps(vbest, gt, v);
+        vat = _mm512_mask_mov_epi32(vat, gt, vidx);
       }
-#endif
-      for (; i < N; ++i)
-        if (row[i] > best) best = row[i], at = i;
-      op[r] = at;
+      alignas(64) float bv[16];
+      alignas(64) int32_t bi[16];
+      _mm512_store_ps(bv, vbest);
+      _mm512_store_si512(bi, vat);
+      best = bv[0];
+      at = bi[0];
+      for (int l = 1; l < 16; ++l)
+        if (bv[l] > best || (bv[l] == best && bi[l] < at)) best = bv[l], at = bi[l];
     }
+#endif
+    for (; i < N; ++i)
+      if (row[i] > best) best = row[i], at = i;
+    op[r] = at;
   }
   return out;
 }
