@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tailserve.engine.block_manager import BlockManager, BlockTable
+from tailserve.engine.block_manager import BlockManager, BlockTable, PartialHit
 
 BS = 4
 
@@ -53,6 +53,12 @@ def test_random_workloads_keep_invariants(ops_: list[tuple[str, int, int, int]],
             hits = bm.lookup(tokens)
             cached = len(hits) * BS
             assert cached < len(tokens)
+            partial = bm.lookup_partial(tokens, hits)
+            if partial:  # a registered block that continues the hits, never reaching the last token
+                k, src = partial.num_tokens, bm.blocks[partial.block_id]
+                assert 0 < k < BS and cached + k < len(tokens)
+                assert src.token_ids[:k] == tuple(tokens[cached : cached + k])
+                assert src.key is not None and src.parent == (bm.blocks[hits[-1]].key if hits else None)
             if bm.allocate(table, len(tokens), hits):
                 bm.register_full_blocks(table, tokens, len(tokens))
                 live[sid] = (table, tokens, len(tokens))
@@ -127,3 +133,35 @@ def test_double_free_is_caught() -> None:
     t.blocks = blocks
     with pytest.raises(AssertionError, match="double free"):
         bm.free(t)
+
+
+def test_partial_hit_continues_the_full_ones_and_is_forgotten_with_its_block() -> None:
+    bm = BlockManager(num_blocks=4, block_size=BS)
+    a, tok_a = BlockTable(), list(range(12))
+    assert bm.allocate(a, 12)
+    bm.register_full_blocks(a, tok_a, 12)
+    bm.free(a)
+    tok_b = list(range(10)) + [99, 98]  # the first two tokens of a's third block, then its own
+    hits = bm.lookup(tok_b)
+    assert hits == a_blocks(bm, tok_a)[:2]
+    assert bm.lookup_partial(tok_b, hits) == PartialHit(a_blocks(bm, tok_a)[2], 2)
+    # Never the last token: a prompt that ends inside the cached block leaves that one to compute.
+    assert bm.lookup_partial(list(range(11)), hits) == PartialHit(a_blocks(bm, tok_a)[2], 2)
+    # Only after the hits it continues: the same tokens behind another prefix are no hit.
+    assert bm.lookup_partial([7, 7, 7, 7, 8, 9, 10], bm.lookup([7, 7, 7, 7, 8, 9, 10])) is None
+    bm.min_partial_tokens = 3
+    assert bm.lookup_partial(tok_b, hits) is None
+    bm.min_partial_tokens = 1
+    big = BlockTable()
+    assert bm.allocate(big, 16)  # evicts every cached block: no partial hit is left behind
+    assert bm.lookup_partial(tok_b, []) is None and not bm._heads
+    bm.free(big)
+
+
+def a_blocks(bm: BlockManager, tokens: list[int]) -> list[int]:
+    """The cached blocks holding `tokens` (every full block of them), by their keys."""
+    out, parent = [], None
+    for i in range(len(tokens) // BS):
+        parent = bm.block_key(parent, tuple(tokens[i * BS : (i + 1) * BS]))
+        out.append(bm._cached[parent])
+    return out

@@ -102,6 +102,61 @@ def test_prefix_cache_on_equals_off(model) -> None:
     assert eng.block_manager.prefix_hits >= len(ps) * (len(shared) // bs * bs)
 
 
+def _mid_block_prompts(bs: int, min_partial: int) -> tuple[list[int], int, list[list[int]]]:
+    """A long prompt to warm the cache with, a length `cut` that ends inside its last full block with
+    more than `min_partial` tokens of that block, and prompts that share exactly its first `cut` tokens."""
+    shared = prompts(6)[-1]
+    cut = (len(shared) // bs - 1) * bs + min_partial + 2
+    tails = [[t if t != shared[cut] else t + 1 for t in p[:1]] + p[1:] for p in prompts(7)[3:]]
+    return shared, cut, [shared[:cut] + t for t in tails]
+
+
+def test_a_prefix_ending_inside_a_block_is_copied_not_recomputed(model) -> None:
+    bm = tiny_engine(model).block_manager
+    shared, cut, ps = _mid_block_prompts(bm.block_size, bm.min_partial_tokens)
+    off = batched(ps, greedy(), model, prefix_cache=False)
+    eng = tiny_engine(model)
+    eng.add_request("warm", shared, greedy(1))
+    run_all(eng)
+    cached: dict[str, int] = {}
+    for i, p in enumerate(ps):  # together: one step copies several blocks, some from the same source
+        eng.add_request(str(i), p, greedy())
+    got: dict[str, list[int]] = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+            cached[o.request_id] = o.num_cached_tokens
+    assert [got[str(i)] for i in range(len(ps))] == off
+    assert all(cached[str(i)] == cut for i in range(len(ps)))  # full blocks, then the partial one
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_a_partial_hits_source_evicted_in_the_same_step_is_still_read(model) -> None:
+    """The pool holds one prompt and no more: admitting it evicts the oldest cached block, which is
+    the partial hit's source (the warm prompt's last full block, freed first), and hands it to the
+    prompt as a fresh block that this very step writes into, after the copy has read it."""
+    bm = tiny_engine(model).block_manager
+    bs = bm.block_size
+    shared, cut, ps = _mid_block_prompts(bs, bm.min_partial_tokens)
+    prompt = (ps[0] + shared)[: (cut // bs + 2) * bs + 1]  # room for bs - 1 tokens in its last block
+    params = greedy(bs - 1)
+    off = batched([prompt], params, model, prefix_cache=False)
+    blocks = -(-len(prompt) // bs)
+    per_block = kv_bytes_per_block(model, bs, model.embed.dtype)
+    eng = tiny_engine(model, kv_cache_memory=blocks * per_block / (1 << 30), max_num_batched_tokens=512)
+    assert eng.block_manager.num_blocks == blocks
+    eng.add_request("warm", shared, greedy(1))
+    run_all(eng)
+    hit = eng.block_manager.lookup_partial(prompt, eng.block_manager.lookup(prompt))
+    assert hit is not None
+    seq = eng.add_request("p", prompt, params)
+    got = {"p": [t for o in eng.step() for t in o.new_token_ids]}
+    assert eng.block_manager.evictions == 1 and hit.block_id in seq.table.blocks[cut // bs + 1 :]
+    got["p"] += run_all(eng).get("p", [])
+    assert got["p"] == off[0]
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
 def test_seeded_sampling_is_reproducible_across_batches(model) -> None:
     ps = prompts(5)
     seeded = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)

@@ -4,6 +4,11 @@ A full block whose KV has been computed is keyed by hash(parent key, its token i
 with the same prefix maps the same physical block (read-only: only full blocks are shared, and a
 request only ever writes into its own last, partial block). When the last reader lets go, a cached
 block is kept on an LRU list and handed out again only when no never-cached block is left.
+
+A prefix rarely ends on a block boundary (a system prompt then a user turn): past its last shared full
+block, a request may still match the first tokens of a cached block. `lookup_partial` finds the longest
+such match, and the request starts from a fresh block holding a copy of that block's KV (the caller
+copies it before the step writes any KV): those tokens are not recomputed.
 """
 
 from __future__ import annotations
@@ -18,6 +23,15 @@ class Block:
     ref_count: int = 0
     key: int | None = None  # prefix-cache key while registered
     token_ids: tuple[int, ...] = ()  # the tokens behind `key`, to rule out hash collisions
+    parent: int | None = None  # the key of the block before it, while registered
+
+
+@dataclass(frozen=True)
+class PartialHit:
+    """The first `num_tokens` tokens of cached block `block_id` continue a request's full-block hits."""
+
+    block_id: int
+    num_tokens: int
 
 
 @dataclass
@@ -39,6 +53,10 @@ class BlockManager:
         self._free: deque[int] = deque(range(num_blocks))  # ref 0, not cached
         self._evictable: OrderedDict[int, None] = OrderedDict()  # ref 0, cached, oldest first
         self._cached: dict[int, int] = {}  # key -> block id
+        # (parent key, a cached block's first j tokens) -> that block, for 0 < j < block_size
+        self._heads: dict[tuple[int | None, tuple[int, ...]], int] = {}
+        # the least match worth a block copy; a quarter block (4 tokens at 16) saves more than it costs
+        self.min_partial_tokens = max(1, block_size // 4)
         self.prefix_queries = 0  # tokens looked up
         self.prefix_hits = 0  # tokens found
         self.evictions = 0
@@ -83,6 +101,19 @@ class BlockManager:
             parent = key
         return hits
 
+    def lookup_partial(self, token_ids: list[int], hits: list[int]) -> PartialHit | None:
+        """A cached block whose first tokens continue `hits` (lookup's result) in `token_ids`, taking
+        as many as it can (at least `min_partial_tokens`, never the last token)."""
+        if not self.enable_prefix_caching:
+            return None
+        bs, start = self.block_size, len(hits) * self.block_size
+        parent = self.blocks[hits[-1]].key if hits else None
+        for j in range(min(bs - 1, len(token_ids) - 1 - start), self.min_partial_tokens - 1, -1):
+            bid = self._heads.get((parent, tuple(token_ids[start : start + j])))
+            if bid is not None:
+                return PartialHit(bid, j)
+        return None
+
     def record_query(self, num_tokens: int, num_hit_tokens: int) -> None:
         """Count one admitted request's lookup (not every retry while it waits for room)."""
         if self.enable_prefix_caching:
@@ -100,8 +131,10 @@ class BlockManager:
             key = self.block_key(parent, chunk)
             block = self.blocks[table.blocks[i]]
             if key not in self._cached and block.key is None:
-                block.key, block.token_ids = key, chunk
+                block.key, block.token_ids, block.parent = key, chunk, parent
                 self._cached[key] = block.block_id
+                for j in range(1, bs):
+                    self._heads[(parent, chunk[:j])] = block.block_id
             table.keys.append(key)
             parent = key
 
@@ -182,4 +215,8 @@ class BlockManager:
         block = self.blocks[bid]
         if block.key is not None and self._cached.get(block.key) == bid:
             del self._cached[block.key]
-        block.key, block.token_ids = None, ()
+        for j in range(1, len(block.token_ids)):
+            head = (block.parent, block.token_ids[:j])
+            if self._heads.get(head) == bid:
+                del self._heads[head]
+        block.key, block.token_ids, block.parent = None, (), None

@@ -411,6 +411,8 @@ class LLMEngine:
     @torch.inference_mode()
     def _run(self, sched: SchedulerOutput, t0: float) -> None:
         now = t0
+        if sched.copies:  # partial prefix hits, before anything of this step writes KV
+            self.runner.copy_blocks(sched.copies)
         for s in sched.scheduled:
             if s.seq.times.first_scheduled is None:
                 s.seq.times.first_scheduled = now

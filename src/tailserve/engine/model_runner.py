@@ -49,6 +49,7 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.block_size = block_size
+        self.num_blocks = num_blocks
         self.device = torch.device(device)
         shape = model.kv_cache_shape(num_blocks, block_size)
         self.kv_caches = [
@@ -57,6 +58,18 @@ class ModelRunner:
         ]
         self._k_caches = [k for k, _ in self.kv_caches]
         self._v_caches = [v for _, v in self.kv_caches]
+
+    @torch.inference_mode()
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy the KV of block src into block dst, every layer, for each (src, dst). All sources are
+        read before any destination is written (a source may be another pair's destination, as the
+        scheduler found them). Both models' pools hold a block's slots contiguously: viewed as
+        [blocks, -1], a pool has a row per block."""
+        src = torch.tensor([p[0] for p in pairs], device=self.device)
+        dst = torch.tensor([p[1] for p in pairs], device=self.device)
+        for pool in itertools.chain(self._k_caches, self._v_caches):
+            rows = pool.view(self.num_blocks, -1)
+            rows[dst] = rows[src]
 
     def _slots(self, blocks: list[int], start: int, end: int) -> torch.Tensor:
         pos = torch.arange(start, end)

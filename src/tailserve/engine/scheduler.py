@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from tailserve.engine.block_manager import BlockManager
+from tailserve.engine.block_manager import BlockManager, PartialHit
 from tailserve.engine.sequence import Sequence, Status
 
 LONG_PROMPT_TOKENS = 256  # the least default threshold of the long lane
@@ -41,6 +41,10 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # (source, destination) blocks whose KV to copy, in order, before the step writes any: a partial
+    # prefix hit (block_manager.lookup_partial). A source taken as a fresh block in this same pass still
+    # holds its KV then, so nothing needs pinning.
+    copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -152,12 +156,14 @@ class Scheduler:
                 break
             n = seq.num_uncomputed
             hits: list[int] = []
+            partial = None
             if seq.status is Status.WAITING:
                 if out.preempted or len(self.running) >= self.max_num_seqs:
                     continue  # no new work while the pool is short or every slot is taken
                 hits = self.bm.lookup(seq.token_ids)
                 seq.prefix_hint = len(hits) * self.bm.block_size
-                n -= seq.prefix_hint
+                partial = self.bm.lookup_partial(seq.token_ids, hits)
+                n -= seq.prefix_hint + (partial.num_tokens if partial else 0)
             long = self.length_aware and n > self.long_threshold
             if self.enable_chunked_prefill:
                 n = min(n, budget, long_cap) if long else min(n, budget - reserve)
@@ -166,7 +172,7 @@ class Scheduler:
             if n <= 0:
                 continue
             if seq.status is Status.WAITING:
-                if not self._admit(seq, hits, n, out):
+                if not self._admit(seq, hits, partial, n, out):
                     continue
             elif not self._grow(seq, n, out, now):
                 continue
@@ -193,10 +199,14 @@ class Scheduler:
         out.scheduled.append(ScheduledSeq(seq, n))
         return True
 
-    def _admit(self, seq: Sequence, hits: list[int], n: int, out: SchedulerOutput) -> bool:
-        cached = len(hits) * self.bm.block_size
+    def _admit(
+        self, seq: Sequence, hits: list[int], partial: PartialHit | None, n: int, out: SchedulerOutput
+    ) -> bool:
+        cached = len(hits) * self.bm.block_size + (partial.num_tokens if partial else 0)
         if not self.bm.allocate(seq.table, cached + n, hits):
             return False
+        if partial:
+            out.copies.append((partial.block_id, seq.table.blocks[len(hits)]))
         self.waiting.remove(seq)
         self.bm.record_query(seq.num_tokens, cached)
         seq.num_computed = cached
