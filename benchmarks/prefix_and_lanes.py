@@ -5,8 +5,10 @@
 3. straggler, concurrency 8: short requests' p99 TTFT with 2k-token prompts mixed in, under
    length-aware lanes vs chunking off + FCFS, and vs the same short requests with no long prompts
    (alternated rounds, requests pooled).
+4. partial: prompt tokens computed for chat waves and multiturn sessions, in-process, with the prefix
+   cache's partial-block hits and without (full blocks only): counts, not times, so one run says it.
 
-    .venv/bin/python benchmarks/prefix_and_lanes.py [--parts chat,multiturn,straggler]
+    .venv/bin/python benchmarks/prefix_and_lanes.py [--parts chat,multiturn,straggler,partial]
 """
 
 from __future__ import annotations
@@ -109,14 +111,68 @@ def straggler(rounds: int) -> list[str]:
     return rows
 
 
+def partial() -> list[str]:
+    from tailserve.bench.workloads import build_workload
+    from tailserve.llm import LLM
+    from tailserve.sampling import SamplingParams
+
+    llm = LLM()
+    bm = llm.engine.block_manager
+    params = SamplingParams(max_tokens=64, ignore_eos=True, temperature=0.0)
+    chat_wl = build_workload("chat", 33, 1)
+    turns_wl = build_workload("multiturn", 40, 1)
+
+    def chat_waves() -> tuple[int, int]:
+        """A cached system prompt, then 4 waves of 8 requests at once."""
+        msgs = [[{"role": "system", "content": s.system}, {"role": "user", "content": s.turns[0].user}]
+                for s in chat_wl.sessions]  # fmt: skip
+        llm.chat(msgs[0], params)
+        outs = [o for w in range(4) for o in llm.chat(msgs[1 + 8 * w : 9 + 8 * w], params)]
+        return sum(len(o.prompt_token_ids) for o in outs), sum(o.num_cached_tokens for o in outs)
+
+    def sessions() -> tuple[int, int]:
+        """Each session's turns in order, every turn re-sending the history with the model's replies."""
+        total = cached = 0
+        for sess in turns_wl.sessions:
+            conv = [{"role": "system", "content": sess.system}]
+            for turn in sess.turns:
+                conv.append({"role": "user", "content": turn.user})
+                out = llm.chat(conv, params)[0]
+                conv.append({"role": "assistant", "content": out.text})
+                total, cached = total + len(out.prompt_token_ids), cached + out.num_cached_tokens
+        return total, cached
+
+    least = bm.min_partial_tokens
+    rows = [
+        "| workload (prompt tokens) | computed, full blocks only | computed, with partial hits | ratio |",
+        "|---|---|---|---|",
+    ]
+    for name, replay in (("chat: 4 waves of 8", chat_waves), ("multiturn: 40 turns", sessions)):
+        computed = []
+        for least_tokens in (bm.block_size, least):  # a block's every token: no partial hit can qualify
+            bm.reset_prefix_cache()
+            bm.min_partial_tokens = least_tokens
+            total, cached = replay()
+            computed.append(total - cached)
+        off, on = computed
+        rows.append(f"| {name} ({total}) | {off} | {on} | {on / off:.2f}x |")
+    bm.min_partial_tokens = least
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="chat,multiturn,straggler")
+    ap.add_argument("--parts", default="chat,multiturn,straggler,partial")
     ap.add_argument("--server-args", default="", help="extra flags for every tailserve serve")
     ap.add_argument("--rounds", type=int, default=3, help="straggler: alternated rounds pooled")
     args = ap.parse_args()
     COMMON.extend(args.server_args.split())
-    parts = {"chat": chat, "multiturn": multiturn, "straggler": lambda: straggler(args.rounds)}
+    parts = {
+        "chat": chat,
+        "multiturn": multiturn,
+        "straggler": lambda: straggler(args.rounds),
+        "partial": partial,
+    }
     tables = {name: parts[name]() for name in args.parts.split(",")}
     RECORDED.mkdir(parents=True, exist_ok=True)
     recorded = RECORDED / "prefix_and_lanes.json"
