@@ -53,10 +53,12 @@ class BlockManager:
         self._free: deque[int] = deque(range(num_blocks))  # ref 0, not cached
         self._evictable: OrderedDict[int, None] = OrderedDict()  # ref 0, cached, oldest first
         self._cached: dict[int, int] = {}  # key -> block id
-        # (parent key, a cached block's first j tokens) -> that block, for 0 < j < block_size
+        # (parent key, a cached block's first j tokens) -> that block, for j a multiple of _head_step
+        # below the block size: 3 entries a block at 16, not 15 (a match is then extended token by token)
+        self._head_step = max(1, block_size // 4)
         self._heads: dict[tuple[int | None, tuple[int, ...]], int] = {}
         # the least match worth a block copy; a quarter block (4 tokens at 16) saves more than it costs
-        self.min_partial_tokens = max(1, block_size // 4)
+        self.min_partial_tokens = self._head_step
         self.prefix_queries = 0  # tokens looked up
         self.prefix_hits = 0  # tokens found
         self.evictions = 0
@@ -103,15 +105,19 @@ class BlockManager:
 
     def lookup_partial(self, token_ids: list[int], hits: list[int]) -> PartialHit | None:
         """A cached block whose first tokens continue `hits` (lookup's result) in `token_ids`, taking
-        as many as it can (at least `min_partial_tokens`, never the last token)."""
+        as many as the block it finds holds (at least `min_partial_tokens`, never the last token)."""
         if not self.enable_prefix_caching:
             return None
-        bs, start = self.block_size, len(hits) * self.block_size
+        step, start = self._head_step, len(hits) * self.block_size
+        limit = min(self.block_size - 1, len(token_ids) - 1 - start)
         parent = self.blocks[hits[-1]].key if hits else None
-        for j in range(min(bs - 1, len(token_ids) - 1 - start), self.min_partial_tokens - 1, -1):
+        for j in range(limit // step * step, 0, -step):
             bid = self._heads.get((parent, tuple(token_ids[start : start + j])))
             if bid is not None:
-                return PartialHit(bid, j)
+                held = self.blocks[bid].token_ids
+                while j < limit and held[j] == token_ids[start + j]:
+                    j += 1
+                return PartialHit(bid, j) if j >= self.min_partial_tokens else None
         return None
 
     def record_query(self, num_tokens: int, num_hit_tokens: int) -> None:
@@ -133,7 +139,7 @@ class BlockManager:
             if key not in self._cached and block.key is None:
                 block.key, block.token_ids, block.parent = key, chunk, parent
                 self._cached[key] = block.block_id
-                for j in range(1, bs):
+                for j in range(self._head_step, bs, self._head_step):
                     self._heads[(parent, chunk[:j])] = block.block_id
             table.keys.append(key)
             parent = key
@@ -215,7 +221,7 @@ class BlockManager:
         block = self.blocks[bid]
         if block.key is not None and self._cached.get(block.key) == bid:
             del self._cached[block.key]
-        for j in range(1, len(block.token_ids)):
+        for j in range(self._head_step, len(block.token_ids), self._head_step):
             head = (block.parent, block.token_ids[:j])
             if self._heads.get(head) == bid:
                 del self._heads[head]
