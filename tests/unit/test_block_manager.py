@@ -100,12 +100,20 @@ def test_prefix_hits_share_blocks_and_survive_their_first_owner() -> None:
     assert bm.num_free_blocks == bm.num_blocks
 
 
+def cache(bm: BlockManager, tokens: list[int]) -> list[int]:
+    """Compute `tokens` in a table of their own and let go: their full blocks stay cached. Its blocks."""
+    table = BlockTable()
+    assert bm.allocate(table, len(tokens))
+    bm.register_full_blocks(table, tokens, len(tokens))
+    blocks = list(table.blocks)
+    bm.free(table)
+    return blocks
+
+
 def test_eviction_reuses_cached_blocks_lru_and_forgets_them() -> None:
     bm = BlockManager(num_blocks=4, block_size=BS)
-    a, tok_a = BlockTable(), list(range(8))
-    assert bm.allocate(a, 8)
-    bm.register_full_blocks(a, tok_a, 8)
-    bm.free(a)
+    tok_a = list(range(8))
+    cache(bm, tok_a)
     big = BlockTable()
     assert bm.allocate(big, 16)  # needs every block: the cached ones are evicted
     assert bm.evictions == 2
@@ -136,32 +144,22 @@ def test_double_free_is_caught() -> None:
 
 
 def test_partial_hit_continues_the_full_ones_and_is_forgotten_with_its_block() -> None:
-    bm = BlockManager(num_blocks=4, block_size=BS)
-    a, tok_a = BlockTable(), list(range(12))
-    assert bm.allocate(a, 12)
-    bm.register_full_blocks(a, tok_a, 12)
-    bm.free(a)
+    bm = BlockManager(num_blocks=5, block_size=BS)
+    a = cache(bm, list(range(12)))
     tok_b = list(range(10)) + [99, 98]  # the first two tokens of a's third block, then its own
     hits = bm.lookup(tok_b)
-    assert hits == a_blocks(bm, tok_a)[:2]
-    assert bm.lookup_partial(tok_b, hits) == PartialHit(a_blocks(bm, tok_a)[2], 2)
+    assert hits == a[:2]
+    assert bm.lookup_partial(tok_b, hits) == PartialHit(a[2], 2)
     # Never the last token: a prompt that ends inside the cached block leaves that one to compute.
-    assert bm.lookup_partial(list(range(11)), hits) == PartialHit(a_blocks(bm, tok_a)[2], 2)
+    assert bm.lookup_partial(list(range(11)), hits) == PartialHit(a[2], 2)
     # Only after the hits it continues: the same tokens behind another prefix are no hit.
-    assert bm.lookup_partial([7, 7, 7, 7, 8, 9, 10], bm.lookup([7, 7, 7, 7, 8, 9, 10])) is None
+    other = [20, 21, 22, 23, 24, 25, 26, 27, 8, 9, 10, 42]
+    assert cache(bm, other[:8]) and len(bm.lookup(other)) == 2
+    assert bm.lookup_partial(other, bm.lookup(other)) is None
     bm.min_partial_tokens = 3
     assert bm.lookup_partial(tok_b, hits) is None
     bm.min_partial_tokens = 1
     big = BlockTable()
-    assert bm.allocate(big, 16)  # evicts every cached block: no partial hit is left behind
+    assert bm.allocate(big, 20)  # evicts every cached block: no partial hit is left behind
     assert bm.lookup_partial(tok_b, []) is None and not bm._heads
     bm.free(big)
-
-
-def a_blocks(bm: BlockManager, tokens: list[int]) -> list[int]:
-    """The cached blocks holding `tokens` (every full block of them), by their keys."""
-    out, parent = [], None
-    for i in range(len(tokens) // BS):
-        parent = bm.block_key(parent, tuple(tokens[i * BS : (i + 1) * BS]))
-        out.append(bm._cached[parent])
-    return out
