@@ -1,21 +1,28 @@
 """tailserve against its peers (llama.cpp server, vLLM CPU) on the same model and seeded chat workload.
 
-Each server is started in turn on 127.0.0.1, loaded with `tailserve bench --workload chat` at each
-concurrency (64 output tokens, ignore_eos, greedy), then stopped. Prints a markdown table with ratios
-against tailserve and each row's share of the machine's bandwidth and compute ceilings (ceilings.py,
-measured first), and writes benchmarks/recorded/peers.json.
+The servers are all started on 127.0.0.1 (an idle one takes ~1 % of a core), then loaded with
+`tailserve bench --workload chat` (64 output tokens, ignore_eos, greedy) at each concurrency for
+`--rounds` rounds, round r with seed r, the servers' order reversed every other round, so the machine's
+drift (it moves 10–30 % over minutes) hits every server alike. Each row pools its rounds' requests:
+TTFT and ITL percentiles over all of them (a p99 of one 32-request run is its maximum), throughput the
+median round. Prints a markdown table with ratios against tailserve and each row's share of the
+machine's bandwidth and compute ceilings (ceilings.py, measured first), and writes
+benchmarks/recorded/peers.json.
 
-    .venv/bin/python benchmarks/peers.py [--peers tailserve,llamacpp,vllm] [--concurrency 1,8,16]
+    .venv/bin/python benchmarks/peers.py [--peers tailserve,llamacpp,vllm] [--concurrency 1,8,16] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import statistics
 
 from ceilings import measure, shares
-from harness import PEERS, RECORDED, RESULTS, closed_loop, header, pct, serving, tailserve_cmd
+from harness import PEERS, RECORDED, RESULTS, closed_loop, header, serving, tailserve_cmd
 
+from tailserve.bench.stats import dist
 from tailserve.models.loader import resolve_model
 
 PORTS = {"tailserve": 8100, "llamacpp": 8101, "vllm": 8102}
@@ -30,6 +37,26 @@ def server_cmd(name: str, gguf: str, extra: list[str]) -> list[str]:
     return ["bash", str(PEERS / "vllm_cpu.sh"), "serve", gguf, port]
 
 
+def pooled(rounds: list[dict], c: int, name: str, ceil: dict[str, float], output_tokens: int) -> dict:
+    """One table row from a server's rounds at concurrency c: percentiles over every completed request
+    of every round, throughput the median round's."""
+    done = [r for run in rounds for r in run["requests"] if r["status"] == "ok"]
+    ttft, itl = dist(r["ttft_s"] for r in done), dist(x for r in done for x in r["itl_s"])
+    assert ttft and itl, f"{name} completed no request at concurrency {c}"
+    row = {
+        "ok": len(done),
+        "requests": sum(run["summary"]["counts"]["sent"] for run in rounds),
+        "rounds": len(rounds),
+        "ttft_p50": ttft["p50"],
+        "ttft_p99": ttft["p99"],
+        "itl_p50": itl["p50"],
+        "itl_p99": itl["p99"],
+        "output_tok_s": statistics.median(run["summary"]["throughput"]["output_tok_per_s"] for run in rounds),
+        "prompt_tokens_mean": statistics.fmean(run["summary"]["tokens"]["prompt"]["mean"] for run in rounds),
+    }
+    return row | shares(name, row, c, ceil, output_tokens)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peers", default="tailserve,llamacpp")
@@ -38,35 +65,38 @@ def main() -> None:
         "--requests-per-stream", type=int, default=4, help="requests = max(16, this × concurrency)"
     )
     ap.add_argument("--output-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3, help="alternated rounds pooled per row")
     ap.add_argument("--tailserve-args", default="", help="extra flags for tailserve serve")
     args = ap.parse_args()
     gguf = str(resolve_model("smollm2-135m-instruct"))
     levels = [int(c) for c in args.concurrency.split(",")]
     ceil = measure()
     print("ceilings", ceil, flush=True)
-    results: dict[str, dict[int, dict]] = {}
-    for name in args.peers.split(","):
-        cmd = server_cmd(name, gguf, args.tailserve_args.split())
-        with serving(cmd, PORTS[name], RESULTS / f"{name}.log") as url:
-            for c in levels:
-                n = max(16, args.requests_per_stream * c)
-                out = RESULTS / f"peers-{name}-c{c}"
-                run = closed_loop(url, out, "chat", c, n, args.output_tokens, 0)
-                results.setdefault(name, {})[c] = {
-                    "ok": run["summary"]["counts"]["ok"],
-                    "requests": n,
-                    "ttft_p50": pct(run, "ttft_s", "p50"),
-                    "ttft_p99": pct(run, "ttft_s", "p99"),
-                    "itl_p50": pct(run, "itl_s", "p50"),
-                    "itl_p99": pct(run, "itl_s", "p99"),
-                    "output_tok_s": run["summary"]["throughput"]["output_tok_per_s"],
-                    "prompt_tokens_mean": run["summary"]["tokens"]["prompt"]["mean"],
-                }
-                results[name][c].update(shares(name, results[name][c], c, ceil, args.output_tokens))
-                print(name, c, results[name][c], flush=True)
+    names = args.peers.split(",")
+    extra = args.tailserve_args.split()
+    runs: dict[str, dict[int, list[dict]]] = {name: {c: [] for c in levels} for name in names}
+    with contextlib.ExitStack() as stack:
+        urls = {}
+        for name in names:
+            cmd, log = server_cmd(name, gguf, extra), RESULTS / f"{name}.log"
+            urls[name] = stack.enter_context(serving(cmd, PORTS[name], log))
+        for c in levels:
+            n = max(16, args.requests_per_stream * c)
+            for rnd in range(args.rounds):
+                for name in names if rnd % 2 == 0 else names[::-1]:
+                    out = RESULTS / f"peers-{name}-c{c}-r{rnd}"
+                    run = closed_loop(urls[name], out, "chat", c, n, args.output_tokens, rnd)
+                    runs[name][c].append(run)
+                    t = run["summary"]["latency"]["ttft_s"]
+                    print(f"{name} c={c} r{rnd}: TTFT p50 {t['p50']:.3f}, p99 {t['p99']:.3f} s", flush=True)
+    results = {
+        name: {c: pooled(rounds, c, name, ceil, args.output_tokens) for c, rounds in by_c.items()}
+        for name, by_c in runs.items()
+    }
     RECORDED.mkdir(parents=True, exist_ok=True)
     (RECORDED / "peers.json").write_text(json.dumps({"ceilings": ceil, **results}, indent=2))
-    print(header("tailserve vs peers, chat workload", "python benchmarks/peers.py --peers " + args.peers))
+    cmd = f"python benchmarks/peers.py --peers {args.peers} --rounds {args.rounds}"
+    print(header("tailserve vs peers, chat workload", cmd))
     print(
         f"Ceilings: read {ceil['read_gb_s']:.1f} GB/s, bf16 {ceil['bf16_gflop_s']:.0f} GFLOP/s, "
         f"int8 {ceil['int8_gop_s']:.0f} GOP/s.\n"
