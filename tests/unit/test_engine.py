@@ -151,10 +151,32 @@ def test_a_partial_hits_source_evicted_in_the_same_step_is_still_read(model) -> 
     assert hit is not None
     seq = eng.add_request("p", prompt, params)
     got = {"p": [t for o in eng.step() for t in o.new_token_ids]}
-    assert eng.block_manager.evictions == 1 and hit.block_id in seq.table.blocks[cut // bs + 1 :]
+    assert hit.block_id in seq.table.blocks[cut // bs + 1 :]  # evicted, then handed out as a fresh block
     got["p"] += run_all(eng).get("p", [])
     assert got["p"] == off[0]
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_a_follow_up_reuses_every_computed_token_of_the_conversation(model) -> None:
+    """A conversation's next turn re-sends the last one with its reply: the reply's last block, partial
+    when the request finished, was indexed then, so only the reply's last token and the new turn run."""
+    first = prompts(8)[5]
+    eng = tiny_engine(model)
+    eng.add_request("1", first, greedy(7))
+    reply = run_all(eng)["1"]
+    follow = first + reply + [5, 6, 7]
+    bm = eng.block_manager
+    assert (len(first) + len(reply) - 1) % bm.block_size >= bm.min_partial_tokens  # a tail worth a copy
+    eng.add_request("2", follow, greedy())
+    got: list[int] = []
+    cached = 0
+    while eng.has_unfinished():
+        for o in eng.step():
+            got += o.new_token_ids
+            cached = o.num_cached_tokens
+    assert cached == len(first) + len(reply) - 1  # the last reply token was sampled, never computed
+    assert got == batched([follow], greedy(), model, prefix_cache=False)[0]
+    assert bm.num_free_blocks == bm.num_blocks
 
 
 def test_seeded_sampling_is_reproducible_across_batches(model) -> None:

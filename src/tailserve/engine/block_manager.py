@@ -8,7 +8,9 @@ block is kept on an LRU list and handed out again only when no never-cached bloc
 A prefix rarely ends on a block boundary (a system prompt then a user turn): past its last shared full
 block, a request may still match the first tokens of a cached block. `lookup_partial` finds the longest
 such match, and the request starts from a fresh block holding a copy of that block's KV (the caller
-copies it before the step writes any KV): those tokens are not recomputed.
+copies it before the step writes any KV): those tokens are not recomputed. A sequence's last, partial
+block is indexed the same way when the sequence lets go of it (`register_tail`), so the next turn of a
+conversation, which re-sends all of it, reuses its very end too.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ class Block:
     block_id: int
     ref_count: int = 0
     key: int | None = None  # prefix-cache key while registered
-    token_ids: tuple[int, ...] = ()  # the tokens behind `key`, to rule out hash collisions
-    parent: int | None = None  # the key of the block before it, while registered
+    token_ids: tuple[int, ...] = ()  # cached tokens: all of a keyed block's, or a released tail's head
+    parent: int | None = None  # the key of the block before it, while cached
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ class BlockManager:
             bid = self._heads.get((parent, tuple(token_ids[start : start + j])))
             if bid is not None:
                 held = self.blocks[bid].token_ids
-                while j < limit and held[j] == token_ids[start + j]:
+                while j < min(limit, len(held)) and held[j] == token_ids[start + j]:
                     j += 1
                 return PartialHit(bid, j) if j >= self.min_partial_tokens else None
         return None
@@ -139,10 +141,31 @@ class BlockManager:
             if key not in self._cached and block.key is None:
                 block.key, block.token_ids, block.parent = key, chunk, parent
                 self._cached[key] = block.block_id
-                for j in range(self._head_step, bs, self._head_step):
-                    self._heads[(parent, chunk[:j])] = block.block_id
+                self._index_head(block)
             table.keys.append(key)
             parent = key
+
+    def register_tail(self, table: BlockTable, token_ids: list[int], num_computed: int) -> None:
+        """Index the computed head of `table`'s last, partial block, for a sequence about to let go of
+        it (finished, aborted, preempted): whatever re-sends its tokens (a conversation's next turn, a
+        recompute) copies them. The block is then kept like a cached one until the LRU evicts it."""
+        i, k = divmod(num_computed, self.block_size)
+        if not self.enable_prefix_caching or k < self._head_step or len(table.keys) != i:
+            return  # (keys short of i: its full blocks are not all keyed, so its parent is unknown)
+        block = self.blocks[table.blocks[i]]
+        if block.ref_count != 1 or block.token_ids:  # a tail is never shared; nor ever indexed twice
+            return
+        block.parent = table.keys[i - 1] if i else None
+        block.token_ids = tuple(token_ids[i * self.block_size : i * self.block_size + k])
+        self._index_head(block)
+
+    def _head_lengths(self, n: int) -> range:
+        """The head lengths indexed for a block caching n tokens: every _head_step below the block size."""
+        return range(self._head_step, min(n, self.block_size - 1) + 1, self._head_step)
+
+    def _index_head(self, block: Block) -> None:
+        for j in self._head_lengths(len(block.token_ids)):
+            self._heads[(block.parent, block.token_ids[:j])] = block.block_id
 
     # --- allocation -------------------------------------------------------------------------------
 
@@ -176,7 +199,7 @@ class BlockManager:
             assert block.ref_count > 0, f"double free of block {bid}"
             block.ref_count -= 1
             if block.ref_count == 0:
-                if block.key is not None:
+                if block.token_ids:  # cached: a keyed block or an indexed tail
                     self._evictable[bid] = None
                 else:
                     self._free.append(bid)
@@ -221,7 +244,7 @@ class BlockManager:
         block = self.blocks[bid]
         if block.key is not None and self._cached.get(block.key) == bid:
             del self._cached[block.key]
-        for j in range(self._head_step, len(block.token_ids), self._head_step):
+        for j in self._head_lengths(len(block.token_ids)):
             head = (block.parent, block.token_ids[:j])
             if self._heads.get(head) == bid:
                 del self._heads[head]

@@ -101,6 +101,11 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        """Give a sequence's blocks back, its computed tail indexed for whatever re-sends it."""
+        self.bm.register_tail(seq.table, seq.token_ids, seq.num_computed)
         self.bm.free(seq.table)
 
     # --- ordering ---------------------------------------------------------------------------------
@@ -219,7 +224,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.bm.free(seq.table)
+        self._release(seq)
         seq.num_computed = 0
         seq.num_preemptions += 1
         seq.status = Status.WAITING
