@@ -41,9 +41,9 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
-    # (source, destination) blocks whose KV to copy, in order, before the step writes any: a partial
-    # prefix hit (block_manager.lookup_partial). A source taken as a fresh block in this same pass still
-    # holds its KV then, so nothing needs pinning.
+    # (source, destination) blocks whose KV to copy before the step writes any, every source read
+    # before any destination is written: partial prefix hits (block_manager.lookup_partial). A source
+    # taken as a fresh block in this same pass still holds its KV then, so nothing needs pinning.
     copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
