@@ -418,8 +418,9 @@ class LLMEngine:
                 s.seq.times.first_scheduled = now
         drafting = 0.0  # the proposer's time: priced apart from the target's (spec_decode.Controller)
         if self.spec is not None:
+            planned = time.perf_counter()
             self._plan_guesses(sched)
-            drafting = time.perf_counter() - t0
+            drafting = time.perf_counter() - planned
         result = self.runner.run(sched.scheduled)
         logits = result.logits[:, : self.num_sampleable]
         plain = [j for j, s in enumerate(result.sampled) if not s.draft]
