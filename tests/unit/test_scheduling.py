@@ -76,6 +76,17 @@ def test_priority_first_and_aging_prevents_starvation() -> None:
     assert order == ["old", "new"]
 
 
+def test_shortest_first_among_arrivals_together_first_come_first_served_across() -> None:
+    eng = tiny_engine(MODEL, max_num_seqs=1)
+    eng.add_request("older", list(range(40, 52)), greedy(2))  # 12 tokens
+    eng.add_request("quick", [5, 6, 7], greedy(3))  # arrived with it, shorter: goes first
+    finished = [o.request_id for o in eng.step() if o.finished]
+    eng.add_request("newer", [8, 9], greedy(2))  # shorter still, but queued after "older"
+    while eng.has_unfinished():
+        finished += [o.request_id for o in eng.step() if o.finished]
+    assert finished == ["quick", "older", "newer"]
+
+
 def test_requests_arriving_while_the_prefix_is_prefilled_match_cache_off() -> None:
     shared = prompts(30)[-1]
     ps = [shared + p for p in prompts(31)[:5]]

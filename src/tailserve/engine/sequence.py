@@ -32,6 +32,7 @@ class Sequence:
     priority: int = 0  # lower runs first, as in vLLM
     deadline: float | None = None  # perf_counter time after which the request is aborted
     arrival_order: int = 0
+    arrival_pass: int = 0  # the scheduling pass it arrived before (scheduler.py orders by it)
     times: RequestTimes = field(default_factory=RequestTimes)
     token_ids: list[int] = field(default_factory=list)  # prompt + output
     num_computed: int = 0  # tokens whose KV is in the cache
