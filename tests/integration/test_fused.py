@@ -79,7 +79,7 @@ def test_next_token_distributions_match_fp32(
         agree += (ref.argmax(-1) == got.argmax(-1)).sum().item()
         n += len(ids)
     print(f"mean KL {sum(kls) / len(kls):.5f}, top-1 agreement {agree / n:.3f}")
-    assert max(kls) < 0.01  # measured: 0.0001 (bf16), 0.003 (int8), 0.0007 (int4)
+    assert max(kls) < 0.01  # measured: 0.0002 (bf16), 0.004 (int8), 0.003 (int4)
     assert agree / n > 0.95
 
 
