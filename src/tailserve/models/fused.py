@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -57,9 +58,8 @@ def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.stack([gate.reshape(i // h, h, k), up.reshape(i // h, h, k)], 1).reshape(2 * i, k)
 
 
-def _packed(layer: Linear):
+def _packed(layer: Linear, ops: ModuleType):
     """The C++ view of a kernel-backed linear's packed buffers (kinds: csrc/linear.h)."""
-    ops = kernels.ops()
     assert layer.backend in ("kernel", "vnni"), "the fused step needs the C++ linears"
     n, k = layer.out_features, layer.in_features
     if isinstance(layer, DenseLinear):
@@ -138,30 +138,38 @@ class FusedLlama(nn.Module):
 
     def _bind(self, num_threads: int | None) -> None:
         """The C++ model over this module's buffers (built anew after unpickling: `load`)."""
+        self.threads = num_threads or torch.get_num_threads()
+        self.impl = self.make_impl(self.threads)
+
+    def make_impl(self, threads: int, ops: ModuleType | None = None):
+        """A C++ model over this module's buffers, from the kernels module `ops` (default: this tree's;
+        benchmarks/step_ab.py passes an older revision's)."""
+        ops = ops or kernels.ops()
         c = self.config
-        self.impl = kernels.ops().Llama(
+        impl = ops.Llama(
             c.num_heads,
             c.num_kv_heads,
             c.head_dim,
             c.rms_norm_eps,
             self.embed,
             self.norm,
-            _packed(self.lm_head),
+            _packed(self.lm_head, ops),
             self.cos,
             self.sin,
         )
-        self.impl.set_threads(num_threads or torch.get_num_threads())
+        impl.set_threads(threads)
         if hasattr(self, "draft_head"):
-            self.impl.set_draft_head(_packed(self.draft_head))
+            impl.set_draft_head(_packed(self.draft_head, ops))
         for layer in self.layers:
-            self.impl.add_layer(
+            impl.add_layer(
                 layer.input_norm,
                 layer.post_norm,
-                _packed(layer.qkv),
-                _packed(layer.o),
-                _packed(layer.gate_up),
-                _packed(layer.down),
+                _packed(layer.qkv, ops),
+                _packed(layer.o, ops),
+                _packed(layer.gate_up, ops),
+                _packed(layer.down, ops),
             )
+        return impl
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
