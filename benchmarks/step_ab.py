@@ -8,11 +8,11 @@ Prints each build's median step time and phases, the median of the per-pair rati
 logit difference between the builds (0 where a change should not move a number).
 
 Batches (seeded chat workload, default model and precision, as `tailserve serve` runs them):
-  prefill: the first step of a burst of 16 new chat prompts: 128 prompt rows, ~450 tokens of context
-           (the step that the 16-stream p99 TTFT waits on seven times over);
-  decode:  one decode step of those 16 sequences.
+  prefill: the first step of a burst of `--streams` new chat prompts (at 16: 128 prompt rows at ~450
+           tokens of context, the step that the 16-stream p99 TTFT waits on seven times over);
+  decode:  one decode step of those sequences.
 
-    .venv/bin/python benchmarks/step_ab.py --base HEAD~1 [--batch prefill,decode] [--pairs 40]
+    .venv/bin/python benchmarks/step_ab.py --base HEAD~1 [--batch prefill,decode] [--streams 16] [--pairs 40]
 """
 
 from __future__ import annotations
@@ -48,14 +48,14 @@ def base_sources(rev: str, into: Path) -> Path:
     return into
 
 
-def batches(llm: LLM) -> Iterator[tuple[str, SchedulerOutput]]:
+def batches(llm: LLM, streams: int) -> Iterator[tuple[str, SchedulerOutput]]:
     """The burst's first step, then (the engine run on until every prompt decodes) a decode step. Each
     is timed before the engine moves on: a scheduled step reads its sequences' progress."""
     eng = llm.engine
     prompts = chat_prompts(llm, 64, 1)
     llm.generate(prompts[:32], SamplingParams(max_tokens=2, temperature=0.0))  # the system prompt cached
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
-    for i, p in enumerate(prompts[32:48]):
+    for i, p in enumerate(prompts[32 : 32 + streams]):
         eng.add_request(f"burst-{i}", p, params)
     sched = eng.scheduler.schedule()
     if sched.copies:
@@ -64,7 +64,7 @@ def batches(llm: LLM) -> Iterator[tuple[str, SchedulerOutput]]:
     while True:
         eng._run(sched, time.perf_counter())  # the step as the engine runs it
         sched = eng.scheduler.schedule()
-        if len(sched.scheduled) == 16 and all(s.num_new_tokens == 1 for s in sched.scheduled):
+        if len(sched.scheduled) == streams and all(s.num_new_tokens == 1 for s in sched.scheduled):
             yield "decode", sched
             return
 
@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--base", default="HEAD~1", help="git revision whose kernels are the baseline")
     ap.add_argument("--batch", default="prefill,decode")
     ap.add_argument("--pairs", type=int, default=40)
+    ap.add_argument("--streams", type=int, default=16, help="prompts in the burst (1 to 32)")
     args = ap.parse_args()
     base_rev = git("rev-parse", "--short", args.base).decode().strip()
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,7 +83,7 @@ def main() -> None:
     model, runner = llm.engine.runner.model, llm.engine.runner
     impls = {"base": model.make_impl(model.threads, base_mod), "head": model.impl}
     results = {}
-    for name, sched in batches(llm):
+    for name, sched in batches(llm, args.streams):
         if name not in args.batch.split(","):
             continue
         logits = {}
@@ -120,7 +121,8 @@ def main() -> None:
     model.impl = impls["head"]
     out = RECORDED / "step_ab.json"
     recorded = json.loads(out.read_text()) if out.exists() else {}
-    recorded[f"{base_rev}..{commit()}"] = {"date": time.strftime("%Y-%m-%d"), **results}
+    key = f"{base_rev}..{commit()}, {args.streams} streams"
+    recorded[key] = {"date": time.strftime("%Y-%m-%d"), **results}
     out.write_text(json.dumps(recorded, indent=2))
 
 
