@@ -233,6 +233,7 @@ inline int64_t k_index(int64_t o, int64_t d, int64_t bs) { return ((d >> 1) * bs
 inline int64_t v_index(int64_t o, int64_t d, int64_t D) { return ((o >> 1) * D + d) * 2 + (o & 1); }
 
 constexpr int64_t kMaxPairGroup = 8;  // query heads per KV head the pair kernel holds
+constexpr int64_t kAhead = 3;        // tiles of 16 tokens the pair kernel prefetches ahead
 
 struct PairAttentionArgs {
   int64_t H, Hkv, D, bs;
@@ -273,19 +274,24 @@ void pair_attention_item(const PairAttentionArgs& a, int64_t n, int64_t h) {
     sum[g] = _mm512_setzero_ps();
   }
   const __m512 scale = _mm512_set1_ps(a.scale), ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  // Tiles lie in scattered blocks where no hardware prefetcher would look: request them kAhead tiles
+  // before they are used, so the misses of a decode row's own (uncached) tokens overlap.
+  auto prefetch_tile = [&](int64_t t1) {
+    const int64_t next = (row[t1 / bs] * a.Hkv + h) * head_stride;
+    const char* kn = reinterpret_cast<const char*>(a.kc + next + t1 % bs * 2);
+    const char* vn = reinterpret_cast<const char*>(a.vc + next + t1 % bs * D);
+    for (int64_t p = 0; p < P; ++p) _mm_prefetch(kn + p * bs * 4, _MM_HINT_T0);
+    for (int64_t i = 0; i < D * 32 / 64; ++i) _mm_prefetch(vn + i * 64, _MM_HINT_T0);
+  };
   for (int64_t t0 = 0; t0 < ctx; t0 += 16) {
     const int64_t base = (row[t0 / bs] * a.Hkv + h) * head_stride, o0 = t0 % bs;
     const uint16_t* kb = a.kc + base + o0 * 2;
     const uint16_t* vb = a.vc + base + o0 * D;
     const int64_t valid = std::min<int64_t>(16, ctx - t0);
     const __mmask16 live = mask16(valid);
-    if (t0 + 16 < ctx) {  // the next tile's block is where no hardware prefetcher would look
-      const int64_t t1 = t0 + 16, next = (row[t1 / bs] * a.Hkv + h) * head_stride;
-      const char* kn = reinterpret_cast<const char*>(a.kc + next + t1 % bs * 2);
-      const char* vn = reinterpret_cast<const char*>(a.vc + next + t1 % bs * D);
-      for (int64_t p = 0; p < P; ++p) _mm_prefetch(kn + p * bs * 4, _MM_HINT_T0);
-      for (int64_t i = 0; i < D * 32 / 64; ++i) _mm_prefetch(vn + i * 64, _MM_HINT_T0);
-    }
+    if (t0 == 0)
+      for (int64_t t1 = 16; t1 < std::min<int64_t>(ctx, 16 * kAhead); t1 += 16) prefetch_tile(t1);
+    if (t0 + 16 * kAhead < ctx) prefetch_tile(t0 + 16 * kAhead);
     __m512 s0[G], s1[G];
     for (int g = 0; g < G; ++g) s0[g] = s1[g] = _mm512_setzero_ps();
     for (int64_t p = 0; p < P; p += 2) {
