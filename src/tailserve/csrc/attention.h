@@ -283,14 +283,13 @@ void pair_attention_item(const PairAttentionArgs& a, int64_t n, int64_t h) {
     for (int64_t p = 0; p < P; ++p) _mm_prefetch(kn + p * bs * 4, _MM_HINT_T0);
     for (int64_t i = 0; i < D * 32 / 64; ++i) _mm_prefetch(vn + i * 64, _MM_HINT_T0);
   };
+  for (int64_t t1 = 16; t1 < std::min<int64_t>(ctx, 16 * kAhead); t1 += 16) prefetch_tile(t1);
   for (int64_t t0 = 0; t0 < ctx; t0 += 16) {
     const int64_t base = (row[t0 / bs] * a.Hkv + h) * head_stride, o0 = t0 % bs;
     const uint16_t* kb = a.kc + base + o0 * 2;
     const uint16_t* vb = a.vc + base + o0 * D;
     const int64_t valid = std::min<int64_t>(16, ctx - t0);
     const __mmask16 live = mask16(valid);
-    if (t0 == 0)
-      for (int64_t t1 = 16; t1 < std::min<int64_t>(ctx, 16 * kAhead); t1 += 16) prefetch_tile(t1);
     if (t0 + 16 * kAhead < ctx) prefetch_tile(t0 + 16 * kAhead);
     __m512 s0[G], s1[G];
     for (int g = 0; g < G; ++g) s0[g] = s1[g] = _mm512_setzero_ps();

@@ -45,8 +45,7 @@ def build(csrc: Path = CSRC, name: str = "tailserve_kernels") -> ModuleType:
     older revision's kernels beside these."""
     from torch.utils import cpp_extension
 
-    key = _build_key(csrc)
-    build_dir = cache_home() / "torch_extensions" / (key if name == "tailserve_kernels" else f"{name}-{key}")
+    build_dir = cache_home() / "torch_extensions" / f"{name}-{_build_key(csrc)}"
     build_dir.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name=name,
