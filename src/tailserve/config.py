@@ -32,7 +32,7 @@ class EngineConfig:
     # (default: half the budget, at least 256)
     priority_aging: float = 2.0  # seconds of waiting that count as one priority level
     quantization: str = "auto"  # auto | none | int8 | int4 (auto: the checkpoint's own, on the fused step)
-    fused: bool = True  # the whole step in one C++ call where the CPU has AVX512-BF16 (dtype bf16)
+    fused: bool = True  # the whole step in one C++ call on the CPU (every tier: layers/kernels.py; bf16)
     weight_cache: bool = True  # keep the fused step's packed weights on disk: the next start is fast
     speculative: str = "off"  # off | ngram | draft (spec_decode.py)
     num_speculative_tokens: int = 4  # most tokens a request guesses per step

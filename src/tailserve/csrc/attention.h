@@ -1,6 +1,7 @@
 // Paged attention over a flat KV pool (see layers/attention.py for the layout).
 #pragma once
 #include "common.h"
+#include "simd.h"
 
 namespace {
 
@@ -88,33 +89,18 @@ void tile_values_v(float* acc, int64_t G, const T* const* vp, int64_t nt, const 
 // Online-softmax step for one query head's tile of scores: s ← exp(s − m'), returns Σ exp and sets
 // m ← m' = max(m, max s), alpha ← exp(m − m') (the rescale of what was accumulated before).
 inline float softmax_tile(float* s, int64_t nt, float& m, float& alpha) {
-#if defined(__AVX512F__)
+  using namespace simd;
   static_assert(kTokenTile == 32, "two 16-lane vectors per tile");
-  const __mmask16 k0 = nt >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nt) - 1);
-  const __mmask16 k1 = nt >= 32 ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(nt - 16, 0)) - 1);
-  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  const __m512 a = _mm512_mask_loadu_ps(ninf, k0, s), b = _mm512_mask_loadu_ps(ninf, k1, s + 16);
-  const float mnew = std::max(m, _mm512_reduce_max_ps(_mm512_max_ps(a, b)));
-  const __m512 mv = _mm512_set1_ps(mnew);
-  const __m512 ea = _mm512_maskz_mov_ps(k0, exp16(_mm512_sub_ps(a, mv)));
-  const __m512 eb = _mm512_maskz_mov_ps(k1, exp16(_mm512_sub_ps(b, mv)));
-  _mm512_storeu_ps(s, ea);
-  _mm512_storeu_ps(s + 16, eb);
+  const F ninf = set1(-std::numeric_limits<float>::infinity());
+  const F a = select_first(nt, load_n(s, nt), ninf), b = select_first(nt - 16, load_n(s + 16, nt - 16), ninf);
+  const float mnew = std::max(m, reduce_max(max(a, b)));
+  const F mv = set1(mnew);
+  const F ea = select_first(nt, exp(sub(a, mv)), zero()), eb = select_first(nt - 16, exp(sub(b, mv)), zero());
+  storeu(s, ea);
+  storeu(s + 16, eb);
   alpha = fast_exp(m - mnew);
   m = mnew;
-  return _mm512_reduce_add_ps(_mm512_add_ps(ea, eb));
-#else
-  float mnew = m;
-  for (int64_t j = 0; j < nt; ++j) mnew = std::max(mnew, s[j]);
-  float add = 0.f;
-  for (int64_t j = 0; j < nt; ++j) {
-    s[j] = fast_exp(s[j] - mnew);
-    add += s[j];
-  }
-  alpha = fast_exp(m - mnew);
-  m = mnew;
-  return add;
-#endif
+  return reduce_add(add(ea, eb));
 }
 
 template <typename T>
@@ -225,10 +211,9 @@ void attention_items(const AttentionArgs& a, const TQ* q, const T* kc, const T* 
   }
 }
 
-#if defined(TAILSERVE_AVX512_BF16_VNNI)
-// The fused step's KV layout, built for vdpbf16ps: per layer [num_blocks, Hkv, bs, D] bf16, where
-// each (block, KV head) holds K as [D/2][bs][2] (one pair of dims of 16 tokens is one zmm) and V as
-// [bs/2][D][2] (16 dims of one pair of tokens is one zmm). bs is a multiple of 16.
+// The fused step's KV layout, built for bf16 pair dot products: per layer [num_blocks, Hkv, bs, D] bf16,
+// where each (block, KV head) holds K as [D/2][bs][2] (one pair of dims of 16 tokens is one 16-lane
+// vector of pairs) and V as [bs/2][D][2] (16 dims of one pair of tokens is one). bs is a multiple of 16.
 inline int64_t k_index(int64_t o, int64_t d, int64_t bs) { return ((d >> 1) * bs + o) * 2 + (d & 1); }
 inline int64_t v_index(int64_t o, int64_t d, int64_t D) { return ((o >> 1) * D + d) * 2 + (o & 1); }
 
@@ -251,37 +236,37 @@ struct PairAttentionArgs {
 };
 
 // Row n, KV head h: the G query heads of h over the row's context, 16 tokens at a time, with an online
-// softmax. Scores and the value sum both run on vdpbf16ps (q and the probabilities rounded to bf16,
-// fp32 accumulation), reading each K/V byte once per row. G and D are compile-time constants so the G
-// queries' dependency chains interleave: the kernel is throughput-bound, not latency-bound. A row's
-// numbers depend only on the row.
+// softmax. Scores and the value sum are both bf16 pair dot products (q and the probabilities rounded
+// to bf16, fp32 accumulation), reading each K/V byte once per row. G and D are compile-time constants
+// so the G queries' dependency chains interleave: the kernel is throughput-bound, not latency-bound.
+// A row's numbers depend only on the row.
 template <int G, int DC>
 void pair_attention_item(const PairAttentionArgs& a, int64_t n, int64_t h) {
+  using namespace simd;
   constexpr int64_t D = 16 * DC, P = D / 2;
   const int64_t bs = a.bs, ctx = a.lens[n], head_stride = bs * D;
   const int64_t* row = a.table + a.row_seq[n] * a.table_stride;
-  alignas(64) uint32_t qp[G][P];  // q as bf16 pairs, what vdpbf16ps broadcasts
-  alignas(64) uint32_t ep[G][8];  // a tile's probabilities as bf16 pairs of tokens
-  __m512 acc[G][DC], sum[G];  // sum: the softmax denominators, lane-wise (reduced once, at the end)
+  alignas(64) uint32_t qp[G][P];  // q as bf16 pairs, what the dot product broadcasts
+  alignas(64) uint16_t ep[G][16];  // a tile's probabilities in bf16: pair i = tokens 2i, 2i + 1
+  F acc[G][DC], sum[G];  // sum: the softmax denominators, lane-wise (reduced once, at the end)
   float mx[G];
   for (int g = 0; g < G; ++g) {
     const float* qg = a.q + n * a.q_stride + (h * G + g) * D;
     for (int64_t p = 0; p < P; ++p)
-      qp[g][p] = static_cast<uint32_t>(c10::BFloat16(qg[2 * p]).x) |
-                 static_cast<uint32_t>(c10::BFloat16(qg[2 * p + 1]).x) << 16;
-    for (int c = 0; c < DC; ++c) acc[g][c] = _mm512_setzero_ps();
+      qp[g][p] = static_cast<uint32_t>(bf16_round(qg[2 * p])) | static_cast<uint32_t>(bf16_round(qg[2 * p + 1])) << 16;
+    for (int c = 0; c < DC; ++c) acc[g][c] = zero();
     mx[g] = -std::numeric_limits<float>::infinity();
-    sum[g] = _mm512_setzero_ps();
+    sum[g] = zero();
   }
-  const __m512 scale = _mm512_set1_ps(a.scale), ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const F scale = set1(a.scale), ninf = set1(-std::numeric_limits<float>::infinity());
   // Tiles lie in scattered blocks where no hardware prefetcher would look: request them kAhead tiles
   // before they are used, so the misses of a decode row's own (uncached) tokens overlap.
   auto prefetch_tile = [&](int64_t t1) {
     const int64_t next = (row[t1 / bs] * a.Hkv + h) * head_stride;
     const char* kn = reinterpret_cast<const char*>(a.kc + next + t1 % bs * 2);
     const char* vn = reinterpret_cast<const char*>(a.vc + next + t1 % bs * D);
-    for (int64_t p = 0; p < P; ++p) _mm_prefetch(kn + p * bs * 4, _MM_HINT_T0);
-    for (int64_t i = 0; i < D * 32 / 64; ++i) _mm_prefetch(vn + i * 64, _MM_HINT_T0);
+    for (int64_t p = 0; p < P; ++p) __builtin_prefetch(kn + p * bs * 4);
+    for (int64_t i = 0; i < D * 32 / 64; ++i) __builtin_prefetch(vn + i * 64);
   };
   for (int64_t t1 = 16; t1 < std::min<int64_t>(ctx, 16 * kAhead); t1 += 16) prefetch_tile(t1);
   for (int64_t t0 = 0; t0 < ctx; t0 += 16) {
@@ -289,46 +274,48 @@ void pair_attention_item(const PairAttentionArgs& a, int64_t n, int64_t h) {
     const uint16_t* kb = a.kc + base + o0 * 2;
     const uint16_t* vb = a.vc + base + o0 * D;
     const int64_t valid = std::min<int64_t>(16, ctx - t0);
-    const __mmask16 live = mask16(valid);
     if (t0 + 16 * kAhead < ctx) prefetch_tile(t0 + 16 * kAhead);
-    __m512 s0[G], s1[G];
-    for (int g = 0; g < G; ++g) s0[g] = s1[g] = _mm512_setzero_ps();
+    F s0[G], s1[G];
+    for (int g = 0; g < G; ++g) s0[g] = s1[g] = zero();
     for (int64_t p = 0; p < P; p += 2) {
-      const __m512bh k0 = as_bh(_mm512_loadu_si512(kb + p * bs * 2));
-      const __m512bh k1 = as_bh(_mm512_loadu_si512(kb + (p + 1) * bs * 2));
+      const Pairs k0 = pairs(loadu_i(kb + p * bs * 2)), k1 = pairs(loadu_i(kb + (p + 1) * bs * 2));
       for (int g = 0; g < G; ++g) {
-        s0[g] = _mm512_dpbf16_ps(s0[g], as_bh(_mm512_set1_epi32(qp[g][p])), k0);
-        s1[g] = _mm512_dpbf16_ps(s1[g], as_bh(_mm512_set1_epi32(qp[g][p + 1])), k1);
+        s0[g] = dpbf16(s0[g], bcast_pair(qp[g][p]), k0);
+        s1[g] = dpbf16(s1[g], bcast_pair(qp[g][p + 1]), k1);
       }
     }
     for (int g = 0; g < G; ++g) {
-      const __m512 s = _mm512_mask_mov_ps(ninf, live, _mm512_mul_ps(_mm512_add_ps(s0[g], s1[g]), scale));
-      const float tile_max = _mm512_reduce_max_ps(s);
+      const F s = select_first(valid, mul(add(s0[g], s1[g]), scale), ninf);
+      const float tile_max = reduce_max(s);
       if (tile_max > mx[g]) {  // a new maximum: rescale what was accumulated (0 on the first tile)
-        const __m512 av = _mm512_set1_ps(fast_exp(mx[g] - tile_max));
-        for (int c = 0; c < DC; ++c) acc[g][c] = _mm512_mul_ps(acc[g][c], av);
-        sum[g] = _mm512_mul_ps(sum[g], av);
+        const F av = set1(fast_exp(mx[g] - tile_max));
+        for (int c = 0; c < DC; ++c) acc[g][c] = mul(acc[g][c], av);
+        sum[g] = mul(sum[g], av);
         mx[g] = tile_max;
       }
-      const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(s, _mm512_set1_ps(mx[g]))));
-      sum[g] = _mm512_add_ps(sum[g], e);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(ep[g]), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
+      const F e = select_first(valid, exp(sub(s, set1(mx[g]))), zero());
+      sum[g] = add(sum[g], e);
+      store_bf16(ep[g], e);
     }
     for (int64_t i = 0; i < (valid + 1) / 2; ++i) {
       const uint16_t* vr = vb + i * D * 2;
+      Pairs eg[G];
+      for (int g = 0; g < G; ++g) {
+        uint32_t pr;
+        std::memcpy(&pr, &ep[g][2 * i], sizeof pr);
+        eg[g] = bcast_pair(pr);
+      }
       for (int c = 0; c < DC; ++c) {
-        const __m512bh v = as_bh(_mm512_loadu_si512(vr + c * 32));
-        for (int g = 0; g < G; ++g) acc[g][c] = _mm512_dpbf16_ps(acc[g][c], as_bh(_mm512_set1_epi32(ep[g][i])), v);
+        const Pairs v = pairs(loadu_i(vr + c * 32));
+        for (int g = 0; g < G; ++g) acc[g][c] = dpbf16(acc[g][c], eg[g], v);
       }
     }
   }
   for (int g = 0; g < G; ++g) {
-    const float total = _mm512_reduce_add_ps(sum[g]);
-    const __m512 inv = _mm512_set1_ps(total > 0.f ? 1.f / total : 0.f);
+    const float total = reduce_add(sum[g]);
+    const F inv = set1(total > 0.f ? 1.f / total : 0.f);
     uint16_t* og = a.out + n * a.out_stride + (h * G + g) * D;
-    for (int c = 0; c < DC; ++c)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(og + 16 * c),
-                          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(acc[g][c], inv))));
+    for (int c = 0; c < DC; ++c) store_bf16(og + 16 * c, mul(acc[g][c], inv));
   }
 }
 
@@ -351,6 +338,5 @@ inline void pair_attention_items(const PairAttentionArgs& a, int64_t begin, int6
   const Item item_fn = by_group[a.H / a.Hkv - 1];
   for (int64_t item = begin; item < end; ++item) item_fn(a, item / a.Hkv, item % a.Hkv);
 }
-#endif
 
 }  // namespace

@@ -1,4 +1,5 @@
-// Shared helpers of the CPU kernels: bf16 widening, a vectorizable exp, 16-lane AVX-512 helpers.
+// Shared helpers of the CPU kernels: bf16 widening, a vectorizable exp, and the AVX-512 helpers of the
+// PyTorch path's decode attention (the fused step's kernels use simd.h instead).
 #pragma once
 #include <torch/extension.h>
 
@@ -11,12 +12,6 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
-#endif
-
-// The linears, the pair attention and the fused step need AVX512-BF16 and AVX512-VNNI (every CPU with
-// the first has the second: Cooper Lake, Sapphire Rapids, Zen 4 and later).
-#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
-#define TAILSERVE_AVX512_BF16_VNNI 1
 #endif
 
 namespace {
@@ -81,33 +76,7 @@ inline __m512 hsum16(__m512* v) {
                          _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xDD));
   return _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x88), _mm512_shuffle_f32x4(v[0], v[1], 0xDD));
 }
-
-// fast_exp on 16 lanes.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
 #endif
 
-#if defined(TAILSERVE_AVX512_BF16_VNNI)
-inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
-#endif
-
-#if defined(__AVX512F__)
-// Lanes [0, left) of 16.
-inline __mmask16 mask16(int64_t left) {
-  return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
-}
-#endif
 
 }  // namespace

@@ -2,11 +2,12 @@
 // on a small model, most of the time to per-op dispatch:
 //  - paged attention (attention.h): reads each row's K/V straight from the paged pool (no gather copy,
 //    no padding to the longest context), online softmax, fp32 accumulation;
-//  - small-M linears (linear.h) over weights packed for `vdpbf16ps` (bf16, int8 per channel, int4
-//    group-wise), dequantizing in registers;
+//  - small-M linears (linear.h) over packed weights (bf16 pairs, int8 per channel, int4 group-wise, and
+//    int4/int8 per group on u8 × s8 dot products), dequantizing in registers;
 //  - the fused decoder step (llama.h): the whole model over a flat batch in one call.
-// The attention kernel is portable C++; the linears and the fused step need AVX512-BF16
-// (`has_bf16_linear()` says). Every entry point releases the GIL while it computes.
+// The linears and the fused step are written over simd.h, so one source builds for every CPU tier
+// (layers/kernels.py compiles one module per tier; `tier()` says which). Every entry point releases
+// the GIL while it computes.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -89,7 +90,6 @@ torch::Tensor argmax_rows(torch::Tensor x) {
   return out;
 }
 
-#if defined(TAILSERVE_AVX512_BF16_VNNI)
 torch::Tensor linear(const Linear& l, const torch::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() == 2 && x.size(1) == l.pw.K,
               "x must be contiguous bf16 [M, in_features]");
@@ -122,18 +122,7 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor w, torch::Tensor gscale
   return linear(Linear(kInt4, w, gscale, n, x.size(1), group), x);
 }
 
-bool has_bf16_linear() { return true; }
-#else
-torch::Tensor unsupported(torch::Tensor, torch::Tensor, int64_t) {
-  TORCH_CHECK(false, "built without AVX512-BF16");
-}
-torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, int64_t n) { return unsupported(x, w, n); }
-torch::Tensor linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor, int64_t n) { return unsupported(x, w, n); }
-torch::Tensor linear_int4(torch::Tensor x, torch::Tensor w, torch::Tensor, int64_t n, int64_t) {
-  return unsupported(x, w, n);
-}
-bool has_bf16_linear() { return false; }
-#endif
+std::string tier() { return TAILSERVE_TIER; }
 
 }  // namespace
 
@@ -145,11 +134,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "x @ W.T for block-packed bf16 W", nogil);
   m.def("linear_int8", &linear_int8, "x @ W.T for block-packed int8 W with per-channel scales", nogil);
   m.def("linear_int4", &linear_int4, "x @ W.T for block-packed int4 W with per-group scale and min", nogil);
-#if defined(TAILSERVE_AVX512_BF16_VNNI)
-  m.def("linear_vnni", &linear_vnni, "x @ W.T on vpdpbusd for VNNI-packed int4/int8 W, x in int8 per group", nogil);
-#endif
-  m.def("has_bf16_linear", &has_bf16_linear, "whether the linears were compiled (AVX512-BF16)");
-#if defined(TAILSERVE_AVX512_BF16_VNNI)
+  m.def("linear_vnni", &linear_vnni, "x @ W.T on u8 x s8 dot products for VNNI-packed int4/int8 W, x in int8 per group",
+        nogil);
+  m.def("tier", &tier, "the CPU tier these kernels were compiled for (simd.h)");
   py::class_<Linear>(m, "Linear", "a packed weight: (kind 0 bf16 | 1 int8 | 2 int4, packed, scales, n, k, group)")
       .def(py::init<int64_t, torch::Tensor, torch::Tensor, int64_t, int64_t, int64_t>());
   py::class_<Llama>(m, "Llama", "the fused decoder step (llama.h)")
@@ -160,5 +147,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_threads", &Llama::set_threads)
       .def("forward", &Llama::forward, nogil)
       .def("take_phase_seconds", &Llama::take_phase_seconds);
-#endif
 }

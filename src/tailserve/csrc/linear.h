@@ -3,10 +3,10 @@
 // What happens to each tile's fp32 results is an epilogue: store, add to a residual, or SwiGLU.
 #pragma once
 #include "common.h"
+#include "simd.h"
 
 namespace {
 
-#if defined(TAILSERVE_AVX512_BF16_VNNI)
 // Packed weights: blocks of 32 output channels; within a block, K/2 "pair steps", each holding for
 // every channel two consecutive k values (vdpbf16ps' operand layout), as two 16-channel halves.
 //   bf16: 128 B per pair step (half 0 then half 1);
@@ -54,39 +54,32 @@ struct InputScratch {
   std::vector<int8_t> q;
 };
 
-inline __m512 int8x16_to_ps(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-
-inline __m256i to_bf16(__m512 v) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)); }
-
 template <int KIND>
-inline void load_pair(const uint8_t* w, int64_t p, __m512bh& w0, __m512bh& w1) {
+inline void load_pair(const uint8_t* w, int64_t p, simd::Pairs& w0, simd::Pairs& w1) {
+  using namespace simd;
   if constexpr (KIND == kBf16) {
     const uint8_t* a = w + p * 128;
-    w0 = as_bh(_mm512_loadu_si512(a));
-    w1 = as_bh(_mm512_loadu_si512(a + 64));
+    w0 = pairs(loadu_i(a));
+    w1 = pairs(loadu_i(a + 64));
   } else if constexpr (KIND == kInt8) {
     const int8_t* a = reinterpret_cast<const int8_t*>(w + p * 64);
-    w0 = _mm512_cvtne2ps_pbh(int8x16_to_ps(a + 16), int8x16_to_ps(a));
-    w1 = _mm512_cvtne2ps_pbh(int8x16_to_ps(a + 48), int8x16_to_ps(a + 32));
-  } else {
-    const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * 32)));
-    const __m512i base = _mm512_set1_epi16(0x4300);
-    w0 = as_bh(_mm512_or_si512(_mm512_and_si512(b, _mm512_set1_epi16(0x000F)), base));
-    w1 = as_bh(_mm512_or_si512(_mm512_srli_epi16(b, 4), base));
+    w0 = pairs_s8(a);
+    w1 = pairs_s8(a + 32);
+  } else {  // each 16-bit lane a nibble q as the bf16 bits of 128 + q
+    const I b = widen_u8_u16(w + p * 32), nib = set1_i(0x000F000F), base = set1_i(0x43004300);
+    w0 = pairs(or_i(and_i(b, nib), base));
+    w1 = pairs(or_i(and_i(srli<4>(b), nib), base));
   }
 }
 
 // One group's fp16 (scale, min) per channel of block `blk`, widened: channels [0, 16) and [16, 32).
 struct GroupScales {
-  __m512 d0, d1, m0, m1;
+  simd::F d0, d1, m0, m1;
 };
 
 inline GroupScales group_scales(const PackedWeight& a, int64_t blk, int64_t groups, int64_t g) {
   const uint16_t* gs = a.gscale + (blk * groups + g) * 64;
-  auto widen = [gs](int i) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gs + 16 * i))); };
-  return {widen(0), widen(1), widen(2), widen(3)};
+  return {simd::load_f16(gs), simd::load_f16(gs + 16), simd::load_f16(gs + 32), simd::load_f16(gs + 48)};
 }
 
 // --- epilogues: (row m, block blk, channels blk·32 + [0, 16) in v0 and + [16, 32) in v1) -----------
@@ -94,31 +87,32 @@ inline GroupScales group_scales(const PackedWeight& a, int64_t blk, int64_t grou
 struct StoreBf16 {  // y[m, n] = v, bf16
   uint16_t* y;
   int64_t ld, N;
-  void operator()(int64_t m, int64_t blk, __m512 v0, __m512 v1) const {
+  void operator()(int64_t m, int64_t blk, simd::F v0, simd::F v1) const {
     const int64_t n0 = blk * kBlock;
-    _mm256_mask_storeu_epi16(y + m * ld + n0, mask16(N - n0), to_bf16(v0));
-    _mm256_mask_storeu_epi16(y + m * ld + n0 + 16, mask16(N - n0 - 16), to_bf16(v1));
+    simd::store_bf16_n(y + m * ld + n0, v0, N - n0);
+    simd::store_bf16_n(y + m * ld + n0 + 16, v1, N - n0 - 16);
   }
 };
 
 struct StoreF32 {  // y[m, n] = v, fp32
   float* y;
   int64_t ld, N;
-  void operator()(int64_t m, int64_t blk, __m512 v0, __m512 v1) const {
+  void operator()(int64_t m, int64_t blk, simd::F v0, simd::F v1) const {
     const int64_t n0 = blk * kBlock;
-    _mm512_mask_storeu_ps(y + m * ld + n0, mask16(N - n0), v0);
-    _mm512_mask_storeu_ps(y + m * ld + n0 + 16, mask16(N - n0 - 16), v1);
+    simd::store_n(y + m * ld + n0, v0, N - n0);
+    simd::store_n(y + m * ld + n0 + 16, v1, N - n0 - 16);
   }
 };
 
 struct AddF32 {  // y[m, n] += v: the residual connection, fp32
   float* y;
   int64_t ld, N;
-  void operator()(int64_t m, int64_t blk, __m512 v0, __m512 v1) const {
+  void operator()(int64_t m, int64_t blk, simd::F v0, simd::F v1) const {
+    using namespace simd;
     float* r = y + m * ld + blk * kBlock;
-    const __mmask16 k0 = mask16(N - blk * kBlock), k1 = mask16(N - blk * kBlock - 16);
-    _mm512_mask_storeu_ps(r, k0, _mm512_add_ps(_mm512_maskz_loadu_ps(k0, r), v0));
-    _mm512_mask_storeu_ps(r + 16, k1, _mm512_add_ps(_mm512_maskz_loadu_ps(k1, r + 16), v1));
+    const int64_t n0 = N - blk * kBlock, n1 = n0 - 16;
+    store_n(r, add(load_n(r, n0), v0), n0);
+    store_n(r + 16, add(load_n(r + 16, n1), v1), n1);
   }
 };
 
@@ -127,105 +121,111 @@ struct AddF32 {  // y[m, n] += v: the residual connection, fp32
 struct SwiGlu {
   uint16_t* y;
   int64_t ld, N;  // N: intermediate size
-  void operator()(int64_t m, int64_t blk, __m512 gate, __m512 up) const {
-    const __m512 one = _mm512_set1_ps(1.f);
-    const __m512 silu = _mm512_div_ps(gate, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gate))));
-    _mm256_mask_storeu_epi16(y + m * ld + blk * 16, mask16(N - blk * 16), to_bf16(_mm512_mul_ps(silu, up)));
+  void operator()(int64_t m, int64_t blk, simd::F gate, simd::F up) const {
+    using namespace simd;
+    const F silu = div(gate, add(set1(1.f), exp(sub(zero(), gate))));
+    store_bf16_n(y + m * ld + blk * 16, mul(silu, up), N - blk * 16);
   }
 };
 
-// Rows [m0, m0 + MT) of the input × the 32 channels of block `blk`, on vdpbf16ps.
+// Rows [m0, m0 + MT) of the input × the 32 channels of block `blk`, on bf16 pairs (vdpbf16ps).
 template <int KIND, int MT, class Epi>
 void linear_tile(const PackedWeight& a, const Input& in, int64_t blk, int64_t m0, const Epi& epi) {
+  using namespace simd;
   const int64_t P = a.K / 2;
   const float* xsum = in.sums;
-  const int32_t* xr[MT];
-  for (int m = 0; m < MT; ++m) xr[m] = reinterpret_cast<const int32_t*>(in.x + (m0 + m) * in.ldx);
-  __m512 y0[MT], y1[MT];
-  for (int m = 0; m < MT; ++m) y0[m] = y1[m] = _mm512_setzero_ps();
+  const uint32_t* xr[MT];
+  for (int m = 0; m < MT; ++m) xr[m] = reinterpret_cast<const uint32_t*>(in.x + (m0 + m) * in.ldx);
+  F y0[MT], y1[MT];
+  for (int m = 0; m < MT; ++m) y0[m] = y1[m] = zero();
   if constexpr (KIND == kInt4) {
     const uint8_t* wb = a.w + blk * P * 32;
     const int64_t groups = a.K / a.group, gp = a.group / 2;
     for (int64_t g = 0; g < groups; ++g) {
-      __m512 c0[MT], c1[MT];
-      for (int m = 0; m < MT; ++m) c0[m] = c1[m] = _mm512_setzero_ps();
+      F c0[MT], c1[MT];
+      for (int m = 0; m < MT; ++m) c0[m] = c1[m] = zero();
       for (int64_t p = g * gp; p < (g + 1) * gp; ++p) {
-        __m512bh w0, w1;
+        Pairs w0, w1;
         load_pair<KIND>(wb, p, w0, w1);
         for (int m = 0; m < MT; ++m) {
-          const __m512bh xb = as_bh(_mm512_set1_epi32(xr[m][p]));
-          c0[m] = _mm512_dpbf16_ps(c0[m], xb, w0);
-          c1[m] = _mm512_dpbf16_ps(c1[m], xb, w1);
+          const Pairs xb = bcast_pair(xr[m][p]);
+          c0[m] = dpbf16(c0[m], xb, w0);
+          c1[m] = dpbf16(c1[m], xb, w1);
         }
       }
       const GroupScales gs = group_scales(a, blk, groups, g);
-      const __m512 d0 = gs.d0, d1 = gs.d1, k128 = _mm512_set1_ps(128.f);
-      const __m512 o0 = _mm512_fnmadd_ps(k128, d0, gs.m0), o1 = _mm512_fnmadd_ps(k128, d1, gs.m1);
+      const F k128 = set1(128.f), o0 = fnmadd(k128, gs.d0, gs.m0), o1 = fnmadd(k128, gs.d1, gs.m1);
       for (int m = 0; m < MT; ++m) {
-        const __m512 xs = _mm512_set1_ps(xsum[(m0 + m) * groups + g]);
-        y0[m] = _mm512_fmadd_ps(o0, xs, _mm512_fmadd_ps(d0, c0[m], y0[m]));
-        y1[m] = _mm512_fmadd_ps(o1, xs, _mm512_fmadd_ps(d1, c1[m], y1[m]));
+        const F xs = set1(xsum[(m0 + m) * groups + g]);
+        y0[m] = fmadd(o0, xs, fmadd(gs.d0, c0[m], y0[m]));
+        y1[m] = fmadd(o1, xs, fmadd(gs.d1, c1[m], y1[m]));
       }
     }
   } else {
     const uint8_t* wb = a.w + blk * P * (KIND == kBf16 ? 128 : 64);
     for (int64_t p = 0; p < P; ++p) {
-      __m512bh w0, w1;
+      Pairs w0, w1;
       load_pair<KIND>(wb, p, w0, w1);
       for (int m = 0; m < MT; ++m) {
-        const __m512bh xb = as_bh(_mm512_set1_epi32(xr[m][p]));
-        y0[m] = _mm512_dpbf16_ps(y0[m], xb, w0);
-        y1[m] = _mm512_dpbf16_ps(y1[m], xb, w1);
+        const Pairs xb = bcast_pair(xr[m][p]);
+        y0[m] = dpbf16(y0[m], xb, w0);
+        y1[m] = dpbf16(y1[m], xb, w1);
       }
     }
     if constexpr (KIND == kInt8) {
-      const __m512 s0 = _mm512_loadu_ps(a.scale + blk * kBlock), s1 = _mm512_loadu_ps(a.scale + blk * kBlock + 16);
+      const F s0 = loadu(a.scale + blk * kBlock), s1 = loadu(a.scale + blk * kBlock + 16);
       for (int m = 0; m < MT; ++m) {
-        y0[m] = _mm512_mul_ps(y0[m], s0);
-        y1[m] = _mm512_mul_ps(y1[m], s1);
+        y0[m] = mul(y0[m], s0);
+        y1[m] = mul(y1[m], s1);
       }
     }
   }
   for (int m = 0; m < MT; ++m) epi(m0 + m, blk, y0[m], y1[m]);
 }
 
-// The same on vpdpbusd, for the VNNI kinds: int32 sums per group, scaled into fp32 at each group's end.
+// The same on u8 × s8 dot products (vpdpbusd), for the VNNI kinds: int32 sums per group, scaled into
+// fp32 at each group's end.
 template <int KIND, int MT, class Epi>
 void vnni_tile(const PackedWeight& a, const Input& in, int64_t blk, int64_t m0, const Epi& epi) {
+  using namespace simd;
   constexpr int64_t kQuadBytes = KIND == kU4 ? 64 : 128;
   const int64_t Q = a.K / 4, groups = a.K / a.group, gq = a.group / 4;
   const uint8_t* wb = a.w + blk * Q * kQuadBytes;
   const int32_t* xr[MT];
   for (int m = 0; m < MT; ++m) xr[m] = reinterpret_cast<const int32_t*>(in.q + (m0 + m) * a.K);
-  const __m512i nib = _mm512_set1_epi8(0x0F);
-  __m512 y0[MT], y1[MT];
-  for (int m = 0; m < MT; ++m) y0[m] = y1[m] = _mm512_setzero_ps();
+  const I nib = set1_i(0x0F0F0F0F);
+  F y0[MT], y1[MT];
+  for (int m = 0; m < MT; ++m) y0[m] = y1[m] = zero();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512i c0[MT], c1[MT];
-    for (int m = 0; m < MT; ++m) c0[m] = c1[m] = _mm512_setzero_si512();
+    I c0[MT], c1[MT];
+    for (int m = 0; m < MT; ++m) c0[m] = c1[m] = zero_i();
     for (int64_t p = g * gq; p < (g + 1) * gq; ++p) {
-      __m512i w0, w1;
+      I w0, w1;
       if constexpr (KIND == kU4) {
-        const __m512i v = _mm512_loadu_si512(wb + p * 64);
-        w0 = _mm512_and_si512(v, nib);
-        w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+        const I v = loadu_i(wb + p * 64);
+        w0 = and_i(v, nib);
+        w1 = and_i(srli<4>(v), nib);
       } else {
-        w0 = _mm512_loadu_si512(wb + p * 128);
-        w1 = _mm512_loadu_si512(wb + p * 128 + 64);
+        w0 = loadu_i(wb + p * 128);
+        w1 = loadu_i(wb + p * 128 + 64);
       }
       for (int m = 0; m < MT; ++m) {
-        const __m512i xb = _mm512_set1_epi32(xr[m][p]);
-        c0[m] = _mm512_dpbusd_epi32(c0[m], w0, xb);
-        c1[m] = _mm512_dpbusd_epi32(c1[m], w1, xb);
+        const I xb = set1_i(xr[m][p]);
+        if constexpr (KIND == kU4) {  // nibbles: the cheaper form where one exists
+          c0[m] = dpbusd_small(c0[m], w0, xb);
+          c1[m] = dpbusd_small(c1[m], w1, xb);
+        } else {
+          c0[m] = dpbusd(c0[m], w0, xb);
+          c1[m] = dpbusd(c1[m], w1, xb);
+        }
       }
     }
     const GroupScales gs = group_scales(a, blk, groups, g);
-    const __m512 d0 = gs.d0, d1 = gs.d1, n0 = gs.m0, n1 = gs.m1;
     for (int m = 0; m < MT; ++m) {
       const int64_t i = (m0 + m) * groups + g;
-      const __m512 s = _mm512_set1_ps(in.qscale[i]), xs = _mm512_set1_ps(in.sums[i]);
-      y0[m] = _mm512_fmadd_ps(n0, xs, _mm512_fmadd_ps(d0, _mm512_mul_ps(_mm512_cvtepi32_ps(c0[m]), s), y0[m]));
-      y1[m] = _mm512_fmadd_ps(n1, xs, _mm512_fmadd_ps(d1, _mm512_mul_ps(_mm512_cvtepi32_ps(c1[m]), s), y1[m]));
+      const F s = set1(in.qscale[i]), xs = set1(in.sums[i]);
+      y0[m] = fmadd(gs.m0, xs, fmadd(gs.d0, mul(to_f(c0[m]), s), y0[m]));
+      y1[m] = fmadd(gs.m1, xs, fmadd(gs.d1, mul(to_f(c1[m]), s), y1[m]));
     }
   }
   for (int m = 0; m < MT; ++m) epi(m0 + m, blk, y0[m], y1[m]);
@@ -237,11 +237,11 @@ void any_tile(const PackedWeight& a, const Input& in, int64_t blk, int64_t m0, c
   else linear_tile<KIND, MT>(a, in, blk, m0, epi);
 }
 
-// All M rows × block `blk`, in tiles of as many rows as the 32 zmm registers hold accumulators for.
+// All M rows × block `blk`, in tiles of as many rows as the registers hold accumulators for.
 // Each row's result is computed in the same order whatever M is: batching never changes a row's numbers.
 template <int KIND, class Epi>
 void linear_block(const PackedWeight& a, const Input& in, int64_t M, int64_t blk, const Epi& epi) {
-  constexpr int64_t kMaxRows = KIND == kBf16 || KIND == kInt8 ? 8 : 4;
+  constexpr int64_t kMaxRows = KIND == kBf16 || KIND == kInt8 ? simd::kRowsPairs : simd::kRowsVnni;
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     switch (std::min(kMaxRows, M - m0)) {
       case 1: any_tile<KIND, 1>(a, in, blk, m0, epi); break;
@@ -270,28 +270,19 @@ void linear_blocks(const PackedWeight& a, const Input& in, int64_t M, int64_t b0
   }
 }
 
-inline float bf16_to_f(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
 // One group of 32 bf16 values → int8 with scale max|x| / 127, rounded to nearest even as std::nearbyint
 // does below (the same numbers); writes the scale and the rescaled sum of the int8 values.
 inline void quantize_group32(const uint16_t* x, int8_t* q, float* qscale, float* sum) {
-  auto widen = [](const uint16_t* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-  };
-  const __m512 a = widen(x), b = widen(x + 16);
-  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+  using namespace simd;
+  const F a = load_bf16(x), b = load_bf16(x + 16);
+  const float amax = reduce_max(max(abs(a), abs(b)));
   const float scale = amax / 127.f;
-  const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-  const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(qa));  // |q| <= 127: no saturation
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(qb));
+  const F inv = set1(amax > 0.f ? 127.f / amax : 0.f);
+  const I qa = to_i(mul(a, inv)), qb = to_i(mul(b, inv));
+  store_s8(q, qa);  // |q| <= 127: no saturation
+  store_s8(q + 16, qb);
   *qscale = scale;
-  *sum = scale * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)));
+  *sum = scale * static_cast<float>(reduce_add_i(add_i(qa, qb)));
 }
 
 // Rows [m0, m1) of the input of a linear of kind `a.kind` from x [M, K] (bf16 bits), into `in`'s buffers
@@ -308,7 +299,7 @@ inline void prepare_rows(const PackedWeight& a, const Input& in, int64_t m0, int
       if (!a.vnni()) {
         float s = 0.f;
 #pragma omp simd reduction(+ : s)
-        for (int64_t i = 0; i < G; ++i) s += bf16_to_f(xg[i]);
+        for (int64_t i = 0; i < G; ++i) s += simd::bits_to_f(static_cast<uint32_t>(xg[i]) << 16);
         sums[m * groups + g] = s;
         continue;
       }
@@ -319,12 +310,12 @@ inline void prepare_rows(const PackedWeight& a, const Input& in, int64_t m0, int
       }
       float amax = 0.f;
 #pragma omp simd reduction(max : amax)
-      for (int64_t i = 0; i < G; ++i) amax = std::max(amax, std::fabs(bf16_to_f(xg[i])));
+      for (int64_t i = 0; i < G; ++i) amax = std::max(amax, std::fabs(simd::bits_to_f(static_cast<uint32_t>(xg[i]) << 16)));
       const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
       int32_t total = 0;
 #pragma omp simd reduction(+ : total)
       for (int64_t i = 0; i < G; ++i) {
-        const int32_t v = static_cast<int32_t>(std::nearbyint(bf16_to_f(xg[i]) * inv));
+        const int32_t v = static_cast<int32_t>(std::nearbyint(simd::bits_to_f(static_cast<uint32_t>(xg[i]) << 16) * inv));
         qg[i] = static_cast<int8_t>(v);
         total += v;
       }
@@ -357,6 +348,5 @@ inline Input prepare_input(const PackedWeight& a, const uint16_t* x, int64_t ldx
   prepare_rows(a, in, 0, M);
   return in;
 }
-#endif
 
 }  // namespace

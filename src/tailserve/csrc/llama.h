@@ -16,7 +16,6 @@
 
 namespace {
 
-#if defined(TAILSERVE_AVX512_BF16_VNNI)
 // A linear's packed weight as layers/linear.py built it; the tensors keep the memory alive.
 struct Linear {
   PackedWeight pw;
@@ -339,6 +338,5 @@ class Llama {
   std::vector<Layer> layers_;
   mutable double phase_seconds_[kPhases] = {};
 };
-#endif
 
 }  // namespace

@@ -70,9 +70,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+def resolve_dtype(dtype: str, device: str, fused: bool = False) -> torch.dtype:
+    """`auto` → bf16 on a GPU and on the fused step (every CPU tier runs it in bf16); elsewhere on a CPU,
+    bf16 only where the CPU computes it natively."""
     if dtype == "auto":
-        if device == "cuda":
+        if device == "cuda" or fused:
             return torch.bfloat16
         return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else torch.float32
     try:
@@ -240,7 +242,7 @@ class LLMEngine:
         if config.speculative == "ngram":
             return SpecDecoder(NgramProposer(), controller)
         if not isinstance(self.model, FusedLlama):
-            raise ValueError("draft speculation runs on the fused C++ step (CPU with AVX512-BF16, bf16)")
+            raise ValueError("draft speculation runs on the fused C++ step (CPU, bf16)")
         if draft is not None:
             if not isinstance(draft, FusedLlama):
                 raise ValueError("a draft model runs on the fused C++ step too")
@@ -276,14 +278,14 @@ class LLMEngine:
         path = resolve_model(config.model)
         model_config = load_config(path)
         device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype, device)
-        fused = (
+        fused_shape = (
             config.fused
             and config.block_size % FUSED_BLOCK_MULTIPLE == 0
             and device == "cpu"
-            and dtype == torch.bfloat16
             and fused_supported(model_config)
         )
+        dtype = resolve_dtype(config.dtype, device, fused_shape)
+        fused = fused_shape and dtype == torch.bfloat16
         quantization = resolve_quantization(config.quantization, model_config.weight_precision, fused)
         # A draft model is named, or "layers:N" (the default) takes the target's own first layers.
         draft_name = config.draft_model or ""

@@ -1,8 +1,12 @@
-"""The C++ CPU kernels (src/tailserve/csrc/kernels.cpp), compiled once per machine and cached.
+"""The C++ CPU kernels (src/tailserve/csrc/kernels.cpp), compiled once per CPU tier and cached.
 
-The first use builds the extension with `-O3 -march=native` under `$TAILSERVE_HOME/torch_extensions`
-(a few tens of seconds); later starts only load the cached library. Where the build is impossible
-(no compiler, CUDA-only use) callers fall back to plain PyTorch, and one log line says which path runs.
+One source, written over a thin vector layer (csrc/simd.h), is compiled per instruction-set tier with
+that tier's explicit flags (never -march=native, so a build is valid on every CPU of its tier), into
+`$TAILSERVE_HOME/torch_extensions/<name>-<tier>-<key>`. The tier is chosen at run time from the CPU's
+features, best first; `TAILSERVE_CPU_TIER=<tier>` caps the choice, so a machine can run (and test)
+every tier below its own. The first use of a tier builds it (a few tens of seconds); later starts only
+load the cached library. Where no build is possible (no compiler, CUDA-only use) callers fall back to
+plain PyTorch, and one log line says which path runs.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 from pathlib import Path
 from types import ModuleType
 
@@ -23,54 +28,111 @@ log = logging.getLogger("tailserve.kernels")
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCE = CSRC / "kernels.cpp"  # includes the headers beside it
 
+_X86_BASE = ("avx2", "fma", "f16c")
+_AVX512 = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni")
+# Best first: (tier, CPU flags it needs as /proc/cpuinfo names them, compiler flags).
+TIERS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    (
+        "avx512-bf16",
+        (*_X86_BASE, *_AVX512, "avx512_bf16"),
+        ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni",
+         "-mavx512bf16"),
+    ),
+    (
+        "avx512-vnni",
+        (*_X86_BASE, *_AVX512),
+        ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni"),
+    ),
+    ("avx-vnni", (*_X86_BASE, "avx_vnni"), ("-mavx2", "-mfma", "-mf16c", "-mavxvnni")),
+    ("avx2", _X86_BASE, ("-mavx2", "-mfma", "-mf16c")),
+    ("portable", (), ()),
+)
+TIER_NAMES = tuple(name for name, _, _ in TIERS)
 
-def _build_key(csrc: Path = CSRC) -> str:
-    """The build is -march=native: key it by the CPU's flags so a shared cache never serves a foreign CPU,
-    and by every source and header, so an edited header never meets a stale build."""
+
+def cpu_flags() -> frozenset[str]:
     try:
-        flags = next(
-            (line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), ""
-        )
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        flags = ""
-    h = hashlib.sha256(f"{flags}|{torch.__version__}".encode())
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def runnable_tiers(flags: frozenset[str] | None = None, machine: str | None = None) -> list[str]:
+    """Every tier this CPU can execute, best first (portable always)."""
+    flags = cpu_flags() if flags is None else flags
+    machine = machine or platform.machine()
+    x86 = machine in ("x86_64", "AMD64", "i686")
+    return [name for name, needs, _ in TIERS if not needs or (x86 and set(needs) <= flags)]
+
+
+def choose_tier(cap: str | None = None, flags: frozenset[str] | None = None, machine: str | None = None) -> str:
+    """The best tier the CPU runs, at most `cap` (default: $TAILSERVE_CPU_TIER)."""
+    cap = cap if cap is not None else os.environ.get("TAILSERVE_CPU_TIER") or None
+    tiers = runnable_tiers(flags, machine)
+    if cap is None:
+        return tiers[0]
+    if cap not in TIER_NAMES:
+        raise ValueError(f"TAILSERVE_CPU_TIER={cap!r}: use one of {', '.join(TIER_NAMES)}")
+    below = TIER_NAMES[TIER_NAMES.index(cap) :]
+    return next(t for t in tiers if t in below)
+
+
+def _compile_flags(tier: str) -> list[str]:
+    return ["-O3", "-fopenmp", *next(f for name, _, f in TIERS if name == tier)]
+
+
+def _build_key(csrc: Path, tier: str) -> str:
+    """Keyed by the tier's flags, torch, and every source and header, so an edited header never meets a
+    stale build (the flags are explicit, so a build serves every CPU of its tier)."""
+    h = hashlib.sha256(f"{_compile_flags(tier)}|{torch.__version__}".encode())
     for f in sorted(csrc.glob("*.[ch]*")):
         h.update(f.read_bytes())
     return h.hexdigest()[:12]
 
 
-def build(csrc: Path = CSRC, name: str = "tailserve_kernels") -> ModuleType:
-    """Compile (or load the cached build of) the kernels in `csrc` as module `name`. Another name and
-    source folder give a second, independent module in the same process: benchmarks/step_ab.py runs an
-    older revision's kernels beside these."""
+def build(csrc: Path = CSRC, name: str = "tailserve_kernels", tier: str | None = None) -> ModuleType:
+    """Compile (or load the cached build of) the kernels in `csrc` for `tier` (default: this CPU's) as
+    module `<name>_<tier>`. Another name and source folder give a second, independent module in the same
+    process: benchmarks/step_ab.py runs an older revision's kernels beside these."""
     from torch.utils import cpp_extension
 
-    build_dir = cache_home() / "torch_extensions" / f"{name}-{_build_key(csrc)}"
+    tier = tier or choose_tier()
+    module = f"{name}_{tier.replace('-', '_')}"
+    build_dir = cache_home() / "torch_extensions" / f"{name}-{tier}-{_build_key(csrc, tier)}"
     build_dir.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
-        name=name,
+        name=module,
         sources=[str(csrc / SOURCE.name)],
         build_directory=str(build_dir),
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_cflags=_compile_flags(tier),
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )
 
 
 @functools.cache
-def ops() -> ModuleType | None:
-    """The compiled module, or None when it cannot be built here (the reason is logged once)."""
+def ops(tier: str | None = None) -> ModuleType | None:
+    """The compiled module of `tier` (default: the chosen one), or None when it cannot be built here
+    (the reason is logged once)."""
     if os.environ.get("TAILSERVE_DISABLE_KERNELS"):
         log.info("C++ kernels disabled by TAILSERVE_DISABLE_KERNELS: using PyTorch ops")
         return None
     try:
-        module = build()
+        tier = tier or choose_tier()
+        module = build(tier=tier)
     except Exception as e:  # any toolchain failure means: use the PyTorch path
         log.warning("C++ kernels unavailable (%s: %s): using PyTorch ops", type(e).__name__, str(e)[-500:])
         return None
-    log.info(
-        "C++ kernels loaded from %s (paged decode attention%s)",
-        module.__file__,
-        ", bf16/int8/int4 linears" if module.has_bf16_linear() else "; no AVX512-BF16, so PyTorch linears",
-    )
+    if module.tier() != tier:
+        log.warning("C++ kernels built for %s report tier %s: using PyTorch ops", tier, module.tier())
+        return None
+    log.info("C++ kernels for CPU tier %s loaded from %s", tier, module.__file__)
     return module
+
+
+def active_tier() -> str | None:
+    """The tier the default kernels run at, or None on the PyTorch path."""
+    mod = ops()
+    return None if mod is None else mod.tier()

@@ -5,7 +5,7 @@ for a precision.
 Each layer runs on one of these backends, chosen once from the weight's device:
   vnni    grouped int4/int8 on the C++ vpdpbusd kernels, the input quantized to int8 per row and
           group of 32 (GGUF's Q8 scheme): twice vdpbf16ps' multiply rate, for the fused step;
-  kernel  the C++ AVX512-BF16 kernels (block-packed weights, bf16 activations): CPU;
+  kernel  the C++ kernels on bf16 pairs (block-packed weights, bf16 activations): CPU, every tier;
   torch   PyTorch's packed CPU ops (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`);
   plain   dequantize-and-matmul, correct on any device.
 Dense float32 layers always use `F.linear` (MKL's fp32 GEMV already runs near bandwidth).
@@ -28,7 +28,7 @@ def default_backend(weight: torch.Tensor) -> str:
     if weight.device.type != "cpu":
         return "plain"
     mod = kernels.ops()
-    return "kernel" if mod is not None and mod.has_bf16_linear() else "torch"
+    return "kernel" if mod is not None else "torch"
 
 
 class Linear(nn.Module, ABC):
@@ -148,7 +148,7 @@ class Int8GroupLinear(Linear):
     ) -> None:
         if backend is None:
             mod = kernels.ops() if weight.device.type == "cpu" else None
-            backend = "vnni" if mod is not None and mod.has_bf16_linear() else "plain"
+            backend = "vnni" if mod is not None else "plain"
         super().__init__(weight.shape[0], weight.shape[1], backend)
         self.group = group
         q, scale = quant.quantize_int8_groups(weight, group)

@@ -1,4 +1,4 @@
-"""The Llama decoder as one C++ call per step (csrc/llama.h), on CPUs with AVX512-BF16.
+"""The Llama decoder as one C++ call per step (csrc/llama.h), on every CPU tier (layers/kernels.py).
 
 The same math as models/llama.py, which stays the reference and the path everywhere else (GPU, fp32,
 no compiler). Eager PyTorch spends most of a small model's decode step dispatching ~600 tiny ops;
@@ -37,12 +37,10 @@ SWIGLU_HALF = 16  # gate/up rows per half-block of the packed layout (csrc/linea
 BLOCK_MULTIPLE = 16  # the KV block size must be a multiple of this (csrc/attention.h: pair layout)
 
 
-def fused_supported(config: ModelConfig) -> bool:
-    """Whether this machine and this model shape can run the fused step."""
-    mod = kernels.ops()
+def fused_supported(config: ModelConfig, tier: str | None = None) -> bool:
+    """Whether this machine (at `tier`, default the chosen one) and this model shape can run the fused step."""
     return (
-        mod is not None
-        and mod.has_bf16_linear()
+        kernels.ops(tier) is not None
         and config.intermediate_size % SWIGLU_HALF == 0
         and config.head_dim in (16, 32, 64, 128)
         and config.num_heads % config.num_kv_heads == 0
@@ -97,6 +95,7 @@ class FusedLlama(nn.Module):
         quantization: str = "none",
         draft_head: bool = False,
         num_threads: int | None = None,
+        tier: str | None = None,
     ) -> None:
         """Linears are built (and quantized) from the source weights. Activations run in bf16; int8 and
         int4 layers take them quantized to int8 per group of 32 (vpdpbusd, as llama.cpp does with the
@@ -106,13 +105,14 @@ class FusedLlama(nn.Module):
         draft_head: also an int4 copy of the head for draft passes (`depth` < layers). The head is ~30 %
         of the bytes an int4 step reads, so a shallow draft is cheap only with a cheap head; its error
         can cost acceptance, never exactness (the full pass verifies every draft).
-        num_threads: threads that run a step (default: torch's intra-op count, i.e. the cores)."""
+        num_threads: threads that run a step (default: torch's intra-op count, i.e. the cores).
+        tier: the CPU tier's kernels to run (default: the chosen one; tests run each). The packed
+        weights are the same on every tier."""
         super().__init__()
-        if not fused_supported(config):
-            raise RuntimeError(
-                "the fused step needs the C++ kernels with AVX512-BF16 and a supported model shape"
-            )
+        if not fused_supported(config, tier):
+            raise RuntimeError("the fused step needs the C++ kernels (a compiler) and a supported model shape")
         self.config = config
+        self.tier = tier
         self.embed = nn.Parameter(
             weights["model.embed_tokens.weight"].to(torch.bfloat16), requires_grad=False
         )
@@ -144,7 +144,7 @@ class FusedLlama(nn.Module):
     def make_impl(self, threads: int, ops: ModuleType | None = None):
         """A C++ model over this module's buffers, from the kernels module `ops` (default: this tree's;
         benchmarks/step_ab.py passes an older revision's)."""
-        ops = ops or kernels.ops()
+        ops = ops or kernels.ops(self.tier)
         c = self.config
         impl = ops.Llama(
             c.num_heads,

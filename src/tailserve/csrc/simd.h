@@ -1,0 +1,480 @@
+// The thin per-tier vector layer the fused step's kernels are written over: 16-lane fp32 (F) and int32
+// (I) vectors and the few instructions the kernels need, in one implementation per instruction set.
+// The tier is what the compiler was told (layers/kernels.py passes each tier's flags explicitly):
+//   avx512-bf16  zmm, vdpbf16ps and vpdpbusd          avx512-vnni  zmm, vpdpbusd, bf16 pairs widened
+//   avx-vnni     2×ymm, 256-bit vpdpbusd, FMA, F16C   avx2         2×ymm, vpmaddubsw + vpmaddwd
+//   portable     GCC vector extensions the compiler lowers to whatever the target has (ARM too)
+// Everything above this file is tier-free: the kernels name these operations, never an intrinsic.
+#pragma once
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__)
+#define TAILSERVE_SIMD_AVX512 1
+#include <immintrin.h>
+#if defined(__AVX512BF16__)
+#define TAILSERVE_TIER "avx512-bf16"
+#define TAILSERVE_NATIVE_BF16 1
+#else
+#define TAILSERVE_TIER "avx512-vnni"
+#endif
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define TAILSERVE_SIMD_AVX2 1
+#include <immintrin.h>
+#if defined(__AVXVNNI__)
+#define TAILSERVE_TIER "avx-vnni"
+#else
+#define TAILSERVE_TIER "avx2"
+#endif
+#else
+#define TAILSERVE_TIER "portable"
+#endif
+
+namespace simd {
+
+constexpr int kLanes = 16;
+// Rows of a linear's tile: as many as the register file holds accumulators for (bf16 pairs | VNNI).
+#if defined(TAILSERVE_SIMD_AVX512)
+constexpr int64_t kRowsPairs = 8, kRowsVnni = 4;
+#else
+constexpr int64_t kRowsPairs = 2, kRowsVnni = 2;
+#endif
+
+inline float bits_to_f(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline uint32_t f_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+// fp32 → bf16 bits, rounding to nearest even (as vcvtneps2bf16 and c10::BFloat16 do for finite values).
+inline uint16_t bf16_round(float f) {
+  const uint32_t u = f_to_bits(f);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+#if defined(TAILSERVE_SIMD_AVX512)
+// ---------------------------------------------------------------- AVX-512: one zmm per vector
+struct F {
+  __m512 v;
+};
+struct I {
+  __m512i v;
+};
+
+inline F zero() { return {_mm512_setzero_ps()}; }
+inline F set1(float x) { return {_mm512_set1_ps(x)}; }
+inline F loadu(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline void storeu(float* p, F a) { _mm512_storeu_ps(p, a.v); }
+inline __mmask16 first(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+inline F load_n(const float* p, int64_t n) { return {_mm512_maskz_loadu_ps(first(n), p)}; }
+inline void store_n(float* p, F a, int64_t n) { _mm512_mask_storeu_ps(p, first(n), a.v); }
+// Lanes [0, n) of a, the rest `fill`.
+inline F select_first(int64_t n, F a, F fill) { return {_mm512_mask_mov_ps(fill.v, first(n), a.v)}; }
+inline F add(F a, F b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline F sub(F a, F b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline F mul(F a, F b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline F div(F a, F b) { return {_mm512_div_ps(a.v, b.v)}; }
+inline F max(F a, F b) { return {_mm512_max_ps(a.v, b.v)}; }
+inline F min(F a, F b) { return {_mm512_min_ps(a.v, b.v)}; }
+inline F abs(F a) { return {_mm512_abs_ps(a.v)}; }
+inline F fmadd(F a, F b, F c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }   // a·b + c
+inline F fnmadd(F a, F b, F c) { return {_mm512_fnmadd_ps(a.v, b.v, c.v)}; }  // c − a·b
+inline float reduce_add(F a) { return _mm512_reduce_add_ps(a.v); }
+inline float reduce_max(F a) { return _mm512_reduce_max_ps(a.v); }
+inline F round_nearest(F a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+inline F scale2(F p, F n) { return {_mm512_scalef_ps(p.v, n.v)}; }  // p · 2ⁿ, n integral
+// 16 bf16 (bits) → fp32.
+inline F load_bf16(const uint16_t* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
+}
+inline F load_f16(const uint16_t* p) { return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))}; }
+inline __m256i bf16_bits(F a) {
+#if defined(TAILSERVE_NATIVE_BF16)
+  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(a.v));
+#else
+  const __m512i u = _mm512_castps_si512(a.v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  return _mm512_cvtepi32_epi16(r);
+#endif
+}
+inline void store_bf16(uint16_t* p, F a) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_bits(a)); }
+inline void store_bf16_n(uint16_t* p, F a, int64_t n) { _mm256_mask_storeu_epi16(p, first(n), bf16_bits(a)); }
+
+inline I zero_i() { return {_mm512_setzero_si512()}; }
+inline I set1_i(int32_t x) { return {_mm512_set1_epi32(x)}; }
+inline I loadu_i(const void* p) { return {_mm512_loadu_si512(p)}; }
+inline I and_i(I a, I b) { return {_mm512_and_si512(a.v, b.v)}; }
+inline I or_i(I a, I b) { return {_mm512_or_si512(a.v, b.v)}; }
+template <int N>
+inline I srli(I a) { return {_mm512_srli_epi32(a.v, N)}; }
+template <int N>
+inline I slli(I a) { return {_mm512_slli_epi32(a.v, N)}; }
+template <int N>
+inline I srai(I a) { return {_mm512_srai_epi32(a.v, N)}; }
+inline I add_i(I a, I b) { return {_mm512_add_epi32(a.v, b.v)}; }
+inline int32_t reduce_add_i(I a) { return _mm512_reduce_add_epi32(a.v); }
+inline F to_f(I a) { return {_mm512_cvtepi32_ps(a.v)}; }
+inline I to_i(F a) { return {_mm512_cvtps_epi32(a.v)}; }  // rounding to nearest even
+inline F as_f(I a) { return {_mm512_castsi512_ps(a.v)}; }
+inline I as_i(F a) { return {_mm512_castps_si512(a.v)}; }
+// 32 bytes zero-extended to 32 16-bit lanes (the int4 nibbles as bf16 pairs).
+inline I widen_u8_u16(const uint8_t* p) {
+  return {_mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+}
+// 32 signed bytes, element order kept, as 32 16-bit lanes.
+inline I widen_s8_s16(const int8_t* p) {
+  return {_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+}
+inline void store_s8(int8_t* p, I a) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(a.v)); }
+// acc + Σ of each lane's 4 u8·s8 products.
+inline I dpbusd(I acc, I u, I s) { return {_mm512_dpbusd_epi32(acc.v, u.v, s.v)}; }
+inline I dpbusd_small(I acc, I u, I s) { return dpbusd(acc, u, s); }
+
+#elif defined(TAILSERVE_SIMD_AVX2)
+// ---------------------------------------------------------------- AVX2 (+ AVX-VNNI): two ymm per vector
+struct F {
+  __m256 lo, hi;
+};
+struct I {
+  __m256i lo, hi;
+};
+
+inline F zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline F set1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
+inline F loadu(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline void storeu(float* p, F a) {
+  _mm256_storeu_ps(p, a.lo);
+  _mm256_storeu_ps(p + 8, a.hi);
+}
+inline F load_n(const float* p, int64_t n) {
+  if (n >= 16) return loadu(p);
+  alignas(32) float t[16] = {};
+  if (n > 0) std::memcpy(t, p, n * sizeof(float));
+  return loadu(t);
+}
+inline void store_n(float* p, F a, int64_t n) {
+  if (n >= 16) return storeu(p, a);
+  alignas(32) float t[16];
+  storeu(t, a);
+  if (n > 0) std::memcpy(p, t, n * sizeof(float));
+}
+inline F select_first(int64_t n, F a, F fill) {
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), nv = _mm256_set1_epi32(static_cast<int32_t>(n));
+  const __m256 k0 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(nv, idx));
+  const __m256 k1 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(nv, _mm256_add_epi32(idx, _mm256_set1_epi32(8))));
+  return {_mm256_blendv_ps(fill.lo, a.lo, k0), _mm256_blendv_ps(fill.hi, a.hi, k1)};
+}
+#define TAILSERVE_F2(name, op) \
+  inline F name(F a, F b) { return {op(a.lo, b.lo), op(a.hi, b.hi)}; }
+TAILSERVE_F2(add, _mm256_add_ps)
+TAILSERVE_F2(sub, _mm256_sub_ps)
+TAILSERVE_F2(mul, _mm256_mul_ps)
+TAILSERVE_F2(div, _mm256_div_ps)
+TAILSERVE_F2(max, _mm256_max_ps)
+TAILSERVE_F2(min, _mm256_min_ps)
+#undef TAILSERVE_F2
+inline F abs(F a) {
+  const __m256 m = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  return {_mm256_and_ps(a.lo, m), _mm256_and_ps(a.hi, m)};
+}
+inline F fmadd(F a, F b, F c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
+inline F fnmadd(F a, F b, F c) { return {_mm256_fnmadd_ps(a.lo, b.lo, c.lo), _mm256_fnmadd_ps(a.hi, b.hi, c.hi)}; }
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline float reduce_add(F a) { return hsum8(_mm256_add_ps(a.lo, a.hi)); }
+inline float reduce_max(F a) {
+  const __m256 m = _mm256_max_ps(a.lo, a.hi);
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+inline F round_nearest(F a) {
+  constexpr int r = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  return {_mm256_round_ps(a.lo, r), _mm256_round_ps(a.hi, r)};
+}
+inline F load_bf16(const uint16_t* p) {
+  auto w = [](const uint16_t* q) {
+    const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+  };
+  return {w(p), w(p + 8)};
+}
+inline F load_f16(const uint16_t* p) {
+  return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
+}
+inline __m256i bf16_bits(F a) {
+  auto r = [](__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    return _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  };
+  return _mm256_permute4x64_epi64(_mm256_packus_epi32(r(a.lo), r(a.hi)), 0xD8);
+}
+inline void store_bf16(uint16_t* p, F a) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_bits(a)); }
+inline void store_bf16_n(uint16_t* p, F a, int64_t n) {
+  if (n >= 16) return store_bf16(p, a);
+  alignas(32) uint16_t t[16];
+  store_bf16(t, a);
+  if (n > 0) std::memcpy(p, t, n * sizeof(uint16_t));
+}
+
+inline I zero_i() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+inline I set1_i(int32_t x) { return {_mm256_set1_epi32(x), _mm256_set1_epi32(x)}; }
+inline I loadu_i(const void* p) {
+  const auto* q = static_cast<const __m256i*>(p);
+  return {_mm256_loadu_si256(q), _mm256_loadu_si256(q + 1)};
+}
+inline I and_i(I a, I b) { return {_mm256_and_si256(a.lo, b.lo), _mm256_and_si256(a.hi, b.hi)}; }
+inline I or_i(I a, I b) { return {_mm256_or_si256(a.lo, b.lo), _mm256_or_si256(a.hi, b.hi)}; }
+template <int N>
+inline I srli(I a) { return {_mm256_srli_epi32(a.lo, N), _mm256_srli_epi32(a.hi, N)}; }
+template <int N>
+inline I slli(I a) { return {_mm256_slli_epi32(a.lo, N), _mm256_slli_epi32(a.hi, N)}; }
+template <int N>
+inline I srai(I a) { return {_mm256_srai_epi32(a.lo, N), _mm256_srai_epi32(a.hi, N)}; }
+inline I add_i(I a, I b) { return {_mm256_add_epi32(a.lo, b.lo), _mm256_add_epi32(a.hi, b.hi)}; }
+inline int32_t reduce_add_i(I a) {
+  const __m256i s = _mm256_add_epi32(a.lo, a.hi);
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
+}
+inline F to_f(I a) { return {_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)}; }
+inline I to_i(F a) { return {_mm256_cvtps_epi32(a.lo), _mm256_cvtps_epi32(a.hi)}; }
+inline F as_f(I a) { return {_mm256_castsi256_ps(a.lo), _mm256_castsi256_ps(a.hi)}; }
+inline I as_i(F a) { return {_mm256_castps_si256(a.lo), _mm256_castps_si256(a.hi)}; }
+inline F scale2(F p, F n) {  // p · 2ⁿ for integral n in [-126, 127]
+  const __m256i bias = _mm256_set1_epi32(127);
+  auto s = [&](__m256 x) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(x), bias), 23)); };
+  return {_mm256_mul_ps(p.lo, s(n.lo)), _mm256_mul_ps(p.hi, s(n.hi))};
+}
+inline I widen_u8_u16(const uint8_t* p) {
+  const auto* q = reinterpret_cast<const __m128i*>(p);
+  return {_mm256_cvtepu8_epi16(_mm_loadu_si128(q)), _mm256_cvtepu8_epi16(_mm_loadu_si128(q + 1))};
+}
+inline I widen_s8_s16(const int8_t* p) {
+  const auto* q = reinterpret_cast<const __m128i*>(p);
+  return {_mm256_cvtepi8_epi16(_mm_loadu_si128(q)), _mm256_cvtepi8_epi16(_mm_loadu_si128(q + 1))};
+}
+inline void store_s8(int8_t* p, I a) {  // values already in int8 range
+  const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(a.lo, a.hi), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
+}
+#if defined(__AVXVNNI__)
+inline I dpbusd(I acc, I u, I s) { return {_mm256_dpbusd_avx_epi32(acc.lo, u.lo, s.lo), _mm256_dpbusd_avx_epi32(acc.hi, u.hi, s.hi)}; }
+inline I dpbusd_small(I acc, I u, I s) { return dpbusd(acc, u, s); }
+#else
+// Where u < 128 (int4 nibbles), vpmaddubsw's pair sums cannot saturate: the 3-instruction form.
+inline I dpbusd_small(I acc, I u, I s) {
+  const __m256i one = _mm256_set1_epi16(1);
+  return {_mm256_add_epi32(acc.lo, _mm256_madd_epi16(_mm256_maddubs_epi16(u.lo, s.lo), one)),
+          _mm256_add_epi32(acc.hi, _mm256_madd_epi16(_mm256_maddubs_epi16(u.hi, s.hi), one))};
+}
+// Any u: Σ u·s = Σ |u − 128|·sign(s, u − 128) + 128·Σ s, each term within vpmaddubsw's range (|s| ≤ 127).
+inline I dpbusd(I acc, I u, I s) {
+  const __m256i one = _mm256_set1_epi16(1), k128 = _mm256_set1_epi16(128), ones8 = _mm256_set1_epi8(1);
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  auto half = [&](__m256i a, __m256i uu, __m256i ss) {
+    const __m256i w = _mm256_xor_si256(uu, flip);
+    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(ss, w)), one);
+    return _mm256_add_epi32(_mm256_add_epi32(a, p), _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, ss), k128));
+  };
+  return {half(acc.lo, u.lo, s.lo), half(acc.hi, u.hi, s.hi)};
+}
+#endif
+
+#else
+// ---------------------------------------------------------------- portable: GCC vector extensions
+typedef float f16v __attribute__((vector_size(64)));
+typedef int32_t i16v __attribute__((vector_size(64)));
+typedef uint32_t u16v __attribute__((vector_size(64)));
+struct F {
+  f16v v;
+};
+struct I {
+  i16v v;
+};
+
+inline F zero() { return {f16v{}}; }
+inline F set1(float x) { return {f16v{} + x}; }
+inline F loadu(const float* p) {
+  F a;
+  std::memcpy(&a.v, p, sizeof a.v);
+  return a;
+}
+inline void storeu(float* p, F a) { std::memcpy(p, &a.v, sizeof a.v); }
+inline F load_n(const float* p, int64_t n) {
+  if (n >= 16) return loadu(p);
+  F a = zero();
+  for (int64_t i = 0; i < n; ++i) a.v[i] = p[i];
+  return a;
+}
+inline void store_n(float* p, F a, int64_t n) {
+  for (int64_t i = 0; i < n && i < 16; ++i) p[i] = a.v[i];
+}
+inline F select_first(int64_t n, F a, F fill) {
+  for (int i = 0; i < 16; ++i)
+    if (i >= n) a.v[i] = fill.v[i];
+  return a;
+}
+inline F add(F a, F b) { return {a.v + b.v}; }
+inline F sub(F a, F b) { return {a.v - b.v}; }
+inline F mul(F a, F b) { return {a.v * b.v}; }
+inline F div(F a, F b) { return {a.v / b.v}; }
+inline F max(F a, F b) { return {a.v > b.v ? a.v : b.v}; }
+inline F min(F a, F b) { return {a.v < b.v ? a.v : b.v}; }
+inline F abs(F a) { return {a.v < 0 ? -a.v : a.v}; }
+inline F fmadd(F a, F b, F c) { return {a.v * b.v + c.v}; }
+inline F fnmadd(F a, F b, F c) { return {c.v - a.v * b.v}; }
+inline float reduce_add(F a) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += a.v[i];
+  return s;
+}
+inline float reduce_max(F a) {
+  float m = a.v[0];
+  for (int i = 1; i < 16; ++i) m = m > a.v[i] ? m : a.v[i];
+  return m;
+}
+inline F round_nearest(F a) {
+  for (int i = 0; i < 16; ++i) a.v[i] = std::nearbyint(a.v[i]);
+  return a;
+}
+inline F scale2(F p, F n) {
+  for (int i = 0; i < 16; ++i) p.v[i] *= bits_to_f(static_cast<uint32_t>(static_cast<int32_t>(n.v[i]) + 127) << 23);
+  return p;
+}
+inline F load_bf16(const uint16_t* p) {
+  F a;
+  for (int i = 0; i < 16; ++i) a.v[i] = bits_to_f(static_cast<uint32_t>(p[i]) << 16);
+  return a;
+}
+inline F load_f16(const uint16_t* p) {
+  F a;
+  for (int i = 0; i < 16; ++i) a.v[i] = c10::detail::fp16_ieee_to_fp32_value(p[i]);
+  return a;
+}
+inline void store_bf16(uint16_t* p, F a) {
+  for (int i = 0; i < 16; ++i) p[i] = bf16_round(a.v[i]);
+}
+inline void store_bf16_n(uint16_t* p, F a, int64_t n) {
+  for (int64_t i = 0; i < n && i < 16; ++i) p[i] = bf16_round(a.v[i]);
+}
+
+inline I zero_i() { return {i16v{}}; }
+inline I set1_i(int32_t x) { return {i16v{} + x}; }
+inline I loadu_i(const void* p) {
+  I a;
+  std::memcpy(&a.v, p, sizeof a.v);
+  return a;
+}
+inline I and_i(I a, I b) { return {a.v & b.v}; }
+inline I or_i(I a, I b) { return {a.v | b.v}; }
+template <int N>
+inline I srli(I a) { return {reinterpret_cast<i16v>(reinterpret_cast<u16v>(a.v) >> N)}; }
+template <int N>
+inline I slli(I a) { return {reinterpret_cast<i16v>(reinterpret_cast<u16v>(a.v) << N)}; }
+template <int N>
+inline I srai(I a) { return {a.v >> N}; }
+inline I add_i(I a, I b) { return {a.v + b.v}; }
+inline int32_t reduce_add_i(I a) {
+  int32_t s = 0;
+  for (int i = 0; i < 16; ++i) s += a.v[i];
+  return s;
+}
+inline F to_f(I a) { return {__builtin_convertvector(a.v, f16v)}; }
+inline I to_i(F a) {
+  I r;
+  for (int i = 0; i < 16; ++i) r.v[i] = static_cast<int32_t>(std::nearbyint(a.v[i]));
+  return r;
+}
+inline F as_f(I a) { return {reinterpret_cast<f16v>(a.v)}; }
+inline I as_i(F a) { return {reinterpret_cast<i16v>(a.v)}; }
+inline I widen_u8_u16(const uint8_t* p) {
+  uint16_t w[32];
+  for (int i = 0; i < 32; ++i) w[i] = p[i];
+  return loadu_i(w);
+}
+inline I widen_s8_s16(const int8_t* p) {
+  int16_t w[32];
+  for (int i = 0; i < 32; ++i) w[i] = p[i];
+  return loadu_i(w);
+}
+inline void store_s8(int8_t* p, I a) {
+  for (int i = 0; i < 16; ++i) p[i] = static_cast<int8_t>(a.v[i]);
+}
+inline I dpbusd(I acc, I u, I s) {
+  uint8_t ub[64];
+  int8_t sb[64];
+  std::memcpy(ub, &u.v, 64);
+  std::memcpy(sb, &s.v, 64);
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 4; ++j) acc.v[i] += static_cast<int32_t>(ub[4 * i + j]) * sb[4 * i + j];
+  return acc;
+}
+inline I dpbusd_small(I acc, I u, I s) { return dpbusd(acc, u, s); }
+#endif
+
+// ---------------------------------------------------------------- tier-free compositions
+
+// exp on 16 lanes (Cephes' expf as in common.h's fast_exp; ~2 ulp on [-87, 0]), saturating above 88.
+inline F exp(F x) {
+  x = max(x, set1(-87.f));
+#if !defined(TAILSERVE_SIMD_AVX512)
+  x = min(x, set1(88.f));  // 2ⁿ is built from its exponent bits: n must stay below 128
+#endif
+  const F n = round_nearest(mul(x, set1(1.44269504088896341f)));
+  const F r = fmadd(n, set1(2.12194440e-4f), fnmadd(n, set1(0.693359375f), x));
+  F p = set1(1.9875691500e-4f);
+  p = fmadd(p, r, set1(1.3981999507e-3f));
+  p = fmadd(p, r, set1(8.3334519073e-3f));
+  p = fmadd(p, r, set1(4.1665795894e-2f));
+  p = fmadd(p, r, set1(1.6666665459e-1f));
+  p = fmadd(p, r, set1(5.0000001201e-1f));
+  p = fmadd(mul(p, r), r, add(r, set1(1.f)));
+  return scale2(p, n);
+}
+
+// 16 lanes each holding a pair of bf16 values (k, k + 1): vdpbf16ps' operand. Where the instruction
+// exists it is the register itself; elsewhere the pair widened to two fp32 vectors once, so every
+// row's multiply is two FMAs (exact products, as vdpbf16ps').
+#if defined(TAILSERVE_NATIVE_BF16)
+struct Pairs {
+  __m512bh v;
+};
+inline Pairs pairs(I bits) { return {reinterpret_cast<__m512bh>(bits.v)}; }
+inline Pairs bcast_pair(uint32_t p) { return pairs(set1_i(static_cast<int32_t>(p))); }
+inline F dpbf16(F acc, Pairs x, Pairs w) { return {_mm512_dpbf16_ps(acc.v, x.v, w.v)}; }
+// 32 s8 weights (element order: channel c's pair at 2c, 2c + 1) as exact bf16 pairs.
+inline Pairs pairs_s8(const int8_t* p) {
+  auto f = [](const int8_t* q) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)))); };
+  return {_mm512_cvtne2ps_pbh(f(p + 16), f(p))};
+}
+#else
+struct Pairs {
+  F even, odd;
+};
+inline Pairs pairs(I bits) { return {as_f(slli<16>(bits)), as_f(and_i(bits, set1_i(static_cast<int32_t>(0xFFFF0000u))))}; }
+inline Pairs bcast_pair(uint32_t p) { return {set1(bits_to_f(p << 16)), set1(bits_to_f(p & 0xFFFF0000u))}; }
+inline F dpbf16(F acc, Pairs x, Pairs w) { return fmadd(x.odd, w.odd, fmadd(x.even, w.even, acc)); }
+inline Pairs pairs_s8(const int8_t* p) {
+  const I w = widen_s8_s16(p);  // lane c: (s16 of channel c's k, s16 of its k + 1)
+  return {to_f(srai<16>(slli<16>(w))), to_f(srai<16>(w))};
+}
+#endif
+
+}  // namespace simd
