@@ -67,7 +67,9 @@ def runnable_tiers(flags: frozenset[str] | None = None, machine: str | None = No
     return [name for name, needs, _ in TIERS if not needs or (x86 and set(needs) <= flags)]
 
 
-def choose_tier(cap: str | None = None, flags: frozenset[str] | None = None, machine: str | None = None) -> str:
+def choose_tier(
+    cap: str | None = None, flags: frozenset[str] | None = None, machine: str | None = None
+) -> str:
     """The best tier the CPU runs, at most `cap` (default: $TAILSERVE_CPU_TIER)."""
     cap = cap if cap is not None else os.environ.get("TAILSERVE_CPU_TIER") or None
     tiers = runnable_tiers(flags, machine)

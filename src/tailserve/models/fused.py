@@ -38,7 +38,7 @@ BLOCK_MULTIPLE = 16  # the KV block size must be a multiple of this (csrc/attent
 
 
 def fused_supported(config: ModelConfig, tier: str | None = None) -> bool:
-    """Whether this machine (at `tier`, default the chosen one) and this model shape can run the fused step."""
+    """Whether this machine (at `tier`, default the chosen one) and this model shape run the fused step."""
     return (
         kernels.ops(tier) is not None
         and config.intermediate_size % SWIGLU_HALF == 0
@@ -110,7 +110,7 @@ class FusedLlama(nn.Module):
         weights are the same on every tier."""
         super().__init__()
         if not fused_supported(config, tier):
-            raise RuntimeError("the fused step needs the C++ kernels (a compiler) and a supported model shape")
+            raise RuntimeError("the fused step needs the C++ kernels (a compiler) and a supported shape")
         self.config = config
         self.tier = tier
         self.embed = nn.Parameter(
