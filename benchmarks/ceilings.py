@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from tailserve.layers import kernels
+
 REPEATS = 5
 
 
@@ -27,21 +29,30 @@ def _best_seconds(fn, repeats: int = REPEATS) -> float:
     return best
 
 
-def measure(threads: int = 2) -> dict[str, float]:
-    """Read bandwidth (GB/s, a 512 MB fp32 sum) and bf16 GEMM rate (GFLOP/s, 2048³), best of a few.
-    vpdpbusd (int8 VNNI) runs at vdpbf16ps' instruction rate with twice its multiply-adds (both measured
-    at 3.56 G instructions/s per core here), so the int8 ceiling is taken as twice the bf16 one."""
+def measure(threads: int = 2, tier: str | None = None) -> dict[str, float | str]:
+    """Read bandwidth (GB/s, a 512 MB fp32 sum, best of a few) and the CPU tier's own multiply-add
+    rates (its kernels' int8 and bf16-pair dot products, register-resident, csrc/kernels.cpp:
+    peak_macs), so an AVX2 machine's shares are of what AVX2 can do, not of an emulated bf16 GEMM."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         x = torch.ones(128 * 1024 * 1024)
         bw = x.nbytes / _best_seconds(x.sum) / 1e9
         del x
-        a = torch.randn(2048, 2048, dtype=torch.bfloat16)
-        bf16 = 2 * 2048**3 / _best_seconds(lambda: a @ a) / 1e9
     finally:
         torch.set_num_threads(before)
-    return {"read_gb_s": bw, "bf16_gflop_s": bf16, "int8_gop_s": 2 * bf16}
+    tier = tier or kernels.choose_tier()
+    ops = kernels.ops(tier)
+    best = {"int8_macs_per_s": 0.0, "bf16_macs_per_s": 0.0}
+    for _ in range(REPEATS):
+        for k, v in ops.peak_macs(threads, 5_000_000).items():
+            best[k] = max(best[k], v)
+    return {
+        "tier": tier,
+        "read_gb_s": bw,
+        "bf16_gflop_s": 2 * best["bf16_macs_per_s"] / 1e9,
+        "int8_gop_s": 2 * best["int8_macs_per_s"] / 1e9,
+    }
 
 
 # What one decode step of SmolLM2-135M reads and computes, per server's precision.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+
+from tailserve.layers import kernels
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"  # raw runs and logs (not committed)
@@ -115,8 +118,19 @@ def commit() -> str:
     ).stdout.strip()
 
 
+def cpu_name() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    return next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
+
+
 def header(title: str, command: str) -> str:
+    """The figures' provenance: the CPU tier is the one tailserve runs at here ($TAILSERVE_CPU_TIER caps
+    it), not the machine's best."""
     return (
         f"### {title}\n\n`{command}` — commit {commit()}, {time.strftime('%Y-%m-%d')}, "
-        f"2-core x86-64 (AVX-512 bf16), no GPU\n"
+        f"{os.cpu_count()}-core {platform.machine()} ({cpu_name()}), tailserve CPU tier "
+        f"{kernels.choose_tier()}, no GPU\n"
     )

@@ -124,6 +124,48 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor w, torch::Tensor gscale
 
 std::string tier() { return TAILSERVE_TIER; }
 
+// Multiply-adds per second of the tier's two dot products (u8 × s8 → int32, and bf16 pairs → fp32) on
+// `threads` threads of the step's team: the compute ceilings benchmarks/ceilings.py reports shares of.
+// Eight independent accumulator chains per thread; the weights are loaded from L1 each iteration (as
+// the linears load them), so nothing can be hoisted out of the loop.
+std::map<std::string, double> peak_macs(int64_t threads, int64_t iters) {
+  using namespace simd;
+  constexpr int kChains = 8, kBuf = 8;
+  TORCH_CHECK(threads >= 1 && iters >= 1, "threads and iters must be positive");
+  std::vector<uint8_t> buf(kBuf * 64);
+  for (size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<uint8_t>(i * 7 % 16);
+  std::vector<double> sink(threads);
+  auto timed = [&](auto body) {
+    const auto t0 = std::chrono::steady_clock::now();
+    Team::instance().run(static_cast<int>(threads), [&](int tid, int) { sink[tid] += body(tid); });
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  const double int8 = timed([&](int tid) {
+    I acc[kChains];
+    for (int j = 0; j < kChains; ++j) acc[j] = set1_i(j + tid);
+    const I x = set1_i(0x05F90307);
+    for (int64_t i = 0; i < iters; ++i) {
+      const I w = loadu_i(buf.data() + (i % kBuf) * 64);
+      for (int j = 0; j < kChains; ++j) acc[j] = dpbusd_small(acc[j], w, x);
+    }
+    for (int j = 1; j < kChains; ++j) acc[0] = add_i(acc[0], acc[j]);
+    return static_cast<double>(reduce_add_i(acc[0]));
+  });
+  const double bf16 = timed([&](int tid) {
+    F acc[kChains];
+    for (int j = 0; j < kChains; ++j) acc[j] = set1(static_cast<float>(j + tid));
+    const Pairs x = bcast_pair(0x3F803F80u);
+    for (int64_t i = 0; i < iters; ++i) {
+      const Pairs w = pairs(loadu_i(buf.data() + (i % kBuf) * 64));
+      for (int j = 0; j < kChains; ++j) acc[j] = dpbf16(acc[j], x, w);
+    }
+    for (int j = 1; j < kChains; ++j) acc[0] = add(acc[0], acc[j]);
+    return static_cast<double>(reduce_add(acc[0]));
+  });
+  const double ops = static_cast<double>(threads) * iters * kChains;
+  return {{"int8_macs_per_s", ops * 64 / int8}, {"bf16_macs_per_s", ops * 32 / bf16}};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -137,6 +179,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_vnni", &linear_vnni, "x @ W.T on u8 x s8 dot products for VNNI-packed int4/int8 W, x in int8 per group",
         nogil);
   m.def("tier", &tier, "the CPU tier these kernels were compiled for (simd.h)");
+  m.def("peak_macs", &peak_macs, "the tier's int8 and bf16 dot-product multiply-adds per second", nogil);
   py::class_<Linear>(m, "Linear", "a packed weight: (kind 0 bf16 | 1 int8 | 2 int4, packed, scales, n, k, group)")
       .def(py::init<int64_t, torch::Tensor, torch::Tensor, int64_t, int64_t, int64_t>());
   py::class_<Llama>(m, "Llama", "the fused decoder step (llama.h)")
