@@ -10,6 +10,7 @@ from tailserve.engine.engine import LLMEngine
 from tailserve.models.fused import FusedLlama, fused_supported
 from tailserve.models.llama import LlamaModel
 from tailserve.models.loader import ModelConfig
+from tests.conftest import TIERS
 
 TINY = ModelConfig(
     vocab_size=256,
@@ -61,20 +62,24 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaModel:
     return LlamaModel(TINY, tiny_weights(seed=seed), dtype).eval()
 
 
-def tiny_fused_model(seed: int = 0, quantization: str = "none", draft_head: bool = False) -> FusedLlama:
-    return FusedLlama(TINY, tiny_weights(seed=seed), quantization, draft_head).eval()
+def tiny_fused_model(
+    seed: int = 0, quantization: str = "none", draft_head: bool = False, tier: str | None = None
+) -> FusedLlama:
+    return FusedLlama(TINY, tiny_weights(seed=seed), quantization, draft_head, tier=tier).eval()
 
 
-# The two model paths every engine-level equality must hold on: the PyTorch reference in fp32, and the
-# fused C++ step in bf16 (where the CPU has AVX512-BF16; elsewhere that case skips, saying why).
-NO_FUSED = pytest.mark.skipif(
-    not fused_supported(TINY), reason="the fused step needs AVX512-BF16 and a compiler"
-)
-MODEL_KINDS = [pytest.param("torch"), pytest.param("fused", marks=NO_FUSED)]
+# The model paths every engine-level equality must hold on: the PyTorch reference in fp32, and the
+# fused C++ step in bf16 at each CPU tier (a tier this CPU cannot run, or no compiler: skips, saying why).
+NO_FUSED = pytest.mark.skipif(not fused_supported(TINY), reason="the fused step needs a C++ compiler")
+MODEL_KINDS = [
+    pytest.param("torch"),
+    *(pytest.param(f"fused-{t.values[0]}", marks=[NO_FUSED, *t.marks]) for t in TIERS),
+]
 
 
 def tiny_model_of(kind: str, seed: int = 0) -> LlamaModel | FusedLlama:
-    return tiny_model(seed) if kind == "torch" else tiny_fused_model(seed)
+    """ "torch", or "fused-<tier>"."""
+    return tiny_model(seed) if kind == "torch" else tiny_fused_model(seed, tier=kind.removeprefix("fused-"))
 
 
 def tiny_engine(

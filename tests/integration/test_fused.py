@@ -33,7 +33,7 @@ BLOCK = 16
 def loaded(default_model_path: Path):
     config, weights = load_config_and_weights(default_model_path)
     if not fused_supported(config):
-        pytest.skip("the fused step needs AVX512-BF16 and a C++ compiler")
+        pytest.skip("the fused step needs a C++ compiler")
     return config, weights, Tokenizer.load(default_model_path)
 
 
@@ -66,9 +66,16 @@ def fused_logits(model: FusedLlama, ids: list[int]) -> torch.Tensor:
     )
 
 
+@pytest.fixture(scope="module")
+def int4_draft(loaded) -> FusedLlama:
+    config, weights, _ = loaded
+    return FusedLlama(config, weights, "int4", draft_head=True).eval()
+
+
 def test_next_token_distributions_match_fp32(
-    fused: FusedLlama, default_model_fp32: LlamaModel, loaded
+    fused: FusedLlama, default_model_fp32: LlamaModel, loaded, cpu_tier: str
 ) -> None:
+    fused = fused.on_tier(cpu_tier)
     tok = loaded[2]
     kls, agree, n = [], 0, 0
     for text in TEXTS:
@@ -78,14 +85,14 @@ def test_next_token_distributions_match_fp32(
         kls.append((ref.exp() * (ref - got)).sum(-1).mean().item())
         agree += (ref.argmax(-1) == got.argmax(-1)).sum().item()
         n += len(ids)
-    print(f"mean KL {sum(kls) / len(kls):.5f}, top-1 agreement {agree / n:.3f}")
+    print(f"{cpu_tier}: mean KL {sum(kls) / len(kls):.5f}, top-1 agreement {agree / n:.3f}")
     assert max(kls) < 0.01  # measured: 0.0002 (bf16), 0.004 (int8), 0.003 (int4)
     assert agree / n > 0.95
 
 
-def test_greedy_same_alone_batched_and_chunked(loaded) -> None:
-    config, weights, tok = loaded
-    model = FusedLlama(config, weights, "int4").eval()
+def test_greedy_same_alone_batched_and_chunked(loaded, int4_draft: FusedLlama, cpu_tier: str) -> None:
+    tok = loaded[2]
+    model = int4_draft.on_tier(cpu_tier)
     prompts = [tok.encode(t) for t in TEXTS]
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
@@ -105,11 +112,13 @@ def test_greedy_same_alone_batched_and_chunked(loaded) -> None:
 
 
 @pytest.mark.parametrize("speculative", ["ngram", "draft"])
-def test_greedy_identical_with_speculation(loaded, speculative: str) -> None:
+def test_greedy_identical_with_speculation(
+    loaded, int4_draft: FusedLlama, speculative: str, cpu_tier: str
+) -> None:
     """A prompt the output quotes (n-gram guesses land) and plain prompts, batched, with the prefix
     cache: every token equals plain decoding's."""
-    config, weights, tok = loaded
-    model = FusedLlama(config, weights, "int4", draft_head=True).eval()
+    tok = loaded[2]
+    model = int4_draft.on_tier(cpu_tier)
     quote = "Repeat this text exactly:\n\n" + TEXTS[0] + " " + TEXTS[1]
     prompts = [tok.encode(t) for t in [quote, *TEXTS]]
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
@@ -153,9 +162,10 @@ def test_separate_draft_model_loaded_by_name(loaded, default_model_path: Path) -
     assert drafted > 0 and eng.stats.spec_decode_num_accepted_tokens == drafted
 
 
-def test_logits_of_a_few_rows_equal_those_of_all_rows(fused: FusedLlama, loaded) -> None:
+def test_logits_of_a_few_rows_equal_those_of_all_rows(fused: FusedLlama, loaded, cpu_tier: str) -> None:
     """The last layer runs its attention and MLP only on the rows whose logits are asked for: those
     rows' logits must be bitwise what a pass computing every row gives, full depth or a draft's."""
+    fused = fused.on_tier(cpu_tier)
     _, _, tok = loaded
     a, b = tok.encode(TEXTS[0]), tok.encode(TEXTS[1])
     c, nblk = fused.config, 8

@@ -14,8 +14,6 @@ from tailserve.layers.linear import DenseLinear, Int4Linear, Int8GroupLinear, In
 from tests.tiny import TINY, tiny_weights
 
 FAST = kernels.ops() is not None
-BACKENDS = ["torch", "plain"] + (["kernel"] if FAST else [])
-NO_VNNI = pytest.mark.skipif(not FAST, reason="the vnni backend needs AVX512-BF16/VNNI and a compiler")
 
 
 def test_int8_roundtrip_error_is_within_half_a_step() -> None:
@@ -39,17 +37,30 @@ def test_int4_reproduces_q4_1_weights_exactly() -> None:
     assert torch.equal(quant.dequantize_int4(q2, d2, m2), w)
 
 
+SHAPES = [(64, 64), (40, 96), (100, 32)]  # ragged n: padded blocks
+
+
 @pytest.mark.parametrize(
     ("cls", "backend"),
     [
         (c, b)
         for c in (DenseLinear, Int8Linear, Int4Linear)
-        for b in BACKENDS
+        for b in ("torch", "plain")
         if (c, b) != (DenseLinear, "plain")
     ],
 )
-@pytest.mark.parametrize(("n", "k"), [(64, 64), (40, 96), (100, 32)])  # ragged n: padded blocks
+@pytest.mark.parametrize(("n", "k"), SHAPES)
 def test_linear_backends_compute_their_weights(cls, backend, n, k) -> None:
+    check_linear(cls, backend, n, k)
+
+
+@pytest.mark.parametrize("cls", [DenseLinear, Int8Linear, Int4Linear])
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_kernel_linears_compute_their_weights(cls, n, k, cpu_tier: str) -> None:
+    check_linear(cls, "kernel", n, k)
+
+
+def check_linear(cls, backend: str, n: int, k: int) -> None:
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)).bfloat16()
     layer = cls(w, torch.bfloat16, backend=backend) if cls is Int8Linear else cls(w, backend=backend)
     if cls is Int8Linear:
@@ -82,10 +93,9 @@ def int8_rows(x: torch.Tensor, group: int = 32) -> torch.Tensor:
     return (torch.round(g / s.clamp(min=1e-30)) * s).reshape(x.shape)
 
 
-@NO_VNNI
 @pytest.mark.parametrize("cls", [Int4Linear, Int8GroupLinear])
 @pytest.mark.parametrize(("n", "k"), [(64, 64), (40, 96), (100, 32), (48, 1536)])
-def test_vnni_linears_compute_their_weights_on_int8_inputs(cls, n, k) -> None:
+def test_vnni_linears_compute_their_weights_on_int8_inputs(cls, n, k, cpu_tier: str) -> None:
     """Exact up to fp32 rounding against the stored weights times the int8-rounded input; rows are
     independent (the same numbers whatever the batch)."""
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)).bfloat16()

@@ -109,15 +109,18 @@ def test_new_requests_inherit_the_proposers_record() -> None:
 @pytest.mark.parametrize(
     ("kind", "speculative"),
     [
-        ("torch", "ngram"),
-        pytest.param("fused", "ngram", marks=NO_FUSED),
-        pytest.param("fused", "draft", marks=NO_FUSED),
+        pytest.param(k.values[0], speculative, marks=k.marks)
+        for k in MODEL_KINDS
+        for speculative in ("ngram", "draft")
+        if k.values[0] != "torch" or speculative == "ngram"
     ],
 )
 def test_greedy_output_identical_with_guesses(kind: str, speculative: str) -> None:
     """(Draft passes run on the fused step only.)"""
     model = (
-        tiny_fused_model(seed=1, draft_head=True) if speculative == "draft" else tiny_model_of(kind, seed=1)
+        tiny_fused_model(seed=1, draft_head=True, tier=kind.removeprefix("fused-"))
+        if speculative == "draft"
+        else tiny_model_of(kind, seed=1)
     )
     ref = tiny_engine(model, speculative="off")
     for i, p in enumerate(LOOPS):
@@ -137,7 +140,7 @@ def test_greedy_output_identical_with_guesses(kind: str, speculative: str) -> No
 
 
 @NO_FUSED
-def test_draft_of_the_first_layers_is_accepted_when_the_rest_add_nothing() -> None:
+def test_draft_of_the_first_layers_is_accepted_when_the_rest_add_nothing(cpu_tier: str) -> None:
     """With the last layer's attention and MLP outputs zeroed, the first layer alone computes the model:
     a broken draft pass (wrong positions, KV, depth or rollback) would show as low acceptance."""
     w = tiny_weights(seed=1)
@@ -157,7 +160,7 @@ def test_draft_of_the_first_layers_is_accepted_when_the_rest_add_nothing() -> No
 
 @NO_FUSED
 @pytest.mark.parametrize("same", [True, False], ids=["draft=target", "other-draft"])
-def test_separate_draft_model_keeps_output_and_its_own_kv(same: bool) -> None:
+def test_separate_draft_model_keeps_output_and_its_own_kv(same: bool, cpu_tier: str) -> None:
     """A separate draft model with its own KV pool: greedy output identical, prefix-cache hits and
     preemptions (whose KV the draft never computed) caught up on, no block leaked. The target itself as
     its own draft must guess every token right: any stale or misplaced draft KV would show."""

@@ -50,6 +50,7 @@ TIERS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
 TIER_NAMES = tuple(name for name, _, _ in TIERS)
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -114,15 +115,24 @@ def build(csrc: Path = CSRC, name: str = "tailserve_kernels", tier: str | None =
     )
 
 
-@functools.cache
 def ops(tier: str | None = None) -> ModuleType | None:
-    """The compiled module of `tier` (default: the chosen one), or None when it cannot be built here
-    (the reason is logged once)."""
+    """The compiled module of `tier` (default: the chosen one, $TAILSERVE_CPU_TIER read at each call,
+    so tests can run every tier in one process), or None when it cannot be built here (the reason is
+    logged once)."""
+    return _ops(tier or _chosen(os.environ.get("TAILSERVE_CPU_TIER") or None))
+
+
+@functools.cache
+def _chosen(cap: str | None) -> str:
+    return choose_tier(cap)
+
+
+@functools.cache
+def _ops(tier: str) -> ModuleType | None:
     if os.environ.get("TAILSERVE_DISABLE_KERNELS"):
         log.info("C++ kernels disabled by TAILSERVE_DISABLE_KERNELS: using PyTorch ops")
         return None
     try:
-        tier = tier or choose_tier()
         module = build(tier=tier)
     except Exception as e:  # any toolchain failure means: use the PyTorch path
         log.warning("C++ kernels unavailable (%s: %s): using PyTorch ops", type(e).__name__, str(e)[-500:])

@@ -9,6 +9,7 @@ verified several tokens at a time.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -170,6 +171,14 @@ class FusedLlama(nn.Module):
                 _packed(layer.down, ops),
             )
         return impl
+
+    def on_tier(self, tier: str) -> FusedLlama:
+        """This model's packed weights run by another CPU tier's kernels (a shallow copy: the weights
+        are shared, nothing is repacked)."""
+        other = copy.copy(self)
+        other.tier = tier
+        other.impl = other.make_impl(self.threads)
+        return other
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
