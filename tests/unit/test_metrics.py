@@ -145,6 +145,24 @@ def test_gauges_and_cache_counters_are_read_at_scrape_time() -> None:
     assert value(s, "spec_decode_num_accepted_tokens_total", proposer="off") == 0
 
 
+def test_cpu_tier_is_a_label() -> None:
+    eng = FakeEngine()
+    m = Metrics("m", eng)
+    assert value(scrape(m), "cpu_tier_info", tier="none") == 1
+    eng.stats = EngineStats(cpu_tier="avx2")
+    assert value(scrape(m), "cpu_tier_info", tier="avx2") == 1
+
+
+@pytest.mark.parametrize("kind", ["torch", "fused-avx2"])
+def test_engine_reports_the_tier_its_step_runs_at(kind: str) -> None:
+    from tailserve.layers import kernels
+    from tests.tiny import tiny_engine, tiny_model_of
+
+    if kind != "torch" and ("avx2" not in kernels.runnable_tiers() or kernels.ops("avx2") is None):
+        pytest.skip("this CPU cannot run the avx2 tier, or no compiler")
+    assert tiny_engine(tiny_model_of(kind)).stats.cpu_tier == ("none" if kind == "torch" else "avx2")
+
+
 def test_speculation_metrics_by_proposer() -> None:
     eng = FakeEngine()
     m = Metrics("m", eng)

@@ -144,9 +144,14 @@ std::map<std::string, double> peak_macs(int64_t threads, int64_t iters) {
     I acc[kChains];
     for (int j = 0; j < kChains; ++j) acc[j] = set1_i(j + tid);
     const I x = set1_i(0x05F90307);
-    for (int64_t i = 0; i < iters; ++i) {
-      const I w = loadu_i(buf.data() + (i % kBuf) * 64);
-      for (int j = 0; j < kChains; ++j) acc[j] = dpbusd_small(acc[j], w, x);
+    for (int64_t i0 = 0; i0 < iters; i0 += kNarrowSteps) {  // as the int4 linears sum (linear.h)
+      I n[kChains];
+      for (int j = 0; j < kChains; ++j) n[j] = narrow_begin(acc[j]);
+      for (int64_t i = i0; i < i0 + kNarrowSteps; ++i) {
+        const I w = loadu_i(buf.data() + (i % kBuf) * 64);
+        for (int j = 0; j < kChains; ++j) n[j] = narrow_dot(n[j], w, x);
+      }
+      for (int j = 0; j < kChains; ++j) acc[j] = narrow_end(acc[j], n[j]);
     }
     for (int j = 1; j < kChains; ++j) acc[0] = add_i(acc[0], acc[j]);
     return static_cast<double>(reduce_add_i(acc[0]));
@@ -162,7 +167,7 @@ std::map<std::string, double> peak_macs(int64_t threads, int64_t iters) {
     for (int j = 1; j < kChains; ++j) acc[0] = add(acc[0], acc[j]);
     return static_cast<double>(reduce_add(acc[0]));
   });
-  const double ops = static_cast<double>(threads) * iters * kChains;
+  const double ops = static_cast<double>(threads) * ((iters + kNarrowSteps - 1) / kNarrowSteps * kNarrowSteps) * kChains;
   return {{"int8_macs_per_s", ops * 64 / int8}, {"bf16_macs_per_s", ops * 32 / bf16}};
 }
 

@@ -199,22 +199,31 @@ void vnni_tile(const PackedWeight& a, const Input& in, int64_t blk, int64_t m0, 
   for (int64_t g = 0; g < groups; ++g) {
     I c0[MT], c1[MT];
     for (int m = 0; m < MT; ++m) c0[m] = c1[m] = zero_i();
-    for (int64_t p = g * gq; p < (g + 1) * gq; ++p) {
-      I w0, w1;
-      if constexpr (KIND == kU4) {
-        const I v = loadu_i(wb + p * 64);
-        w0 = and_i(v, nib);
-        w1 = and_i(srli<4>(v), nib);
-      } else {
-        w0 = loadu_i(wb + p * 128);
-        w1 = loadu_i(wb + p * 128 + 64);
+    if constexpr (KIND == kU4) {  // nibbles: summed in the narrow accumulator, kNarrowSteps at a time
+      for (int64_t p0 = g * gq; p0 < (g + 1) * gq; p0 += kNarrowSteps) {
+        I n0[MT], n1[MT];
+        for (int m = 0; m < MT; ++m) {
+          n0[m] = narrow_begin(c0[m]);
+          n1[m] = narrow_begin(c1[m]);
+        }
+        for (int64_t p = p0; p < std::min(p0 + kNarrowSteps, (g + 1) * gq); ++p) {
+          const I v = loadu_i(wb + p * 64), w0 = and_i(v, nib), w1 = and_i(srli<4>(v), nib);
+          for (int m = 0; m < MT; ++m) {
+            const I xb = set1_i(xr[m][p]);
+            n0[m] = narrow_dot(n0[m], w0, xb);
+            n1[m] = narrow_dot(n1[m], w1, xb);
+          }
+        }
+        for (int m = 0; m < MT; ++m) {
+          c0[m] = narrow_end(c0[m], n0[m]);
+          c1[m] = narrow_end(c1[m], n1[m]);
+        }
       }
-      for (int m = 0; m < MT; ++m) {
-        const I xb = set1_i(xr[m][p]);
-        if constexpr (KIND == kU4) {  // nibbles: the cheaper form where one exists
-          c0[m] = dpbusd_small(c0[m], w0, xb);
-          c1[m] = dpbusd_small(c1[m], w1, xb);
-        } else {
+    } else {
+      for (int64_t p = g * gq; p < (g + 1) * gq; ++p) {
+        const I w0 = loadu_i(wb + p * 128), w1 = loadu_i(wb + p * 128 + 64);
+        for (int m = 0; m < MT; ++m) {
+          const I xb = set1_i(xr[m][p]);
           c0[m] = dpbusd(c0[m], w0, xb);
           c1[m] = dpbusd(c1[m], w1, xb);
         }

@@ -138,7 +138,9 @@ inline I widen_s8_s16(const int8_t* p) {
 inline void store_s8(int8_t* p, I a) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(a.v)); }
 // acc + Σ of each lane's 4 u8·s8 products.
 inline I dpbusd(I acc, I u, I s) { return {_mm512_dpbusd_epi32(acc.v, u.v, s.v)}; }
-inline I dpbusd_small(I acc, I u, I s) { return dpbusd(acc, u, s); }
+inline I narrow_begin(I wide) { return wide; }
+inline I narrow_dot(I acc, I u, I s) { return dpbusd(acc, u, s); }
+inline I narrow_end(I, I acc) { return acc; }
 
 #elif defined(TAILSERVE_SIMD_AVX2)
 // ---------------------------------------------------------------- AVX2 (+ AVX-VNNI): two ymm per vector
@@ -276,13 +278,18 @@ inline void store_s8(int8_t* p, I a) {  // values already in int8 range
 }
 #if defined(__AVXVNNI__)
 inline I dpbusd(I acc, I u, I s) { return {_mm256_dpbusd_avx_epi32(acc.lo, u.lo, s.lo), _mm256_dpbusd_avx_epi32(acc.hi, u.hi, s.hi)}; }
-inline I dpbusd_small(I acc, I u, I s) { return dpbusd(acc, u, s); }
+inline I narrow_begin(I wide) { return wide; }
+inline I narrow_dot(I acc, I u, I s) { return dpbusd(acc, u, s); }
+inline I narrow_end(I, I acc) { return acc; }
 #else
-// Where u < 128 (int4 nibbles), vpmaddubsw's pair sums cannot saturate: the 3-instruction form.
-inline I dpbusd_small(I acc, I u, I s) {
+inline I narrow_begin(I) { return zero_i(); }
+// int16 pair sums: vpmaddubsw then one add, the vpmaddwd widening left to narrow_end.
+inline I narrow_dot(I acc, I u, I s) {
+  return {_mm256_add_epi16(acc.lo, _mm256_maddubs_epi16(u.lo, s.lo)), _mm256_add_epi16(acc.hi, _mm256_maddubs_epi16(u.hi, s.hi))};
+}
+inline I narrow_end(I wide, I acc) {
   const __m256i one = _mm256_set1_epi16(1);
-  return {_mm256_add_epi32(acc.lo, _mm256_madd_epi16(_mm256_maddubs_epi16(u.lo, s.lo), one)),
-          _mm256_add_epi32(acc.hi, _mm256_madd_epi16(_mm256_maddubs_epi16(u.hi, s.hi), one))};
+  return {_mm256_add_epi32(wide.lo, _mm256_madd_epi16(acc.lo, one)), _mm256_add_epi32(wide.hi, _mm256_madd_epi16(acc.hi, one))};
 }
 // Any u: Σ u·s = Σ |u − 128|·sign(s, u − 128) + 128·Σ s, each term within vpmaddubsw's range (|s| ≤ 127).
 inline I dpbusd(I acc, I u, I s) {
@@ -426,8 +433,16 @@ inline I dpbusd(I acc, I u, I s) {
     for (int j = 0; j < 4; ++j) acc.v[i] += static_cast<int32_t>(ub[4 * i + j]) * sb[4 * i + j];
   return acc;
 }
-inline I dpbusd_small(I acc, I u, I s) { return dpbusd(acc, u, s); }
+inline I narrow_begin(I wide) { return wide; }
+inline I narrow_dot(I acc, I u, I s) { return dpbusd(acc, u, s); }
+inline I narrow_end(I, I acc) { return acc; }
 #endif
+
+// Small dot products (u ≤ 15: int4 nibbles; |s| ≤ 127) summed over at most kNarrowSteps steps in the
+// tier's cheapest accumulator: narrow_begin(wide), narrow_dot each step, then narrow_end(wide, narrow)
+// gives wide + the steps' sums. With vpdpbusd that is the int32 lanes themselves; without it, int16
+// pair sums (8 steps · 2 · 15 · 127 < 2¹⁵) widened once at the end instead of at every step.
+constexpr int64_t kNarrowSteps = 8;
 
 // ---------------------------------------------------------------- tier-free compositions
 

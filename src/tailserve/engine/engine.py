@@ -30,6 +30,7 @@ from tailserve.engine.spec_decode import (
     SpecDecoder,
     speculation_allowed,
 )
+from tailserve.layers import kernels
 from tailserve.layers.sampler import Sampler, SampleRow
 from tailserve.models.fused import BLOCK_MULTIPLE as FUSED_BLOCK_MULTIPLE
 from tailserve.models.fused import FusedLlama, cached_fused, fused_supported
@@ -59,6 +60,7 @@ class EngineStats:
     last_batch_tokens: int = 0
     num_steps: int = 0  # steps run so far; a new value means the last_* fields describe a new step
     spec_proposer: str = "off"
+    cpu_tier: str = "none"  # the tier the fused step's kernels run at (layers/kernels.py); none: PyTorch
     spec_decode_num_draft_tokens: int = 0  # guesses proposed
     spec_decode_num_accepted_tokens: int = 0  # guesses the target confirmed
     spec_decode_num_verify_steps: int = 0  # (request, step) pairs that checked guesses
@@ -227,6 +229,9 @@ class LLMEngine:
             num_free_blocks=num_blocks,
             num_total_blocks=num_blocks,
             spec_proposer=config.speculative,
+            cpu_tier=(model.tier or kernels.active_tier() or "none")
+            if isinstance(model, FusedLlama)
+            else "none",
         )
 
     def _make_spec_decoder(
@@ -309,7 +314,7 @@ class LLMEngine:
         log.info(
             "model %s: %s step, %s activations, weights %s (checkpoint: %s)",
             path.name,
-            "fused C++" if fused else "PyTorch",
+            f"fused C++ (CPU tier {kernels.active_tier()})" if fused else "PyTorch",
             str(dtype).removeprefix("torch."),
             quantization,
             model_config.weight_precision,
@@ -613,6 +618,7 @@ class LLMEngine:
             last_batch_tokens=last.last_batch_tokens if sched is None else sched.num_tokens,
             num_steps=last.num_steps + (sched is not None),
             spec_proposer=last.spec_proposer,
+            cpu_tier=last.cpu_tier,
             spec_decode_num_draft_tokens=self.spec.num_draft_tokens if self.spec else 0,
             spec_decode_num_accepted_tokens=self.spec.num_accepted_tokens if self.spec else 0,
             spec_decode_num_verify_steps=self.spec.num_verify_steps if self.spec else 0,

@@ -104,6 +104,13 @@ class _EngineCollector(Collector):
             c = CounterMetricFamily(PREFIX + name, doc, labels=["model"])
             c.add_metric([self.model], value)
             yield c
+        tier = GaugeMetricFamily(
+            PREFIX + "cpu_tier_info",
+            "1, labelled with the CPU tier the fused step's kernels run at (none: the PyTorch path).",
+            labels=["model", "tier"],
+        )
+        tier.add_metric([self.model, s.cpu_tier], 1)
+        yield tier
         yield from self._speculation(s)
 
     def _speculation(self, s: EngineStats) -> Iterator[Metric]:
