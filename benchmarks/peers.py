@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 
 from ceilings import measure, shares
@@ -98,7 +99,8 @@ def main() -> None:
     cmd = f"python benchmarks/peers.py --peers {args.peers} --rounds {args.rounds}"
     print(header("tailserve vs peers, chat workload", cmd))
     print(
-        f"Ceilings: read {ceil['read_gb_s']:.1f} GB/s, bf16 {ceil['bf16_gflop_s']:.0f} GFLOP/s, "
+        f"llama.cpp build: {os.environ.get('LLAMA_CPU_TIER', 'native')}. Ceilings (tier {ceil['tier']}): "
+        f"read {ceil['read_gb_s']:.1f} GB/s, bf16 {ceil['bf16_gflop_s']:.0f} GFLOP/s, "
         f"int8 {ceil['int8_gop_s']:.0f} GOP/s.\n"
     )
     print(
