@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+import threading
 
 import pytest
 
@@ -14,6 +18,24 @@ TIERS = [
     pytest.param(t, marks=pytest.mark.skipif(t not in RUNNABLE, reason=f"this CPU cannot run the {t} tier"))
     for t in kernels.TIER_NAMES
 ]
+
+
+def pytest_sessionstart(session) -> None:
+    """A fresh machine compiles one kernels module per runnable tier (~50 s each): start those builds in
+    the background, two at a time, so they overlap the tests that need no kernels; a test that needs a
+    tier still building waits on its build's lock (torch.utils.cpp_extension) instead of compiling it."""
+    if os.environ.get("TAILSERVE_DISABLE_KERNELS") or not (shutil.which("c++") or shutil.which("g++")):
+        return
+    todo = [t for t in RUNNABLE if not kernels.is_built(t)]
+    code = "import sys; from tailserve.layers import kernels; kernels.build(tier=sys.argv[1])"
+
+    def lane(tiers: list[str]) -> None:
+        for t in tiers:
+            subprocess.run([sys.executable, "-c", code, t], capture_output=True, timeout=900, check=False)
+
+    for share in (todo[0::2], todo[1::2]):
+        if share:
+            threading.Thread(target=lane, args=(share,), daemon=True).start()
 
 
 @pytest.fixture(params=TIERS)

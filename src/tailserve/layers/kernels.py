@@ -95,6 +95,14 @@ def _build_key(csrc: Path, tier: str) -> str:
     return h.hexdigest()[:12]
 
 
+def build_dir(tier: str, csrc: Path = CSRC, name: str = "tailserve_kernels") -> Path:
+    return cache_home() / "torch_extensions" / f"{name}-{tier}-{_build_key(csrc, tier)}"
+
+
+def is_built(tier: str) -> bool:
+    return any(build_dir(tier).glob("*.so"))
+
+
 def build(csrc: Path = CSRC, name: str = "tailserve_kernels", tier: str | None = None) -> ModuleType:
     """Compile (or load the cached build of) the kernels in `csrc` for `tier` (default: this CPU's) as
     module `<name>_<tier>`. Another name and source folder give a second, independent module in the same
@@ -103,12 +111,12 @@ def build(csrc: Path = CSRC, name: str = "tailserve_kernels", tier: str | None =
 
     tier = tier or choose_tier()
     module = f"{name}_{tier.replace('-', '_')}"
-    build_dir = cache_home() / "torch_extensions" / f"{name}-{tier}-{_build_key(csrc, tier)}"
-    build_dir.mkdir(parents=True, exist_ok=True)
+    folder = build_dir(tier, csrc, name)
+    folder.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name=module,
         sources=[str(csrc / SOURCE.name)],
-        build_directory=str(build_dir),
+        build_directory=str(folder),
         extra_cflags=_compile_flags(tier),
         extra_ldflags=["-fopenmp"],
         verbose=False,
