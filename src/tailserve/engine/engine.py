@@ -34,6 +34,7 @@ from tailserve.layers.sampler import Sampler, SampleRow
 from tailserve.models.fused import BLOCK_MULTIPLE as FUSED_BLOCK_MULTIPLE
 from tailserve.models.fused import FusedLlama, cached_fused, fused_supported
 from tailserve.models.llama import LlamaModel
+from tailserve.models.loader import ModelConfig
 from tailserve.sampling import SamplingParams
 
 log = logging.getLogger("tailserve.engine")
@@ -140,6 +141,13 @@ class StepTimeModel:
         return 0.0 if t is None else tokens / t
 
 
+def fused_implements(config: ModelConfig) -> bool:
+    """Whether the fused step runs this model: it implements the plain Llama decoder (no sliding
+    window, none of the other families' options), where this machine and the shape allow."""
+    plain = config.family == "llama" and not any(config.is_sliding(i) for i in range(config.num_layers))
+    return plain and fused_supported(config)
+
+
 def _load_fused(path, quantization: str, draft_head: bool, threads: int, weight_cache: bool) -> FusedLlama:
     """The fused model of a checkpoint, from the packed-weight cache when it can be."""
     from tailserve.models.loader import load_config_and_weights
@@ -161,7 +169,7 @@ def _load_draft(name: str, target_path, threads: int, weight_cache: bool) -> Fus
 
     path = resolve_model(name)
     mc = load_config(path)
-    if not fused_supported(mc):
+    if not fused_implements(mc):
         raise ValueError(f"draft model {name!r}: its shape does not run on the fused step")
     if not Tokenizer.load(path).same_vocabulary(Tokenizer.load(target_path)):
         raise ValueError(f"draft model {name!r} does not share the target's tokenizer")
@@ -282,7 +290,7 @@ class LLMEngine:
             and config.block_size % FUSED_BLOCK_MULTIPLE == 0
             and device == "cpu"
             and dtype == torch.bfloat16
-            and fused_supported(model_config)
+            and fused_implements(model_config)
         )
         quantization = resolve_quantization(config.quantization, model_config.weight_precision, fused)
         # A draft model is named, or "layers:N" (the default) takes the target's own first layers.
