@@ -12,8 +12,7 @@ longest one. Elsewhere, or when the kernel cannot be built, the padded gather + 
 A sliding-window layer (Gemma 3) attends to the last `window` positions only, its own included
 (transformers: kv > q - window). Its decodes read just those slots (a per-step slot table, the
 kernel's "block size 1" form); its prefill chunks read the context from the first position any of
-their queries can see, under a banded mask. Logit soft-capping (cap·tanh(s/cap)) is not in SDPA or
-the kernel: those layers attend by explicit matmuls.
+their queries can see, under a banded mask.
 """
 
 from __future__ import annotations
@@ -138,16 +137,15 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     window: int | None = None,
-    softcap: float | None = None,
 ) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, Hkv, D] (already written to the cache). Returns [T, H, D].
-    window: attend to the last `window` positions only; softcap: cap the scores (module docstring)."""
+    window: attend to the last `window` positions only (module docstring)."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv = k_cache.shape[1]
     group = num_heads // num_kv
     out = torch.empty_like(q)
     nd = meta.num_decode
-    ops = kernels.ops() if q.device.type == "cpu" and softcap is None else None
+    ops = kernels.ops() if q.device.type == "cpu" else None
     if nd:
         if window is None:
             table, block_size, lens = meta.decode_lookup()
@@ -171,7 +169,7 @@ def paged_attention(
         qd = q[:nd].view(nd, num_kv, group, head_dim)
         kd = k_cache[slots].transpose(1, 2)  # [B, Hkv, L, D]
         vd = v_cache[slots].transpose(1, 2)
-        od = _attend(qd, kd, vd, mask, False, scale, softcap)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)
         out[:nd] = od.reshape(nd, num_heads, head_dim)
     for i, p in enumerate(meta.prefills):
         rows = slice(p.start, p.start + p.length)
@@ -183,34 +181,9 @@ def paged_attention(
             kp, vp = k_cache[p.context_slots[first:]], v_cache[p.context_slots[first:]]
         kp = kp.transpose(0, 1).unsqueeze(0)
         vp = vp.transpose(0, 1).unsqueeze(0)
-        if group > 1 and softcap is not None:
-            kp, vp = kp.repeat_interleave(group, 1), vp.repeat_interleave(group, 1)
-        op = _attend(qp, kp, vp, mask, mask is None, scale, softcap, enable_gqa=group > 1)
+        op = F.scaled_dot_product_attention(
+            qp, kp, vp, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=group > 1
+        )
         out[rows] = op.squeeze(0).transpose(0, 1)
     return out
 
-
-def _attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    causal: bool,
-    scale: float,
-    softcap: float | None,
-    enable_gqa: bool = False,
-) -> torch.Tensor:
-    """SDPA, or with soft-capped scores the same by explicit matmuls (softmax in float32, as
-    transformers' eager attention; K/V then have as many heads as q, or broadcast over them)."""
-    if softcap is None:
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=enable_gqa
-        )
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = torch.tanh(scores / softcap) * softcap
-    if causal:
-        s, n = scores.shape[-2:]
-        mask = torch.ones(s, n, dtype=torch.bool, device=q.device).tril(n - s)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)

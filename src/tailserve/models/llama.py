@@ -3,7 +3,7 @@
 One pre-norm transformer with the options the families differ by (ModelConfig says which apply):
 Q/K/V bias (Qwen2), an RMSNorm over each head's q and k (Qwen3, Gemma 3), and for Gemma 3 norms that
 scale by (1 + weight), embeddings scaled by √hidden, a GELU-tanh gate, norms on the attention and MLP
-outputs, sliding-window attention with its own RoPE base on most layers, and logit soft-capping.
+outputs, sliding-window attention with its own RoPE base on most layers, and final-logit soft-capping.
 
 It runs on a flat batch of tokens from many sequences at once; the paged attention layer is the
 only part that knows which token belongs to which sequence.
@@ -77,7 +77,6 @@ class DecoderLayer(nn.Module):
         self.head_dim = c.head_dim
         self.scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
         self.window = c.sliding_window if sliding else None
-        self.softcap = c.attn_logit_softcap
         self.act = ACTIVATIONS[c.activation]
 
         def norm(name: str) -> RMSNorm:
@@ -123,7 +122,7 @@ class DecoderLayer(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.view(t, self.num_kv, self.head_dim)
         write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
-        attn = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale, self.window, self.softcap)
+        attn = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale, self.window)
         a = self.o(attn.view(t, nq))
         x = x + (a if self.attn_out_norm is None else self.attn_out_norm(a))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)

@@ -103,8 +103,9 @@ class ModelConfig:
     sliding_window: int | None = None  # tokens a sliding layer's query attends to, itself included
     sliding_layers: list[bool] = field(default_factory=list)  # per layer, True = sliding; empty: none
     rope_local_theta: float | None = None  # RoPE base of the sliding layers (Gemma 3); None: as the others
-    attn_logit_softcap: float | None = None  # scores → cap·tanh(scores/cap) before the softmax
-    final_logit_softcap: float | None = None  # logits → cap·tanh(logits/cap)
+    # logits → cap·tanh(logits/cap). (Gemma 3 configs also name an attention-score cap, which neither
+    # transformers nor llama.cpp applies to Gemma 3: it is not read.)
+    final_logit_softcap: float | None = None
 
     def is_sliding(self, layer: int) -> bool:
         return self.sliding_window is not None and bool(self.sliding_layers) and self.sliding_layers[layer]
@@ -320,7 +321,6 @@ def gguf_config(reader: Any) -> ModelConfig:
         weight_precision=_GGUF_PRECISION.get(layer_types[0][0], "none") if layer_types else "none",
         family=family,
         rope_scaling_factor=float(opt("rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,
-        attn_logit_softcap=opt("attn_logit_softcapping"),
         final_logit_softcap=opt("final_logit_softcapping"),
         **options,
     )
@@ -400,7 +400,6 @@ def hf_config(folder: Path) -> ModelConfig:
         rope_scaling_factor=full_rope[1],
         sliding_window=window,
         sliding_layers=sliding,
-        attn_logit_softcap=cfg.get("attn_logit_softcapping"),
         final_logit_softcap=cfg.get("final_logit_softcapping"),
         **options,
     )

@@ -1,0 +1,168 @@
+"""Qwen2, Qwen3 and Gemma 3: greedy output token for token as Hugging Face transformers', on tiny
+random-weight models built here from a transformers config (no download), loaded back from the
+saved Hugging Face folder; one at a time, batched with chunked prefill, and from the prefix cache.
+
+The prompts are longer than the sliding windows (8 tokens), chunks (12) end inside and across
+windows, and blocks (4 tokens) are smaller than a window: every case of the windowed paged path runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tailserve.config import EngineConfig
+from tailserve.engine.engine import LLMEngine, fused_implements
+from tailserve.models.llama import LlamaModel
+from tailserve.models.loader import load_config_and_weights
+from tailserve.sampling import SamplingParams
+from tests.tiny import run_all
+
+transformers = pytest.importorskip("transformers")
+
+NEW_TOKENS = 10
+WINDOW = 8
+SMALL = {
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
+GEMMA = {
+    **SMALL,
+    "sliding_window": WINDOW,
+    "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+    "query_pre_attn_scalar": 24,
+    "rope_theta": 1e6,
+    "rope_local_base_freq": 100.0,
+}
+
+CASES = {
+    "qwen2-untied": ("Qwen2Config", {**SMALL, "tie_word_embeddings": False}),
+    "qwen2-tied-sliding": (
+        "Qwen2Config",
+        {
+            **SMALL,
+            "tie_word_embeddings": True,
+            "use_sliding_window": True,
+            "sliding_window": WINDOW,
+            "max_window_layers": 1,
+        },
+    ),
+    "qwen3-tied": ("Qwen3Config", {**SMALL, "tie_word_embeddings": True}),
+    "qwen3-untied": ("Qwen3Config", {**SMALL, "tie_word_embeddings": False}),
+    "gemma3": ("Gemma3TextConfig", GEMMA),
+    "gemma3-capped-scaled": (
+        "Gemma3TextConfig",
+        {
+            **GEMMA,
+            "final_logit_softcapping": 5.0,
+            "attn_logit_softcapping": 3.0,
+            "rope_scaling": {"rope_type": "linear", "factor": 4.0},
+            "tie_word_embeddings": False,
+        },
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def family(request, tmp_path_factory) -> tuple[Path, object]:
+    """A saved Hugging Face folder of a tiny random model of one family, and that model."""
+    config_cls, options = CASES[request.param]
+    config = getattr(transformers, config_cls)(**options)
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        # Weights large enough that next-token logits are well separated (no near-ties).
+        for name, p in ref.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.randn_like(p) * 0.2 + (0.0 if "gemma" in config_cls.lower() else 1.0))
+            elif name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.5)
+            else:
+                p.copy_(torch.randn_like(p) * (1.0 if "embed" in name else 0.3))
+    folder = tmp_path_factory.mktemp(request.param)
+    ref.save_pretrained(folder)
+    return folder, ref
+
+
+def prompts() -> list[list[int]]:
+    """Five prompts of 3 to 37 tokens (most beyond the window), two sharing a 20-token prefix."""
+    g = torch.Generator().manual_seed(1)
+    shared = torch.randint(3, 256, (20,), generator=g).tolist()
+    rest = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (3, 13, 29, 17, 9)]
+    return [rest[0], rest[1], rest[2], shared + rest[3], shared + rest[4]]
+
+
+def reference(ref, ps: list[list[int]]) -> list[list[int]]:
+    outs = []
+    with torch.inference_mode():
+        for p in ps:
+            gen = ref.generate(
+                torch.tensor([p]),
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            outs.append(gen[0, len(p) :].tolist())
+    return outs
+
+
+def engine(folder: Path, **options) -> LLMEngine:
+    config, weights = load_config_and_weights(folder)
+    assert not fused_implements(config), "a family the fused step does not implement ran fused"
+    model = LlamaModel(config, weights, torch.float32).eval()
+    options = {"kv_cache_memory": 0.01, "block_size": 4, **options}
+    return LLMEngine(EngineConfig(model=folder.name, **options), model)
+
+
+def greedy() -> SamplingParams:
+    return SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+
+
+def test_one_at_a_time_batched_and_cached_match_transformers(family) -> None:
+    folder, ref = family
+    ps = prompts()
+    want = reference(ref, ps)
+
+    one = engine(folder, prefix_cache=False)
+    for p, w in zip(ps, want):
+        one.add_request("r", p, greedy())
+        assert run_all(one)["r"] == w
+
+    together = engine(folder, prefix_cache=False, max_num_batched_tokens=12, max_num_seqs=5)
+    for i, p in enumerate(ps):
+        together.add_request(str(i), p, greedy())
+    got = run_all(together)
+    assert [got[str(i)] for i in range(len(ps))] == want
+    assert together.block_manager.num_free_blocks == together.block_manager.num_blocks
+
+    cached = engine(folder, max_num_batched_tokens=12, max_num_seqs=5)
+    for i, p in enumerate(ps):
+        cached.add_request(str(i), p, greedy())
+        assert run_all(cached)[str(i)] == want[i]
+    assert cached.block_manager.prefix_hits >= 16  # the shared prefix's full blocks
+
+
+def test_window_is_what_transformers_attends(family) -> None:
+    """The loaded config names the sliding layers transformers slides on, with the same window."""
+    folder, ref = family
+    config, _ = load_config_and_weights(folder)
+    types = getattr(ref.config, "layer_types", None) or ["full_attention"] * config.num_layers
+    window = getattr(ref.config, "sliding_window", None)
+    assert [config.is_sliding(i) for i in range(config.num_layers)] == [
+        t == "sliding_attention" and window is not None for t in types
+    ]
+    if any(t == "sliding_attention" for t in types):
+        assert config.sliding_window == window
