@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 
 fetch: $(STAMP)
 	$(BIN)/tailserve fetch
+	$(BIN)/tailserve fetch --model gemma3-270m
 
 serve: fetch
 	$(BIN)/tailserve serve --host $(HOST) --port $(PORT) $(ARGS)
