@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
 import pytest
 import torch
 
@@ -192,3 +193,59 @@ def test_window_is_what_transformers_attends(family) -> None:
     ]
     if any(t == "sliding_attention" for t in types):
         assert config.sliding_window == window
+
+
+def write_gguf(path: Path, ref, arch: gguf.MODEL_ARCH) -> None:
+    """The model as llama.cpp's converter writes it, in F32: gguf's own tensor names, Gemma norms
+    stored as 1 + weight, Q/K rows as they are (only Llama's are permuted)."""
+    c = ref.config
+    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_rope_freq_base(1e6)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    if arch == gguf.MODEL_ARCH.GEMMA3:
+        w.add_sliding_window(WINDOW)
+    names = gguf.get_tensor_name_map(arch, c.num_hidden_layers)
+    for name, tensor in ref.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        data = tensor.float().numpy()
+        if arch == gguf.MODEL_ARCH.GEMMA3 and name.endswith("norm.weight"):
+            data = data + 1.0
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_of_the_family_loads_as_its_folder(family, tmp_path) -> None:
+    """A GGUF of the same weights reads back to the same weights and family options (the
+    architecture-specific name map, Gemma's norm offset, no Q/K un-permute outside Llama)."""
+    folder, ref = family
+    arch = {
+        "qwen2": gguf.MODEL_ARCH.QWEN2,
+        "qwen3": gguf.MODEL_ARCH.QWEN3,
+        "gemma3_text": gguf.MODEL_ARCH.GEMMA3,
+    }
+    path = tmp_path / "model.gguf"
+    write_gguf(path, ref, arch[ref.config.model_type])
+    config, weights = load_config_and_weights(path)
+    want_config, want = load_config_and_weights(folder)
+    assert weights.keys() == want.keys()
+    for name, w in want.items():
+        torch.testing.assert_close(weights[name], w, rtol=0, atol=1e-6, msg=name)
+    for option in ("family", "attention_bias", "qk_norm", "norm_plus_one", "sandwich_norms", "embed_scale"):
+        assert getattr(config, option) == getattr(want_config, option), option
+    assert config.tie_word_embeddings == want_config.tie_word_embeddings
+    if config.family == "gemma3":
+        assert config.sliding_window == WINDOW
+        assert config.sliding_layers == [(i + 1) % 6 != 0 for i in range(config.num_layers)]
