@@ -186,4 +186,3 @@ def paged_attention(
         )
         out[rows] = op.squeeze(0).transpose(0, 1)
     return out
-

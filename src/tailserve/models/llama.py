@@ -39,9 +39,7 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_tables(
-    config: ModelConfig, max_len: int, local: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(config: ModelConfig, max_len: int, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of every position, [max_len, head_dim], in the split-halves layout. `local`: the
     sliding layers' tables where they have a base of their own (Gemma 3: unscaled)."""
     d = config.head_dim
