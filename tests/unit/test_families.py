@@ -8,6 +8,7 @@ windows, and blocks (4 tokens) are smaller than a window: every case of the wind
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import gguf
@@ -19,6 +20,8 @@ from tailserve.engine.engine import LLMEngine, fused_implements
 from tailserve.models.llama import LlamaModel
 from tailserve.models.loader import load_config_and_weights
 from tailserve.sampling import SamplingParams
+from tailserve.tokenizer import Tokenizer
+from tests.unit.test_tokenizer import tiny_bpe_path
 
 transformers = pytest.importorskip("transformers")
 
@@ -180,6 +183,21 @@ def test_one_at_a_time_batched_and_cached_match_transformers(family) -> None:
         cached.add_request(str(i), p, greedy())
         assert_same(run(cached)[str(i)], want[i])
     assert cached.block_manager.prefix_hits >= 16  # the shared prefix's full blocks
+
+
+def test_engine_serves_the_family_on_the_pytorch_model(family, tmp_path) -> None:
+    """Where the fused step could run (bf16, CPU, blocks of 16, --fused), a family it does not
+    implement still gets the PyTorch model, and serves."""
+    folder, _ = family
+    model_dir = shutil.copytree(folder, tmp_path / "model")
+    Tokenizer.from_gguf(tiny_bpe_path(tmp_path / "tok.gguf"))._backend.save(str(model_dir / "tokenizer.json"))
+    config = EngineConfig(
+        model=str(model_dir), dtype="bfloat16", device="cpu", block_size=16, kv_cache_memory=0.01, fused=True
+    )
+    eng = LLMEngine.from_config(config)
+    assert isinstance(eng.model, LlamaModel)
+    eng.add_request("r", prompts()[2], greedy())
+    assert len(run(eng)["r"][0]) == NEW_TOKENS
 
 
 def test_window_is_what_transformers_attends(family) -> None:
