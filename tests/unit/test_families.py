@@ -8,6 +8,7 @@ windows, and blocks (4 tokens) are smaller than a window: every case of the wind
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 from tailserve.config import EngineConfig
 from tailserve.engine.engine import LLMEngine, fused_implements
 from tailserve.models.llama import LlamaModel
-from tailserve.models.loader import load_config_and_weights
+from tailserve.models.loader import ModelLoadError, load_config, load_config_and_weights
 from tailserve.sampling import SamplingParams
 from tailserve.tokenizer import Tokenizer
 from tests.unit.test_tokenizer import tiny_bpe_path
@@ -267,3 +268,20 @@ def test_gguf_of_the_family_loads_as_its_folder(family, tmp_path) -> None:
     if config.family == "gemma3":
         assert config.sliding_window == WINDOW
         assert config.sliding_layers == [(i + 1) % 6 != 0 for i in range(config.num_layers)]
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"model_type": "gemma3", "text_config": {}}, "multimodal Gemma 3"),
+        (
+            {**GEMMA, "model_type": "gemma3_text", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+            "rope scaling 'yarn' is not supported",
+        ),
+        ({**SMALL, "model_type": "phi3"}, "unsupported model_type 'phi3'"),
+    ],
+)
+def test_unsupported_configs_are_clear_errors(tmp_path, config, message) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=message):
+        load_config(tmp_path)

@@ -370,6 +370,10 @@ def hf_config(folder: Path) -> ModelConfig:
     arch = cfg.get("model_type")
     if arch not in SUPPORTED_ARCHS:
         raise ModelLoadError(f"unsupported model_type {arch!r} in {folder}/config.json")
+    if arch == "gemma3":  # the multimodal checkpoint: its text model's config and weights are nested
+        raise ModelLoadError(
+            f"{folder}: a multimodal Gemma 3 folder; give a text-only one (gemma3_text) or a GGUF"
+        )
     family = FAMILY_OF_ARCH[arch]
     heads = cfg["num_attention_heads"]
     layers = cfg["num_hidden_layers"]
