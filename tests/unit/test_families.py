@@ -100,6 +100,7 @@ def family(request, tmp_path_factory) -> tuple[Path, object]:
                 p.copy_(torch.randn_like(p) * ((0.125 if gemma else 1.0) if "embed" in name else 0.3))
     folder = tmp_path_factory.mktemp(request.param)
     ref.save_pretrained(folder)
+    ref.generation_config.eos_token_id = None  # greedy to the end, as ignore_eos: EOS may be the argmax
     return folder, ref
 
 
@@ -119,13 +120,13 @@ def reference(ref, ps: list[list[int]]) -> list[tuple[list[int], list[float]]]:
             gen = ref.generate(
                 torch.tensor([p]),
                 max_new_tokens=NEW_TOKENS,
-                min_new_tokens=NEW_TOKENS,
                 do_sample=False,
                 pad_token_id=0,
                 return_dict_in_generate=True,
                 output_logits=True,
             )
             ids = gen.sequences[0, len(p) :].tolist()
+            assert len(ids) == NEW_TOKENS
             logprobs = [torch.log_softmax(x[0].float(), -1)[t].item() for x, t in zip(gen.logits, ids)]
             outs.append((ids, logprobs))
     return outs
@@ -184,6 +185,19 @@ def test_one_at_a_time_batched_and_cached_match_transformers(family) -> None:
         cached.add_request(str(i), p, greedy())
         assert_same(run(cached)[str(i)], want[i])
     assert cached.block_manager.prefix_hits >= 16  # the shared prefix's full blocks
+
+
+def test_ngram_speculation_keeps_greedy_output(family) -> None:
+    """Guesses verified as a chunk (over the window, on sliding layers) change no token."""
+    folder, ref = family
+    first = prompts()[1]
+    # Most tokens occurred before, and its end did with what followed: guesses follow each step.
+    prompt = list(range(3, 200)) + first + reference(ref, [first])[0][0] + first
+    want = reference(ref, [prompt])[0]
+    eng = engine(folder, speculative="ngram", spec_adaptive=False)
+    eng.add_request("r", prompt, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
+    assert run(eng)["r"][0] == want[0]  # (requests that ask for logprobs are not speculated on)
+    assert eng.spec.num_draft_tokens > 0
 
 
 def test_engine_serves_the_family_on_the_pytorch_model(family, tmp_path) -> None:
