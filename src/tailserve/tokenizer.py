@@ -464,14 +464,14 @@ def _sentencepiece_bpe(
     return backend
 
 
-# --- Hugging Face folder --------------------------------------------------------------------------------
-
-
 def _default_template(reader: Any) -> str | None:
     """The template of a GGUF without one: Gemma's turn format for Gemma, else None (ChatML)."""
     from tailserve.models.loader import gguf_field
 
     return GEMMA_TEMPLATE if str(gguf_field(reader, "general.architecture", "")).startswith("gemma") else None
+
+
+# --- Hugging Face folder --------------------------------------------------------------------------------
 
 
 def _read_json(path: Path) -> dict[str, Any]:

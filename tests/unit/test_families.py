@@ -299,3 +299,33 @@ def test_unsupported_configs_are_clear_errors(tmp_path, config, message) -> None
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match=message):
         load_config(tmp_path)
+
+
+def test_gemma_gguf_without_template_chats_in_gemma_turns(tmp_path) -> None:
+    """Gemma's turn format (as google/gemma-3's template renders it): the system message opens the
+    first user turn, the assistant is "model", and <end_of_turn> ends generation."""
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "▁", "a"]
+    w = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "gemma3")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 3, 2, 3, 3, 1, 1])
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(3)
+    for write in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
+        write()
+    tok = Tokenizer.from_gguf(tmp_path / "g.gguf")
+    conv = [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "Hi "},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Why?"},
+    ]
+    assert tok.apply_chat_template(conv) == (
+        "<bos><start_of_turn>user\nBe terse.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
+        "<start_of_turn>user\nWhy?<end_of_turn>\n<start_of_turn>model\n"
+    )
+    with pytest.raises(ValueError, match="alternate"):
+        tok.apply_chat_template([{"role": "assistant", "content": "a"}])
+    assert {1, 5} <= set(tok.eos_token_ids)

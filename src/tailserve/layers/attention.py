@@ -51,7 +51,7 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] int64 block ids (padding: any valid id)
     decode_context_lens: torch.Tensor | None = None  # [B] int64 tokens attended, the new one included
     # Per window size, derived once per step: decode (slots, lens) and each prefill's (first, mask).
-    windows: dict[int, tuple] = field(default_factory=dict, repr=False)
+    windows: dict[tuple, tuple] = field(default_factory=dict, repr=False)
 
     def to(self, device: torch.device) -> AttentionMetadata:
         """A copy with every tensor on `device` (non-blocking)."""
