@@ -1,5 +1,9 @@
 """Gemma 3 270M (Q4_K_M GGUF, dequantized to fp32): greedy output equals transformers' token for token,
-on 8 chat prompts in Gemma's turn format, the longest beyond the 512-token sliding window."""
+on 8 chat prompts in Gemma's turn format, the longest beyond the 512-token sliding window.
+
+(Both models get the same prompt ids, from our tokenizer. That it tokenizes these prompts as
+transformers' GGUF tokenizer does was checked when this was written; building that tokenizer takes
+~40 s here, so it is not repeated in the suite.)"""
 
 from __future__ import annotations
 
@@ -51,15 +55,6 @@ def gemma3(gemma3_path: Path) -> tuple[LlamaModel, list[list[int]], list[list[in
             )
             outs.append(gen[0, len(p) :].tolist())
     return model, prompts, outs
-
-
-def test_tokenizer_matches_transformers(gemma3_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
-    tok = Tokenizer.load(gemma3_path)
-    ref = transformers.AutoTokenizer.from_pretrained(str(gemma3_path.parent), gguf_file=gemma3_path.name)
-    for p in chat_prompts(tok):
-        text = tok.decode(p, skip_special_tokens=False)
-        assert ref(text, add_special_tokens=False)["input_ids"] == p
 
 
 def test_one_at_a_time_matches_transformers(gemma3) -> None:
