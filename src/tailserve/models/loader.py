@@ -252,12 +252,52 @@ def open_gguf(path: Path) -> Any:
 
 @functools.lru_cache(maxsize=2)
 def _gguf_reader(path: str, size: int, mtime_ns: int) -> Any:
-    import gguf
-
     try:
-        return gguf.GGUFReader(path)
+        return _fast_reader_class()(path)
     except Exception as e:  # the reader raises many types on truncated or foreign files
         raise ModelLoadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+
+
+@functools.cache
+def _fast_reader_class() -> type:
+    """gguf's reader with array fields read in one pass over their bytes. The stock reader builds each
+    element through its generic path (numpy views of the memmap, a dtype and a byte-order lookup):
+    9.5 s for Gemma 3 270M's header (a 262k-token vocabulary), which this reads in 0.4 s (SmolLM2's:
+    2.5 s → 0.1 s). The fields come out the same (one
+    part per element, `data` indexing them): files in the host's byte order only; others, and
+    arrays of arrays, take the stock path."""
+    import struct
+
+    import gguf
+    from gguf import GGUFValueType
+
+    class Reader(gguf.GGUFReader):
+        def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list, list[int], list]:
+            if raw_type != GGUFValueType.ARRAY or self.byte_order != "I":
+                return super()._get_field_parts(orig_offs, raw_type)
+            raw_itype = self._get(orig_offs, np.uint32)
+            alen = self._get(orig_offs + 4, np.uint64)
+            itype, n, offs = GGUFValueType(int(raw_itype[0])), int(alen[0]), orig_offs + 12
+            nptype = self.gguf_scalar_to_np.get(itype)
+            if itype != GGUFValueType.STRING and nptype is None:
+                return super()._get_field_parts(orig_offs, raw_type)
+            parts: list[np.ndarray] = [raw_itype, alen]
+            if nptype is not None:
+                values = self._get(offs, nptype, n).view(np.ndarray)  # plain slices: no memmap hooks
+                parts += [values[i : i + 1] for i in range(n)]
+                data = list(range(2, 2 + n))
+                offs += int(values.nbytes)
+            else:
+                raw, data = self.data.view(np.ndarray), []
+                buf = memoryview(raw)
+                for _ in range(n):
+                    (length,) = struct.unpack_from("=Q", buf, offs)
+                    parts += [raw[offs : offs + 8].view(np.uint64), raw[offs + 8 : offs + 8 + length]]
+                    data.append(len(parts) - 1)
+                    offs += 8 + length
+            return offs - orig_offs, parts, data, [GGUFValueType.ARRAY] + ([itype] if n else [])
+
+    return Reader
 
 
 def gguf_field(reader: Any, key: str, default: Any = None) -> Any:
