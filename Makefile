@@ -24,6 +24,8 @@ serve: fetch
 	$(BIN)/tailserve serve --host $(HOST) --port $(PORT) $(ARGS)
 
 test: fetch
+	# The second real model, for the Gemma 3 tests (make serve does not need it).
+	$(BIN)/tailserve fetch --model gemma3-270m
 	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: $(STAMP)

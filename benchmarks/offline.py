@@ -3,7 +3,8 @@
 32 chat requests of the seeded `chat` workload (a shared ~400-token system prompt plus a user turn),
 64 output tokens each, greedy, the same dtype for both. Also single-stream prefill and decode rates.
 
-    .venv/bin/python benchmarks/offline.py [--requests 32] [--output-tokens 64] [--dtype bfloat16] [--json F]
+    .venv/bin/python benchmarks/offline.py [--model NAME_OR_PATH] [--requests 32] [--output-tokens 64]
+        [--dtype bfloat16] [--json F]
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ def bench_transformers(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="a model name (e.g. gemma3-270m) or GGUF path")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--output-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -114,12 +116,12 @@ def main() -> None:
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     threads = torch.get_num_threads()
-    llm = LLM(DEFAULT_MODEL, dtype=args.dtype, max_num_seqs=args.requests, quantization=args.quantization)
+    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.requests, quantization=args.quantization)
     prompts = chat_prompts(llm, args.requests, args.seed)
     ours = bench_tailserve(llm, prompts, args.output_tokens)
     del llm
     torch.set_num_threads(threads)  # the fused engine sets PyTorch's own threads to 1 beside its team
-    theirs = bench_transformers(resolve_model(DEFAULT_MODEL), prompts, args.output_tokens, dtype)
+    theirs = bench_transformers(resolve_model(args.model), prompts, args.output_tokens, dtype)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
@@ -128,6 +130,7 @@ def main() -> None:
         "commit": commit,
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "model": args.model,
         "dtype": args.dtype,
         "quantization": args.quantization,
         "requests": args.requests,

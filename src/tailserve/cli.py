@@ -59,7 +59,7 @@ def _generate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tailserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("fetch", help="download the default model into the cache (offline once cached)")
+    p = sub.add_parser("fetch", help="download a named model into the cache (offline once cached)")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.set_defaults(func=_fetch)
     add_bench_parser(sub)

@@ -47,6 +47,30 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Gemma's turn format (google/gemma-3 tokenizer_config.json, text only), for Gemma GGUFs that carry no
+# template (llama.cpp falls back to the same format): a system message opens the first user turn,
+# the assistant's role is "model".
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
 # How each `tokenizer.ggml.pre` splits text before BPE, as in llama.cpp's llama-vocab.cpp.
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -178,7 +202,7 @@ class Tokenizer:
             extra_eos_token_ids=extra,
             # llama.cpp adds BOS to SentencePiece vocabularies unless told otherwise, never to gpt2 ones.
             add_bos_token=bool(field("add_bos_token", kind == "llama")),
-            chat_template=gguf_field(reader, "tokenizer.chat_template"),
+            chat_template=gguf_field(reader, "tokenizer.chat_template") or _default_template(reader),
             vocab_size=len(tokens),
         )
 
@@ -438,6 +462,13 @@ def _sentencepiece_bpe(
         dec.append(decoders.Strip(" ", 1, 0))
     backend.decoder = decoders.Sequence(dec)
     return backend
+
+
+def _default_template(reader: Any) -> str | None:
+    """The template of a GGUF without one: Gemma's turn format for Gemma, else None (ChatML)."""
+    from tailserve.models.loader import gguf_field
+
+    return GEMMA_TEMPLATE if str(gguf_field(reader, "general.architecture", "")).startswith("gemma") else None
 
 
 # --- Hugging Face folder --------------------------------------------------------------------------------

@@ -20,3 +20,8 @@ def default_model_path() -> Path:
 def default_model_fp32(default_model_path: Path) -> LlamaModel:
     config, weights = load_config_and_weights(default_model_path)
     return LlamaModel(config, weights, torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    return resolve_model("gemma3-270m")

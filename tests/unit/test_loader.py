@@ -220,3 +220,28 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path: Path) -> None:
     write_model_gguf(path, hf_weights(vocab), arch="gpt2")
     with pytest.raises(ModelLoadError, match="unsupported GGUF architecture 'gpt2'"):
         LLM(str(path))
+
+
+def test_fast_gguf_reader_reads_the_fields_the_stock_one_does(tiny_gguf, tmp_path: Path) -> None:
+    """String, float and int arrays (tokens, scores, types, merges) and scalars, field for field."""
+    from tailserve.models.loader import _fast_reader_class
+    from tests.unit.test_tokenizer import write_gguf
+
+    spm = write_gguf(
+        tmp_path / "spm.gguf",
+        model="llama",
+        tokens=["<unk>", "<s>", "</s>", "▁a", "é"],
+        types=[2, 3, 3, 1, 1],
+        token_scores=[0.0, 0.0, 0.0, -1.5, -2.0],
+        bos_token_id=1,
+    )
+    for path in (tiny_gguf[0], spm):
+        stock, fast = gguf.GGUFReader(str(path)), _fast_reader_class()(str(path))
+        assert list(stock.fields) == list(fast.fields)
+        for name, a in stock.fields.items():
+            b = fast.fields[name]
+            assert (a.offset, a.types, a.data) == (b.offset, b.types, b.data), name
+            assert [(p.dtype, p.tolist()) for p in a.parts] == [(p.dtype, p.tolist()) for p in b.parts], name
+            assert a.contents() == b.contents(), name
+        assert [t.name for t in stock.tensors] == [t.name for t in fast.tensors]
+        assert stock.data_offset == fast.data_offset

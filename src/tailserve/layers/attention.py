@@ -8,6 +8,11 @@ attended on its own, since their query lengths differ).
 On CPU, decode attention runs the C++ kernel (layers/kernels.py), which reads every sequence's K/V
 rows in place through its block table: no gather copy of each context per layer, no padding to the
 longest one. Elsewhere, or when the kernel cannot be built, the padded gather + SDPA path runs.
+
+A sliding-window layer (Gemma 3) attends to the last `window` positions only, its own included
+(transformers: kv > q - window). Its decodes read just those slots (a per-step slot table, the
+kernel's "block size 1" form); its prefill chunks read the context from the first position any of
+their queries can see, under a banded mask.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ class AttentionMetadata:
     block_size: int = 0
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] int64 block ids (padding: any valid id)
     decode_context_lens: torch.Tensor | None = None  # [B] int64 tokens attended, the new one included
+    # Per window size, derived once per step: decode (slots, lens) and each prefill's (first, mask).
+    windows: dict[tuple, tuple] = field(default_factory=dict, repr=False)
 
     def to(self, device: torch.device) -> AttentionMetadata:
         """A copy with every tensor on `device` (non-blocking)."""
@@ -76,6 +83,33 @@ class AttentionMetadata:
         assert self.decode_slots is not None, "decode metadata needs block tables or slots"
         return self.decode_slots, 1, self.decode_context_lens
 
+    def window_decode(self, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots [B, W], lens [B]) of each decode's last `window` positions (W = the most any has),
+        left-aligned: row b's first lens[b] slots are its window; the rest repeat a valid slot."""
+        if ("decode", window) not in self.windows:
+            table, bs, lens = self.decode_lookup()
+            first = (lens - window).clamp(min=0)
+            width = int((lens - first).max())
+            pos = torch.minimum(first[:, None] + torch.arange(width, device=lens.device), lens[:, None] - 1)
+            slots = table.gather(1, pos // bs) * bs + pos % bs
+            self.windows["decode", window] = (slots.contiguous(), lens - first)
+        return self.windows["decode", window]
+
+    def window_prefill(self, i: int, window: int, device: torch.device) -> tuple[int, torch.Tensor | None]:
+        """For prefill chunk i: the first context position its queries can see, and the mask over
+        positions [first, context_len) (None when plain causal attention is the same)."""
+        if ("prefill", i, window) not in self.windows:
+            p = self.prefills[i]
+            start = p.context_len - p.length
+            first = max(0, start - window + 1)
+            mask = None if p.causal_mask is None else p.causal_mask[:, first:]
+            if p.context_len - first > window:  # the last query cannot see `first`: a band
+                q = torch.arange(start, p.context_len, device=device)[:, None]
+                kv = torch.arange(first, p.context_len, device=device)[None, :]
+                mask = (kv <= q) & (kv > q - window)
+            self.windows["prefill", i, window] = (first, mask)
+        return self.windows["prefill", i, window]
+
     def padded_decode(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(slots [B, L], mask [B, 1, 1, L]) for the SDPA path; derived from block tables if absent."""
         if self.decode_slots is None or self.decode_mask is None:
@@ -102,16 +136,22 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """q: [T, H, D]; k, v: [T, Hkv, D] (already written to the cache). Returns [T, H, D]."""
+    """q: [T, H, D]; k, v: [T, Hkv, D] (already written to the cache). Returns [T, H, D].
+    window: attend to the last `window` positions only (module docstring)."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv = k_cache.shape[1]
     group = num_heads // num_kv
     out = torch.empty_like(q)
     nd = meta.num_decode
     ops = kernels.ops() if q.device.type == "cpu" else None
+    if nd:
+        if window is None:
+            table, block_size, lens = meta.decode_lookup()
+        else:
+            (table, lens), block_size = meta.window_decode(window), 1
     if nd and ops is not None:
-        table, block_size, lens = meta.decode_lookup()
         od = ops.decode_attention(q[:nd].contiguous(), k_cache, v_cache, table, block_size, lens, scale)
         if nd == q.shape[0]:
             return od
@@ -119,29 +159,30 @@ def paged_attention(
     elif nd:
         # One query token per sequence: a KV head's `group` query heads play the role of the query
         # length, so grouped-query attention needs no repeat of K/V.
-        slots, mask = meta.padded_decode()
+        if window is None:
+            slots, mask = meta.padded_decode()
+        else:
+            slots = table
+            mask = (torch.arange(slots.shape[1], device=lens.device)[None, :] < lens[:, None]).view(
+                nd, 1, 1, -1
+            )
         qd = q[:nd].view(nd, num_kv, group, head_dim)
         kd = k_cache[slots].transpose(1, 2)  # [B, Hkv, L, D]
         vd = v_cache[slots].transpose(1, 2)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)
         out[:nd] = od.reshape(nd, num_heads, head_dim)
-    for p in meta.prefills:
+    for i, p in enumerate(meta.prefills):
         rows = slice(p.start, p.start + p.length)
         qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, S, D]
+        first, mask = (0, p.causal_mask) if window is None else meta.window_prefill(i, window, q.device)
         if p.context_slots is None:
             kp, vp = k[rows], v[rows]
         else:
-            kp, vp = k_cache[p.context_slots], v_cache[p.context_slots]
+            kp, vp = k_cache[p.context_slots[first:]], v_cache[p.context_slots[first:]]
         kp = kp.transpose(0, 1).unsqueeze(0)
         vp = vp.transpose(0, 1).unsqueeze(0)
         op = F.scaled_dot_product_attention(
-            qp,
-            kp,
-            vp,
-            attn_mask=p.causal_mask,
-            is_causal=p.causal_mask is None,
-            scale=scale,
-            enable_gqa=group > 1,
+            qp, kp, vp, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=group > 1
         )
         out[rows] = op.squeeze(0).transpose(0, 1)
     return out

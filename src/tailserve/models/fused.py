@@ -39,9 +39,12 @@ BLOCK_MULTIPLE = 16  # the KV block size must be a multiple of this (csrc/attent
 
 
 def fused_supported(config: ModelConfig, tier: str | None = None) -> bool:
-    """Whether this machine (at `tier`, default the chosen one) and this model shape run the fused step."""
+    """Whether this machine (at `tier`, default the chosen one) and this model run the fused step: it
+    implements the plain Llama decoder (no sliding window, none of the other families' options)."""
     return (
-        kernels.ops(tier) is not None
+        config.family == "llama"
+        and not any(config.is_sliding(i) for i in range(config.num_layers))
+        and kernels.ops(tier) is not None
         and config.intermediate_size % SWIGLU_HALF == 0
         and config.head_dim in (16, 32, 64, 128)
         and config.num_heads % config.num_kv_heads == 0
