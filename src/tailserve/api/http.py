@@ -4,6 +4,7 @@ body under a size limit, validate it into a request model, and give up on work w
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 from typing import Any, TypeVar
 
@@ -13,6 +14,22 @@ from starlette.requests import Request
 from tailserve.api.errors import ApiError, validation_error
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def authorized(authorization: str | None, api_key: str | None) -> bool:
+    """`Authorization: Bearer <key>` when a key is set; a constant-time comparison."""
+    if api_key is None:
+        return True
+    scheme, _, token = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+
+def require_key(request: Request, api_key: str | None) -> None:
+    """A 401 in the OpenAI shape unless the request carries the key."""
+    if not authorized(request.headers.get("authorization"), api_key):
+        raise ApiError(
+            401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key"
+        )
 
 
 class ClientGone(Exception):

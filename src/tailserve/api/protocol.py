@@ -158,6 +158,18 @@ class CompletionRequest(_Common):
         return items
 
 
+class RoutingFields(BaseModel):
+    """What a gateway reads of a chat or completion request to route it. Everything else in the body
+    passes through to the backend untouched (a backend may support more than tailserve does)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    stream: bool = False
+    timeout: float | None = Field(None, gt=0.0)  # seconds; the request's deadline, shared by all attempts
+    user: str | None = None
+
+
 # --- responses -------------------------------------------------------------------------------------
 
 

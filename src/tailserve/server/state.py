@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from starlette.requests import Request
 
 from tailserve.api.errors import ApiError
-from tailserve.api.http import read_json, validate
+from tailserve.api.http import read_json, require_key, validate
 from tailserve.api.protocol import ChatCompletionRequest, CompletionRequest
 from tailserve.config import ServerConfig
 from tailserve.engine.engine import AsyncEngine
@@ -67,10 +67,7 @@ class OpenAIServer:
     # --- the request path ------------------------------------------------------------------------
 
     def check_auth(self, request: Request) -> None:
-        if not self.admission.authorized(request.headers.get("authorization")):
-            raise ApiError(
-                401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key"
-            )
+        require_key(request, self.admission.api_key)
 
     def check_open(self) -> None:
         if self.admission.draining:
