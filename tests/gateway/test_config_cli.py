@@ -1,0 +1,102 @@
+"""Config errors name the key; the CLI refuses a bad file before serving and serves `--backend` models."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tailserve.gateway.config import ConfigError, load_config, parse_config
+from tests.gateway.conftest import Fake, fakes
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"models": {"a": {"backends": [{"url": "http://x", "weight": 0}]}}}, "models.a.backends[0].weight"),
+        (
+            {"models": {"a": {"backends": [{"url": "http://x"}], "fallback": ["b"]}}},
+            "models.a.fallback[0]: no model",
+        ),
+        ({"models": {"a": {"backends": [{}]}}}, "models.a.backends[0]: give exactly one of 'url' or 'spawn'"),
+        ({"models": {"a": {"backends": [{"url": "x"}]}}}, "url must start with http"),
+        ({"models": {"a": {"backends": [{"url": "http://x", "wieght": 1}]}}}, "models.a.backends[0].wieght"),
+        (
+            {"models": {"a": {"backends": [{"spawn": {"replicas": 0}}]}}},
+            "models.a.backends[0].spawn.replicas",
+        ),
+        ({"models": {}}, "models"),
+        (
+            {"models": {"a": {"backends": [{"url": "http://x"}]}}, "retry": {"max_attempts": 0}},
+            "retry.max_attempts",
+        ),
+        ([1, 2], "the top level must be a mapping"),
+    ],
+)
+def test_bad_config_names_the_key(data: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_config(data, "g.yaml")
+
+
+def test_good_config_loads(tmp_path) -> None:
+    path = tmp_path / "g.yaml"
+    path.write_text(
+        "deadline: 30\nmodels:\n  chat:\n    backends:\n"
+        "      - url: http://127.0.0.1:1/v1\n        weight: 2\n"
+        "      - spawn: {replicas: 2, args: [--max-num-seqs, '8']}\n    fallback: [small]\n"
+        "  small:\n    backends: [{url: 'http://127.0.0.1:2'}]\n"
+    )
+    config = load_config(path)
+    assert config.deadline == 30 and config.models["chat"].backends[1].spawn.replicas == 2  # type: ignore[union-attr]
+    path.write_text("models: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def _gateway_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tailserve.cli", "gateway", *args]
+
+
+def test_cli_refuses_a_bad_config_before_serving(tmp_path) -> None:
+    path = tmp_path / "g.yaml"
+    path.write_text("models:\n  a:\n    backends: [{url: 'http://x', max_concurrency: 0}]\n")
+    done = subprocess.run(_gateway_cmd("--config", str(path)), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "models.a.backends[0].max_concurrency" in done.stderr
+
+
+def test_cli_serves_the_models_its_backends_list() -> None:
+    with fakes(Fake(model="alpha"), Fake(model="beta")) as fs:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        args = ["--port", str(port)] + [a for f in fs for a in ("--backend", f.url)]
+        proc = subprocess.Popen(
+            _gateway_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            end = time.monotonic() + 30
+            while True:
+                assert proc.poll() is None, proc.stderr.read().decode()  # type: ignore[union-attr]
+                try:
+                    if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < end
+                time.sleep(0.1)
+            assert sorted(m["id"] for m in httpx.get(url + "/v1/models").json()["data"]) == ["alpha", "beta"]
+            r = httpx.post(
+                url + "/v1/chat/completions",
+                json={"model": "beta", "messages": [{"role": "user", "content": "x"}]},
+            )
+            assert r.status_code == 200 and len(fs[1].requests) == 1 and not fs[0].requests
+        finally:
+            proc.terminate()
+            proc.wait(timeout=15)
