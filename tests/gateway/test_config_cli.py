@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -100,3 +102,45 @@ def test_cli_serves_the_models_its_backends_list() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=15)
+
+
+@pytest.mark.model
+def test_cli_spawns_its_tailserve_backends_and_stops_them(tmp_path) -> None:
+    from tests.e2e.conftest import ENGINE_FLAGS
+
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE_FLAGS.items()]
+    path = tmp_path / "g.yaml"
+    path.write_text(
+        json.dumps({"models": {"chat": {"backends": [{"spawn": {"replicas": 2, "args": flags}}]}}})
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(_gateway_cmd("--config", str(path), "--port", str(port)), stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()  # type: ignore[union-attr]
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                    break
+            assert time.monotonic() < end
+            time.sleep(0.2)
+        gw_metrics = httpx.get(url + "/metrics").text
+        backends = {
+            line.split('backend="')[1].split('"')[0]
+            for line in gw_metrics.splitlines()
+            if "gateway_in_flight{" in line
+        }
+        assert len(backends) == 2
+        r = httpx.post(
+            url + "/v1/completions", json={"model": "chat", "prompt": "Hello", "max_tokens": 4}, timeout=60
+        )
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    for b in backends:  # stopped with the gateway
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(b.removesuffix("/v1") + "/health", timeout=2)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import sys
 from typing import Any
 
 log = logging.getLogger("tailserve.gateway")
@@ -71,8 +73,18 @@ def _gateway(args: argparse.Namespace) -> int:
         gateway = Gateway(config, make_pools(config, urls), provider)
         app = build_app(gateway)
 
+        # uvicorn re-raises the SIGTERM it caught once it has stopped: exit through `finally` instead
+        # of dying of it, so the spawned backends are stopped too.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         log.info("gateway on %s:%d serving %s", config.host, config.port, ", ".join(config.models))
-        uvicorn.run(app, host=config.host, port=config.port, lifespan="on", timeout_graceful_shutdown=5)
+        uvicorn.run(
+            app,
+            host=config.host,
+            port=config.port,
+            lifespan="on",
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
     except RuntimeError as e:
         log.error("%s", e)
         return 1

@@ -33,7 +33,10 @@ def resolve_urls(config: GatewayConfig, spawned: Spawned) -> dict[tuple[str, int
     for name, spec in config.models.items():
         for i, b in enumerate(spec.backends):
             if b.spawn is not None:
-                out[name, i] = [(spawned.start(b.spawn.args), "tailserve") for _ in range(b.spawn.replicas)]
+                args = list(b.spawn.args)
+                if not any(a.startswith("--served-model-name") for a in args):
+                    args += ["--served-model-name", b.model or name]  # so it answers to the name we send
+                out[name, i] = [(spawned.start(args), "tailserve") for _ in range(b.spawn.replicas)]
             else:
                 assert b.url is not None
                 kind = detect_kind(b.url, b.api_key) if b.kind == "auto" else b.kind
