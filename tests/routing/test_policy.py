@@ -73,3 +73,24 @@ def test_retry_after_and_statuses() -> None:
     assert parse_retry_after(None) is None
     assert all(retryable_status(s) for s in (429, 500, 502, 503, 504))
     assert not any(retryable_status(s) for s in (400, 401, 404, 413))
+
+
+def test_affinity_key() -> None:
+    from tailserve.routing.affinity import affinity_key
+
+    system = {"role": "system", "content": "You are terse."}
+    turn1 = {"messages": [system, {"role": "user", "content": "a"}]}
+    turn2 = {"messages": [system, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                          {"role": "user", "content": "c"}]}  # fmt: skip
+    other = {
+        "messages": [{"role": "system", "content": "You are verbose."}, {"role": "user", "content": "a"}]
+    }
+    assert affinity_key(turn1) == affinity_key(turn2) != affinity_key(other)
+    assert affinity_key({**turn1, "tools": [{"type": "function"}]}) != affinity_key(turn1)
+    assert affinity_key({**turn1, "user": "u1"}) == "session:u1"
+    assert affinity_key(turn1, session="s") == "session:s"
+    long_a, long_b = "x" * 2000 + "a", "x" * 2000 + "b"
+    assert affinity_key({"prompt": long_a}) == affinity_key({"prompt": long_b})  # same leading text
+    assert affinity_key({"prompt": "abc"}) != affinity_key({"prompt": "abd"})
+    assert affinity_key({"prompt": [1, 2, 3]}) == affinity_key({"prompt": [[1, 2, 3]]})
+    assert affinity_key({"prompt": ""}) is None and affinity_key({}) is None
