@@ -42,6 +42,7 @@ def _gateway(args: argparse.Namespace) -> int:
     from tailserve.gateway.spawn import Spawned
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per upstream request costs the hot path
     if bool(args.config) == bool(args.backend):
         log.error("give either --config FILE or one or more --backend URL")
         return 2
