@@ -95,13 +95,17 @@ def main() -> None:
     ap.add_argument("--requests-c16", type=int, default=64)
     ap.add_argument("--output-tokens", type=int, default=64)
     ap.add_argument("--no-litellm", action="store_true")
+    ap.add_argument(
+        "--backend-flags", default="", help='extra `tailserve serve` flags, e.g. "--num-threads 1"'
+    )
+    ap.add_argument("--tag", default="", help="suffix of the recorded summary's file name")
     args = ap.parse_args()
     names = ["direct", "gateway"] + ([] if args.no_litellm else ["litellm"])
     runs: dict[str, dict[int, list[dict]]] = {n: {1: [], 16: []} for n in names}
     with contextlib.ExitStack() as stack:
         backend = stack.enter_context(
             serving(
-                tailserve_cmd(PORTS["backend"], "--max-num-seqs", "16"),
+                tailserve_cmd(PORTS["backend"], "--max-num-seqs", "16", *args.backend_flags.split()),
                 PORTS["backend"],
                 RESULTS / "gw-backend.log",
             )
@@ -158,7 +162,7 @@ def main() -> None:
                     paired_ttft(runs["direct"][conc], runs[name][conc])
                 )
     RECORDED.mkdir(parents=True, exist_ok=True)
-    (RECORDED / "gateway_overhead.json").write_text(
+    (RECORDED / f"gateway_overhead{'-' + args.tag if args.tag else ''}.json").write_text(
         json.dumps({"config": vars(args), "summary": summary}, indent=2)
     )
     print(header("Gateway overhead", "python benchmarks/gateway_overhead.py"))
