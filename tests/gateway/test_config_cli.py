@@ -111,7 +111,7 @@ def test_cli_spawns_its_tailserve_backends_and_stops_them(tmp_path) -> None:
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE_FLAGS.items()]
     path = tmp_path / "g.yaml"
     path.write_text(
-        json.dumps({"models": {"chat": {"backends": [{"spawn": {"replicas": 2, "args": flags}}]}}})
+        json.dumps({"models": {"chat": {"backends": [{"spawn": {"replicas": 1, "args": flags}}]}}})
     )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -133,7 +133,7 @@ def test_cli_spawns_its_tailserve_backends_and_stops_them(tmp_path) -> None:
             for line in gw_metrics.splitlines()
             if "gateway_in_flight{" in line
         }
-        assert len(backends) == 2
+        assert len(backends) == 1
         r = httpx.post(
             url + "/v1/completions", json={"model": "chat", "prompt": "Hello", "max_tokens": 4}, timeout=60
         )
@@ -144,3 +144,30 @@ def test_cli_spawns_its_tailserve_backends_and_stops_them(tmp_path) -> None:
     for b in backends:  # stopped with the gateway
         with pytest.raises(httpx.ConnectError):
             httpx.get(b.removesuffix("/v1") + "/health", timeout=2)
+
+
+def test_spawn_entries_expand_to_replicas_answering_to_the_public_name() -> None:
+    from tailserve.gateway.pools import resolve_urls
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[list[str]] = []
+
+        def start(self, args: list[str]) -> str:
+            self.calls.append(args)
+            return f"http://127.0.0.1:{9000 + len(self.calls)}"
+
+    config = parse_config(
+        {
+            "models": {
+                "chat": {"backends": [{"spawn": {"replicas": 3, "args": ["--max-num-seqs", "8"]}}]},
+                "named": {"backends": [{"spawn": {"args": ["--served-model-name", "x"]}, "model": "x"}]},
+            }
+        }
+    )
+    rec = Recorder()
+    urls = resolve_urls(config, rec)  # type: ignore[arg-type]
+    assert [kind for _, kind in urls["chat", 0]] == ["tailserve"] * 3
+    assert len({u for u, _ in urls["chat", 0]}) == 3
+    assert rec.calls[0] == ["--max-num-seqs", "8", "--served-model-name", "chat"]
+    assert rec.calls[3] == ["--served-model-name", "x"]  # the name it was given is kept
