@@ -171,3 +171,25 @@ def test_spawn_entries_expand_to_replicas_answering_to_the_public_name() -> None
     assert len({u for u, _ in urls["chat", 0]}) == 3
     assert rec.calls[0] == ["--max-num-seqs", "8", "--served-model-name", "chat"]
     assert rec.calls[3] == ["--served-model-name", "x"]  # the name it was given is kept
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_spawned_process_dies_with_its_parent() -> None:
+    """A spawned backend outlives no gateway, even one killed by SIGKILL (no cleanup runs)."""
+    code = (
+        "import sys, time; from tailserve.gateway.spawn import Spawned; s = Spawned(); "
+        "s.start(['--max-num-seqs', '2']); print(s.procs[0][1].pid, flush=True); time.sleep(60)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())  # type: ignore[union-attr]
+    parent.kill()
+    parent.wait(timeout=10)
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(child, 9)
+    pytest.fail("the spawned child outlived its parent")

@@ -4,6 +4,7 @@ ports, and stops when it stops: one command brings up a multi-replica endpoint."
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -15,12 +16,21 @@ import time
 import httpx
 
 log = logging.getLogger("tailserve.gateway")
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when the gateway dies, even by SIGKILL (Linux only), so a
+    gateway that cannot run its cleanup leaves no backend holding a model's memory."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class Spawned:
@@ -43,7 +53,7 @@ class Spawned:
             str(port),
             *args,
         ]
-        proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_die_with_parent)
         url = f"http://127.0.0.1:{port}"
         self.procs.append((url, proc))
         log.info("spawned tailserve serve on %s (pid %d)", url, proc.pid)
