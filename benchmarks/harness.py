@@ -34,8 +34,10 @@ def tailserve_cmd(port: int | None, *flags: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def serving(cmd: list[str], port: int, log: Path, timeout: float = 600.0) -> Iterator[str]:
-    """Run a server command until the block ends; yields its base URL once /v1/models answers."""
+def serving(
+    cmd: list[str], port: int, log: Path, timeout: float = 600.0, ready_path: str = "/v1/models"
+) -> Iterator[str]:
+    """Run a server command until the block ends; yields its base URL once `ready_path` answers 200."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
@@ -46,7 +48,7 @@ def serving(cmd: list[str], port: int, log: Path, timeout: float = 600.0) -> Ite
             if proc.poll() is not None:
                 raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}; see {log}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                if httpx.get(url + ready_path, timeout=2).status_code == 200:
                     break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"server not ready after {timeout:.0f} s; see {log}")

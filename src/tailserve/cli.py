@@ -1,4 +1,4 @@
-"""`tailserve fetch | serve | generate | chat | bench`."""
+"""`tailserve fetch | serve | gateway | generate | chat | bench`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 
 from tailserve.bench.cli import add_parser as add_bench_parser
 from tailserve.config import DEFAULT_MODEL, EngineConfig, add_dataclass_args, dataclass_from_args
+from tailserve.gateway.cli import add_parser as add_gateway_parser
 from tailserve.server.cli import add_parser as add_serve_parser
 
 
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_fetch)
     add_bench_parser(sub)
     add_serve_parser(sub)
+    add_gateway_parser(sub)
     for name, text in (("generate", "complete a prompt"), ("chat", "answer one chat message")):
         p = sub.add_parser(name, help=f"{text}, streaming the text to the terminal")
         p.add_argument("prompt")

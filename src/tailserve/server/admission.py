@@ -10,10 +10,11 @@ rather than left to time out after holding a queue slot.
 
 from __future__ import annotations
 
-import hmac
 import math
 from dataclasses import dataclass
 from typing import Protocol
+
+from tailserve.api.http import authorized
 
 
 class LoadView(Protocol):
@@ -56,13 +57,7 @@ class Admission:
         self.queued_tokens = 0  # prompt tokens of admitted engine requests with no output yet
 
     def authorized(self, authorization: str | None) -> bool:
-        """`Authorization: Bearer <key>` when a key is set; a constant-time comparison."""
-        if self.api_key is None:
-            return True
-        scheme, _, token = (authorization or "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            token.strip().encode(), self.api_key.encode()
-        )
+        return authorized(authorization, self.api_key)
 
     def timeout(self, requested: float | None) -> float | None:
         """The request's own timeout, capped by the server's `--request-timeout`."""

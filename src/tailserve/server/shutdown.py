@@ -16,7 +16,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from tailserve.server.app import SHUTDOWN_MESSAGE, OpenAIServer
+from tailserve.server.state import SHUTDOWN_MESSAGE, OpenAIServer
 
 log = logging.getLogger("tailserve.server")
 

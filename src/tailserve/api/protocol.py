@@ -1,4 +1,4 @@
-"""The OpenAI wire format: request bodies (validated with pydantic), response shapes, error envelope.
+"""The OpenAI wire format: request bodies (validated with pydantic) and response shapes.
 
 Requests are pydantic models so a bad field becomes a 400 naming it. Responses are built as plain
 dicts of the TypedDict shapes below: one SSE chunk per engine step must cost microseconds, and the
@@ -7,75 +7,18 @@ shapes still document what the official client reads.
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from tailserve.engine.outputs import TokenLogprob
+from tailserve.api.errors import ApiError
 from tailserve.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from tailserve.engine.outputs import TokenLogprob
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
-
-_TYPE_BY_STATUS = {
-    400: "invalid_request_error",
-    401: "invalid_request_error",
-    404: "invalid_request_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-    500: "server_error",
-    503: "service_unavailable",
-    504: "timeout_error",
-}
-
-
-class ApiError(Exception):
-    """An error answered as `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        type: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.type = type or _TYPE_BY_STATUS.get(status, "invalid_request_error")
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.param, self.code)
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return ErrorResponse(error=ErrorDetail(message=message, type=type, param=param, code=code)).model_dump()
-
-
-def validation_error(e: ValidationError) -> ApiError:
-    """The first pydantic error as a 400 whose `param` is the field's dotted path."""
-    first = e.errors(include_url=False)[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
-    where = f"{param}: " if param else ""
-    return ApiError(400, f"{where}{first['msg']}", param=param, code="invalid_value")
-
 
 # --- requests --------------------------------------------------------------------------------------
 
@@ -213,6 +156,18 @@ class CompletionRequest(_Common):
         if not items or any(len(x) == 0 for x in items):
             raise ApiError(400, "prompt must not be empty", param="prompt", code="invalid_value")
         return items
+
+
+class RoutingFields(BaseModel):
+    """What a gateway reads of a chat or completion request to route it. Everything else in the body
+    passes through to the backend untouched (a backend may support more than tailserve does)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    stream: bool = False
+    timeout: float | None = Field(None, gt=0.0)  # seconds; the request's deadline, shared by all attempts
+    user: str | None = None
 
 
 # --- responses -------------------------------------------------------------------------------------

@@ -1,0 +1,85 @@
+"""What every OpenAI-compatible front does with an HTTP request before its own work: read the JSON
+body under a size limit, validate it into a request model, and give up on work whose client left."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from tailserve.api.errors import ApiError, validation_error
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def authorized(authorization: str | None, api_key: str | None) -> bool:
+    """`Authorization: Bearer <key>` when a key is set; a constant-time comparison."""
+    if api_key is None:
+        return True
+    scheme, _, token = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+
+def require_key(request: Request, api_key: str | None) -> None:
+    """A 401 in the OpenAI shape unless the request carries the key."""
+    if not authorized(request.headers.get("authorization"), api_key):
+        raise ApiError(
+            401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key"
+        )
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The body as JSON: 413 past `limit` bytes (declared or streamed), 400 if it does not parse."""
+    declared = request.headers.get("content-length")
+    too_big = ApiError(413, f"the request body exceeds the limit of {limit} bytes", code="request_too_large")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+
+
+def validate(obj: Any, cls: type[M]) -> M:
+    """`obj` as a `cls`; a 400 naming the first bad field otherwise."""
+    if not isinstance(obj, dict):
+        raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    try:
+        return cls.model_validate(obj)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, aw: Any) -> Any:
+    """Await `aw`, cancelling it (so its own cleanup runs) if the client leaves first: `ClientGone`."""
+    work = asyncio.ensure_future(aw)
+    watch = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.wait((work,))
+    if work.cancelled():
+        raise ClientGone
+    return work.result()

@@ -1,0 +1,216 @@
+"""The gateway's HTTP front: the OpenAI routes over the pools of `tailserve.routing` policy.
+
+A request passes: API key → body size and JSON → the fields routing reads (400 naming a bad one) →
+the model (404 if unknown) → the attempt loop, which ends in a whole answer or a committed stream.
+The client leaving at any point cancels the attempt in flight and closes its upstream connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.responses import JSONResponse, Response
+
+from tailserve.api.errors import ApiError, error_response, install_error_handlers
+from tailserve.api.http import ClientGone, read_json, require_key, unless_disconnected, validate
+from tailserve.api.ids import HEADER as REQUEST_ID
+from tailserve.api.ids import request_id
+from tailserve.api.protocol import RoutingFields
+from tailserve.api.sse import SSEResponse
+from tailserve.gateway.attempts import Answer, Attempts, Call
+from tailserve.gateway.config import GatewayConfig
+from tailserve.gateway.metrics import NO_BACKEND, GatewayMetrics
+from tailserve.gateway.relay import Relay
+from tailserve.gateway.tracing import GatewayTracing, end_span, passthrough
+from tailserve.gateway.upstream import Pool, poll_loads
+from tailserve.routing.affinity import affinity_key
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
+log = logging.getLogger("tailserve.gateway")
+SESSION_HEADER = "x-session-id"
+
+
+class Gateway:
+    """The state behind the routes: pools by public model, the attempt loop, metrics, tracing."""
+
+    def __init__(
+        self, config: GatewayConfig, pools: dict[str, Pool], tracer_provider: TracerProvider | None = None
+    ) -> None:
+        self.config = config
+        self.pools = pools
+        self.created = int(time.time())
+        self.metrics = GatewayMetrics(self.backends)
+        self.tracing = GatewayTracing(tracer_provider) if tracer_provider is not None else None
+        self.attempts = Attempts(pools, config.retry, self.metrics, self.tracing)
+        self._poller: asyncio.Task[None] | None = None
+
+    def backends(self) -> list[tuple[str, str, object]]:
+        return [(p.name, u.name, u.backend) for p in self.pools.values() for u in p.upstreams.values()]
+
+    def start(self) -> None:
+        ups = [u for p in self.pools.values() for u in p.upstreams.values()]
+        self._poller = asyncio.get_running_loop().create_task(poll_loads(ups, self.config.poll_interval))
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        clients = {id(u.client): u.client for p in self.pools.values() for u in p.upstreams.values()}
+        for client in clients.values():
+            await client.aclose()
+        if self.tracing is not None:
+            self.tracing.provider.force_flush()
+
+    def ready(self) -> list[str]:
+        """Models none of whose backends (nor fallbacks') takes a request now."""
+        now = time.monotonic()
+
+        def serves(model: str) -> bool:
+            return any(u.backend.available(now) for u in self.pools[model].upstreams.values())
+
+        return [m for m, p in self.pools.items() if not (serves(m) or any(serves(f) for f in p.fallback))]
+
+    def model_cards(self) -> list[dict[str, Any]]:
+        return [
+            {"id": m, "object": "model", "created": self.created, "owned_by": "tailserve-gateway"}
+            for m in self.pools
+        ]
+
+
+def build_app(gateway: Gateway) -> FastAPI:
+    """The app; its lifespan starts the load poller and closes the connection pools."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.close()
+
+    app = FastAPI(
+        title="tailserve gateway", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
+    )
+    app.state.gateway = gateway
+    install_error_handlers(app, log)
+    key = gateway.config.api_key
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        down = gateway.ready()
+        if down:
+            return error_response(
+                ApiError(503, f"no backend takes requests for: {', '.join(down)}", code="not_ready")
+            )
+        return JSONResponse({"status": "ready", "models": list(gateway.pools)})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        try:
+            require_key(request, key)
+        except ApiError as e:
+            return error_response(e)
+        return JSONResponse({"object": "list", "data": gateway.model_cards()})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> Response:
+        try:
+            require_key(request, key)
+            card = next((c for c in gateway.model_cards() if c["id"] == model_id), None)
+            if card is None:
+                raise ApiError(
+                    404, f"the model {model_id!r} does not exist", param="model", code="model_not_found"
+                )
+        except ApiError as e:
+            return error_response(e)
+        return JSONResponse(card)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _handle(gateway, request, "/chat/completions", "chatcmpl-")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _handle(gateway, request, "/completions", "cmpl-")
+
+    return app
+
+
+async def _handle(gw: Gateway, request: Request, route: str, prefix: str) -> Response:
+    arrival = time.monotonic()
+    rid, _ = request_id(request.headers, prefix)
+    span = gw.tracing.request_span("/v1" + route, request.headers, rid) if gw.tracing is not None else None
+    model = ""
+    handed_off = False
+    status: int | None = None
+    try:
+        require_key(request, gw.config.api_key)
+        raw_obj = await read_json(request, gw.config.max_body_bytes)
+        fields = validate(raw_obj, RoutingFields)
+        if fields.model not in gw.pools:
+            raise ApiError(
+                404,
+                f"the model {fields.model!r} does not exist; this gateway serves "
+                f"{', '.join(map(repr, gw.pools))}",
+                param="model",
+                code="model_not_found",
+            )
+        model = fields.model
+        headers = {REQUEST_ID: rid}
+        if gw.tracing is None:
+            headers |= passthrough(request.headers)
+        call = Call(
+            route=route,
+            raw=json.dumps(raw_obj, ensure_ascii=False, separators=(",", ":")).encode(),
+            body=raw_obj,
+            model=model,
+            stream=fields.stream,
+            deadline=arrival + (fields.timeout or gw.config.deadline),
+            key=affinity_key(raw_obj, request.headers.get(SESSION_HEADER)),
+            headers=headers,
+            span=span,
+        )
+        result: Answer | Relay = await unless_disconnected(request, gw.attempts.run(call))
+        if isinstance(result, Relay):
+            status = 200
+            gw.metrics.requests.labels(model, result.upstream.name, "200").inc()
+            relay = result
+
+            async def on_close() -> None:
+                await relay.close()
+                end_span(span, 200, None if relay.outcome != "failure" else relay.label)
+
+            handed_off = True
+            return SSEResponse(relay.body(), {REQUEST_ID: rid}, on_close)
+        status = result.status
+        gw.metrics.requests.labels(model, result.backend, str(status)).inc()
+        return Response(result.body, status_code=status, headers={**result.headers, REQUEST_ID: rid})
+    except ApiError as e:
+        status = e.status
+        gw.metrics.requests.labels(model or "unknown", NO_BACKEND, str(status)).inc()
+        return error_response(e, rid)
+    except ClientGone:
+        status = 499
+        return Response(status_code=499)
+    finally:
+        if not handed_off:
+            end_span(span, status, None if status is not None and status < 400 else str(status))

@@ -1,0 +1,109 @@
+"""`tailserve gateway --config gateway.yaml` or `tailserve gateway --backend URL [--backend URL ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+log = logging.getLogger("tailserve.gateway")
+
+
+def config_from_backends(urls: list[str], api_key: str | None = None) -> dict[str, Any]:
+    """A config serving every model the backends list in their /v1/models, each on the backends listing it."""
+    from tailserve.gateway.config import ConfigError
+    from tailserve.gateway.upstream import list_models
+
+    models: dict[str, dict[str, Any]] = {}
+    for url in urls:
+        try:
+            cards = list_models(url, api_key=api_key)
+        except Exception as e:
+            raise ConfigError(f"--backend {url}: cannot list its models: {e}") from None
+        for card in cards:
+            kind = "tailserve" if card.get("owned_by") == "tailserve" else "openai"
+            models.setdefault(card["id"], {"backends": []})["backends"].append(
+                {"url": url, "kind": kind, "api_key": api_key}
+            )
+    if not models:
+        raise ConfigError("--backend: the backends list no models")
+    return {"models": models}
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from tailserve.gateway.app import Gateway, build_app
+    from tailserve.gateway.config import ConfigError, load_config, parse_config
+    from tailserve.gateway.pools import make_pools, resolve_urls
+    from tailserve.gateway.spawn import Spawned
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per upstream request costs the hot path
+    if bool(args.config) == bool(args.backend):
+        log.error("give either --config FILE or one or more --backend URL")
+        return 2
+    try:
+        if args.config:
+            config = load_config(args.config)
+        else:
+            config = parse_config(
+                config_from_backends(args.backend, os.environ.get("TAILSERVE_BACKEND_API_KEY"))
+            )
+        overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+        config = config.model_copy(update=overrides)
+        if config.api_key is None:
+            config.api_key = os.environ.get("TAILSERVE_API_KEY") or None
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    provider = None
+    if config.otel_exporter:
+        from tailserve.obs.tracing import make_tracer_provider
+
+        provider = make_tracer_provider(config.otel_exporter)
+    spawned = Spawned()
+    try:
+        urls = resolve_urls(config, spawned)
+        timeouts = [b.spawn.startup_timeout for m in config.models.values() for b in m.backends if b.spawn]
+        if timeouts:
+            spawned.wait_ready(max(timeouts))
+        gateway = Gateway(config, make_pools(config, urls), provider)
+        app = build_app(gateway)
+
+        # uvicorn re-raises the SIGTERM it caught once it has stopped: exit through `finally` instead
+        # of dying of it, so the spawned backends are stopped too.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        log.info("gateway on %s:%d serving %s", config.host, config.port, ", ".join(config.models))
+        uvicorn.run(
+            app,
+            host=config.host,
+            port=config.port,
+            lifespan="on",
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
+    except RuntimeError as e:
+        log.error("%s", e)
+        return 1
+    finally:
+        spawned.stop()
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("gateway", help="one OpenAI endpoint in front of many backends")
+    p.add_argument("--config", help="the gateway's YAML file (models, backends, fallbacks, spawn)")
+    p.add_argument(
+        "--backend",
+        action="append",
+        default=[],
+        help="an OpenAI-compatible URL (repeatable); serves its models",
+    )
+    p.add_argument("--host", default=None, help="overrides the config's host")
+    p.add_argument("--port", type=int, default=None, help="overrides the config's port")
+    p.set_defaults(func=_gateway)
+    return p

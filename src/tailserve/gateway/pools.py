@@ -1,0 +1,72 @@
+"""Config → pools: one `Pool` per public model. A backend URL listed under several models is one
+`routing.Backend` (one in-flight count, one breaker) and one connection pool, whatever it is called."""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+
+from tailserve.gateway.config import GatewayConfig
+from tailserve.gateway.spawn import Spawned
+from tailserve.gateway.upstream import Pool, Upstream, api_base, list_models, make_client
+from tailserve.routing.backends import Backend
+from tailserve.routing.breaker import BreakerConfig
+from tailserve.routing.chooser import Chooser
+
+log = logging.getLogger("tailserve.gateway")
+
+
+def detect_kind(url: str, api_key: str | None = None) -> str:
+    """ "tailserve" when the backend's /v1/models says so; "openai" otherwise (or when unreachable)."""
+    try:
+        cards = list_models(url, timeout=2.0, api_key=api_key)
+    except (httpx.HTTPError, ValueError) as e:
+        log.warning("%s: cannot list its models (%s); treating it as a plain OpenAI server", url, e)
+        return "openai"
+    return "tailserve" if any(c.get("owned_by") == "tailserve" for c in cards) else "openai"
+
+
+def resolve_urls(config: GatewayConfig, spawned: Spawned) -> dict[tuple[str, int], list[tuple[str, str]]]:
+    """(model, backend index) → [(url, kind)]: spawns the `spawn:` entries (not waiting for them)."""
+    out: dict[tuple[str, int], list[tuple[str, str]]] = {}
+    for name, spec in config.models.items():
+        for i, b in enumerate(spec.backends):
+            if b.spawn is not None:
+                args = list(b.spawn.args)
+                if not any(a.startswith("--served-model-name") for a in args):
+                    args += ["--served-model-name", b.model or name]  # so it answers to the name we send
+                out[name, i] = [(spawned.start(args), "tailserve") for _ in range(b.spawn.replicas)]
+            else:
+                assert b.url is not None
+                kind = detect_kind(b.url, b.api_key) if b.kind == "auto" else b.kind
+                out[name, i] = [(b.url, kind)]
+    return out
+
+
+def make_pools(config: GatewayConfig, urls: dict[tuple[str, int], list[tuple[str, str]]]) -> dict[str, Pool]:
+    breaker = BreakerConfig(**config.breaker.model_dump())
+    backends: dict[str, Backend] = {}
+    clients: dict[str, httpx.AsyncClient] = {}
+    pools: dict[str, Pool] = {}
+    for name, spec in config.models.items():
+        ups: dict[str, Upstream] = {}
+        for i, b in enumerate(spec.backends):
+            for url, kind in urls[name, i]:
+                base = api_base(url)
+                if base not in backends:
+                    backends[base] = Backend.make(base, b.weight, b.max_concurrency, breaker)
+                    clients[base] = make_client(b.max_concurrency)
+                ups[base] = Upstream(
+                    backend=backends[base],
+                    base=base,
+                    model=b.model or name,
+                    kind=kind,
+                    connect_timeout=b.connect_timeout,
+                    read_timeout=b.read_timeout,
+                    client=clients[base],
+                    api_key=b.api_key,
+                )
+        chooser = Chooser([u.backend for u in ups.values()], config.load_factor)
+        pools[name] = Pool(name, ups, chooser, list(spec.fallback))
+    return pools

@@ -1,0 +1,93 @@
+"""What the router knows of each backend: its share (weight) and cap, the requests in flight to it,
+the load it reports itself, when it asked us to back off (Retry-After), and its circuit breaker.
+
+In-flight is counted by leases: `acquire` returns a `Lease` whose `release` is idempotent, and callers
+release it in a `finally`, so every path (success, error, client gone, timeout, hedge loser) gives the
+slot back and the counts cannot drift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tailserve.routing.breaker import Breaker, BreakerConfig
+
+
+@dataclass
+class Backend:
+    name: str  # unique within a model's pool (the gateway uses the URL)
+    weight: float = 1.0  # its share of traffic relative to the others
+    max_concurrency: int | None = None  # in-flight cap; None: no cap
+    breaker: Breaker = field(default_factory=Breaker)
+    in_flight: int = 0
+    reported_waiting: float = 0.0  # the backend's own queue, where it publishes one
+    reported_ttft: float | None = None  # its predicted time to first token, where it publishes one
+    cooling_until: float = 0.0  # Retry-After: no traffic before this time
+
+    @classmethod
+    def make(
+        cls,
+        name: str,
+        weight: float = 1.0,
+        max_concurrency: int | None = None,
+        breaker: BreakerConfig | None = None,
+    ) -> Backend:
+        if weight <= 0:
+            raise ValueError(f"backend {name}: weight must be > 0, got {weight}")
+        return cls(name, weight, max_concurrency, Breaker(breaker or BreakerConfig()))
+
+    @property
+    def load(self) -> float:
+        """Requests in flight plus the backend's reported queue: what a new request would wait behind."""
+        return self.in_flight + self.reported_waiting
+
+    def available(self, now: float) -> bool:
+        """Takes a request now: breaker lets it through, not cooling, under its cap."""
+        if now < self.cooling_until:
+            return False
+        if self.max_concurrency is not None and self.in_flight >= self.max_concurrency:
+            return False
+        return self.breaker.available(now)
+
+    def wait_hint(self, now: float) -> float:
+        """Seconds until it may take a request again, for a Retry-After (0: now, or when one finishes)."""
+        return max(self.cooling_until - now, self.breaker.retry_after(now), 0.0)
+
+    def acquire(self, now: float) -> Lease:
+        self.in_flight += 1
+        self.breaker.on_start(now)
+        return Lease(self)
+
+    def cool(self, now: float, seconds: float) -> None:
+        """The backend said Retry-After: send it nothing for that long."""
+        self.cooling_until = max(self.cooling_until, now + seconds)
+
+    def report(self, waiting: float | None = None, ttft: float | None = None) -> None:
+        """Load the backend published (its metrics, or response headers)."""
+        if waiting is not None:
+            self.reported_waiting = max(0.0, waiting)
+        if ttft is not None:
+            self.reported_ttft = ttft
+
+
+@dataclass
+class Lease:
+    """One in-flight request on a backend; `release` records its outcome exactly once."""
+
+    backend: Backend
+    released: bool = False
+
+    def release(self, now: float, outcome: str) -> None:
+        """`outcome`: "success", "failure" (counts toward the breaker), or "neutral" (client gone,
+        hedge loser)."""
+        if self.released:
+            return
+        self.released = True
+        b = self.backend
+        b.in_flight -= 1
+        if outcome == "success":
+            b.breaker.on_success(now)
+        elif outcome == "failure":
+            b.breaker.on_failure(now)
+        else:
+            b.breaker.on_neutral(now)

@@ -1,0 +1,91 @@
+"""Which backend gets a request: prefix/session affinity bounded by load.
+
+Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam 2018): each backend owns
+points on a hash ring (in proportion to its weight); a request with an affinity key walks the ring from
+its key's point and takes the first backend whose load, counting this request, stays within
+`ceil(c · total · weight / total weight)`, c = `load_factor` ≥ 1. Requests without a key go to the
+least loaded backend.
+
+Why this and not "matched prefix − β·load": the bound is a guarantee, not a tuning outcome. No backend
+is ever given a request that would put it more than a factor c above the (weighted) mean, whatever the
+prefix mix (one hot system prompt cannot pile onto one worker, the failure of the cache-aware routers
+in vLLM's and SGLang's trackers), while a key still stays on its backend until that backend is full,
+so its cached prefix keeps being reused. The score alternative needs the gateway to mirror every
+backend's prefix tree, and a β that trades prefix tokens against queued requests, which has no right
+value across prompt lengths; under a hot key it only softens the pile-up.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import math
+from collections.abc import Collection, Sequence
+
+from tailserve.routing.backends import Backend
+
+POINTS_PER_WEIGHT = 64  # ring points per unit of weight: enough for an even split of keys
+
+
+def _hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+def load_bound(backend: Backend, total: float, total_weight: float, load_factor: float) -> float:
+    """The most load `backend` may hold when `total` requests (the new one included) are spread."""
+    return math.ceil(load_factor * total * backend.weight / total_weight)
+
+
+class Chooser:
+    """A ring over one pool of backends (a model's), and the choice rule above."""
+
+    def __init__(self, backends: Sequence[Backend], load_factor: float = 1.25) -> None:
+        if load_factor < 1.0:
+            raise ValueError(f"load_factor must be >= 1, got {load_factor}")
+        if len({b.name for b in backends}) != len(backends):
+            raise ValueError("backend names must be unique within a pool")
+        self.backends = list(backends)
+        self.load_factor = load_factor
+        ring = []
+        for i, b in enumerate(self.backends):
+            for p in range(max(1, round(POINTS_PER_WEIGHT * b.weight))):
+                ring.append((_hash(f"{b.name}#{p}"), i))
+        ring.sort()
+        self._points = [h for h, _ in ring]
+        self._owners = [i for _, i in ring]
+
+    def choose(self, key: str | None, now: float, tried: Collection[str] = ()) -> Backend | None:
+        """The backend for a request with affinity `key` (None: no affinity), or None if none is available.
+        Backends in `tried` (already failed this request) are taken only when no other is available."""
+        ready = [b for b in self.backends if b.available(now)]
+        fresh = [b for b in ready if b.name not in tried]
+        pool = fresh or ready
+        if not pool:
+            return None
+        if key is None or len(pool) == 1:
+            return self._least_loaded(pool)
+        total = sum(b.load for b in pool) + 1
+        weight = sum(b.weight for b in pool)
+        eligible = {b.name for b in pool}
+        start = bisect.bisect(self._points, _hash(key))
+        n = len(self._points)
+        seen: set[int] = set()
+        for k in range(n):
+            i = self._owners[(start + k) % n]
+            if i in seen:
+                continue
+            seen.add(i)
+            b = self.backends[i]
+            if b.name in eligible and b.load + 1 <= load_bound(b, total, weight, self.load_factor):
+                return b
+            if len(seen) == len(self.backends):
+                break
+        return self._least_loaded(pool)  # fractional reported loads can leave none under its bound
+
+    @staticmethod
+    def _least_loaded(pool: list[Backend]) -> Backend:
+        return min(pool, key=lambda b: ((b.load + 1) / b.weight, b.in_flight, b.name))
+
+    def wait_hint(self, now: float) -> float:
+        """Seconds until some backend takes requests again (for Retry-After when none does now)."""
+        return min((b.wait_hint(now) for b in self.backends), default=0.0)

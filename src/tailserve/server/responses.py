@@ -1,0 +1,187 @@
+"""Engine deltas → OpenAI responses: the collected body of a non-streaming answer, and the SSE chunks
+of a streaming one (one event per delta that carries text)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from tailserve.api.errors import ApiError
+from tailserve.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_logprobs,
+    completion_logprobs,
+    usage,
+)
+from tailserve.api.sse import DONE, sse, sse_error
+from tailserve.engine.outputs import RequestOutput, TokenLogprob
+from tailserve.server.generation import Generation
+from tailserve.server.state import OpenAIServer
+
+
+@dataclass
+class Choice:
+    """What a non-streaming answer accumulates for one choice."""
+
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    final: RequestOutput | None = None
+
+
+def finish_error(gen: Generation, out: RequestOutput) -> ApiError | None:
+    """Why a choice ended without stop/length, as the error its client should see."""
+    if out.finish_reason == "error":
+        return ApiError(500, out.error or "engine error", code="engine_error")
+    if out.finish_reason != "abort":
+        return None
+    if gen.timed_out(out):
+        return ApiError(504, out.error or "the request ran past its timeout", code="deadline_exceeded")
+    if gen.abort_reason is not None:
+        return ApiError(503, gen.abort_reason, code="draining")
+    return None
+
+
+async def collect(
+    server: OpenAIServer,
+    req: ChatCompletionRequest | CompletionRequest,
+    gen: Generation,
+    events: AsyncIterator[tuple[int, RequestOutput]],
+    first: tuple[int, RequestOutput],
+    rid: str,
+    created: int,
+) -> dict[str, Any]:
+    choices = [Choice() for _ in gen.engine_ids]
+
+    def add(i: int, out: RequestOutput) -> None:
+        c = choices[i]
+        c.text.append(out.new_text)
+        if out.logprobs:
+            c.logprobs.extend(out.logprobs)
+        if out.finished:
+            c.final = out
+
+    add(*first)
+    async for i, out in events:
+        add(i, out)
+    finals = [c.final for c in choices]
+    assert all(f is not None for f in finals)
+    for f in finals:
+        err = finish_error(gen, f)  # type: ignore[arg-type]
+        if err is not None:
+            raise err
+    chat = isinstance(req, ChatCompletionRequest)
+    body_choices = []
+    for i, c in enumerate(choices):
+        f = c.final
+        assert f is not None
+        text = "".join(c.text)
+        lp: dict[str, Any] | None = None
+        if chat and req.logprobs:
+            lp = {"content": chat_logprobs(c.logprobs)}
+        elif not chat and req.logprobs is not None:
+            lp = completion_logprobs(c.logprobs, 0)
+        entry: dict[str, Any] = {"index": i}
+        if chat:
+            entry["message"] = {"role": "assistant", "content": text}
+        else:
+            entry["text"] = text
+        entry |= {"logprobs": lp, "finish_reason": f.finish_reason, "stop_reason": f.stop_reason}
+        body_choices.append(entry)
+    return {
+        "id": rid,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": server.model_name,
+        "choices": body_choices,
+        "usage": _usage(finals, req.n),  # type: ignore[arg-type]
+    }
+
+
+def _usage(finals: list[RequestOutput], n: int) -> dict[str, Any]:
+    """Each prompt counted once (its first choice), every choice's completion tokens."""
+    firsts = finals[::n]
+    return dict(
+        usage(
+            sum(f.num_prompt_tokens for f in firsts),
+            sum(f.num_output_tokens for f in finals),
+            sum(f.num_cached_tokens for f in firsts),
+        )
+    )
+
+
+async def stream(
+    server: OpenAIServer,
+    req: ChatCompletionRequest | CompletionRequest,
+    gen: Generation,
+    events: AsyncIterator[tuple[int, RequestOutput]],
+    first: tuple[int, RequestOutput],
+    rid: str,
+    created: int,
+) -> AsyncIterator[str]:
+    """One SSE event per engine delta that carries text (or ends a choice), then usage, then [DONE]."""
+    chat = isinstance(req, ChatCompletionRequest)
+    k = len(gen.engine_ids)
+    head = {
+        "id": rid,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": server.model_name,
+    }
+    pending: list[list[TokenLogprob]] = [[] for _ in range(k)]
+    offsets = [0] * k
+    finals: list[RequestOutput | None] = [None] * k
+    want_logprobs = bool(req.logprobs) if chat else req.logprobs is not None
+
+    def chunk(i: int, out: RequestOutput) -> str | None:
+        if out.logprobs:
+            pending[i].extend(out.logprobs)
+        if not out.new_text and not out.finished:
+            return None  # nothing to show yet (a partial character, or text held back for a stop string)
+        lp: dict[str, Any] | None = None
+        if want_logprobs:
+            lp = (
+                {"content": chat_logprobs(pending[i])}
+                if chat
+                else completion_logprobs(pending[i], offsets[i])
+            )
+        pending[i] = []
+        offsets[i] += len(out.new_text)
+        choice: dict[str, Any] = {"index": i}
+        if chat:
+            choice["delta"] = {"content": out.new_text} if out.new_text else {}
+        else:
+            choice["text"] = out.new_text
+        choice |= {"logprobs": lp, "finish_reason": out.finish_reason if out.finished else None}
+        if out.finished:
+            finals[i] = out
+            choice["stop_reason"] = out.stop_reason
+        return sse({**head, "choices": [choice]})
+
+    error: ApiError | None = None
+    if chat:
+        for i in range(k):
+            role = {
+                "index": i,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            yield sse({**head, "choices": [role]})
+    i, out = first
+    while True:
+        text = chunk(i, out)
+        if text is not None:
+            yield text
+        if out.finished and error is None:
+            error = finish_error(gen, out)
+        try:
+            i, out = await events.__anext__()
+        except StopAsyncIteration:
+            break
+    if error is not None:
+        yield sse_error(error)
+    elif req.include_usage:
+        yield sse({**head, "choices": [], "usage": _usage(finals, req.n)})  # type: ignore[arg-type]
+    yield DONE

@@ -1,0 +1,198 @@
+"""Fake OpenAI backends and a gateway in front of them, all in this process on 127.0.0.1.
+
+A `Fake` answers each request by the next step of its `script` (then by `mode`): "ok", an HTTP status
+("500", "429:2" = 429 with Retry-After 2), "hang" (never answers), "hang_mid" (one chunk, then
+nothing), "cut_mid" (one chunk, then the connection drops). It records every request it got, and
+counts the streams whose connection the gateway closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from tailserve.gateway.app import Gateway, build_app
+from tailserve.gateway.config import parse_config
+from tailserve.gateway.pools import make_pools
+
+
+@dataclass
+class Fake:
+    model: str = "m"
+    owned_by: str = "fake"
+    mode: str = "ok"
+    script: list[str] = field(default_factory=list)
+    chunks: int = 3
+    gap: float = 0.0  # seconds between stream chunks
+    delay: float = 0.0  # seconds before answering
+    waiting: float = 0.0  # the queue its /metrics reports
+    requests: list[tuple[dict[str, Any], dict[str, str]]] = field(default_factory=list)
+    closed_streams: int = 0  # streams that ended because the other side went away
+    url: str = ""
+
+    def step(self) -> str:
+        return self.script.pop(0) if self.script else self.mode
+
+    def app(self) -> Starlette:
+        async def models(request: Request) -> Response:
+            return JSONResponse({"object": "list", "data": [{"id": self.model, "owned_by": self.owned_by}]})
+
+        async def metrics(request: Request) -> Response:
+            return PlainTextResponse(
+                f'tailserve:num_requests_waiting{{model="{self.model}"}} {self.waiting}\n'
+            )
+
+        async def complete(request: Request) -> Response:
+            body = await request.json()
+            self.requests.append((body, dict(request.headers)))
+            step = self.step()
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            if step == "hang":
+                await asyncio.sleep(3600)
+            if step[0].isdigit():
+                status, _, retry_after = step.partition(":")
+                headers = {"Retry-After": retry_after} if retry_after else {}
+                err = {
+                    "error": {
+                        "message": f"fake {status}",
+                        "type": "x",
+                        "param": None,
+                        "code": f"fake_{status}",
+                    }
+                }
+                return JSONResponse(err, status_code=int(status), headers=headers)
+            if not body.get("stream"):
+                choice = {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "hello"},
+                    "finish_reason": "stop",
+                }
+                return JSONResponse(
+                    {"id": "fake", "object": "chat.completion", "model": body["model"], "choices": [choice]}
+                )
+            return StreamingResponse(self._stream(step, body), media_type="text/event-stream")
+
+        return Starlette(
+            routes=[
+                Route("/v1/models", models),
+                Route("/metrics", metrics),
+                Route("/v1/chat/completions", complete, methods=["POST"]),
+                Route("/v1/completions", complete, methods=["POST"]),
+            ]
+        )
+
+    async def _stream(self, step: str, body: dict[str, Any]) -> AsyncIterator[str]:
+        try:
+            for i in range(self.chunks):
+                chunk = {
+                    "id": "fake",
+                    "model": body["model"],
+                    "choices": [{"index": 0, "delta": {"content": f"t{i}"}}],
+                }
+                yield f"data: {json.dumps(chunk)}\n\n"
+                if i == 0 and step == "hang_mid":
+                    await asyncio.sleep(3600)
+                if i == 0 and step == "cut_mid":
+                    raise RuntimeError("the fake drops the connection")
+                await asyncio.sleep(self.gap)
+            yield "data: [DONE]\n\n"
+        except (asyncio.CancelledError, GeneratorExit):
+            self.closed_streams += 1
+            raise
+
+
+def _free_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextlib.contextmanager
+def serve(app: Any, lifespan: str = "off") -> Iterator[str]:
+    """`app` on a thread of this process; its URL. Stopped on exit (bounded in time)."""
+    sock = _free_socket()
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="error", lifespan=lifespan, timeout_graceful_shutdown=1)
+    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    end = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < end, "server did not start"
+        time.sleep(0.01)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@contextlib.contextmanager
+def fakes(*fs: Fake) -> Iterator[list[Fake]]:
+    with contextlib.ExitStack() as stack:
+        for f in fs:
+            f.url = stack.enter_context(serve(f.app()))
+        yield list(fs)
+
+
+@dataclass
+class LiveGateway:
+    url: str
+    gateway: Gateway
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample's value from /metrics (0 when absent)."""
+        text = httpx.get(self.url + "/metrics").text
+        want = "tailserve:gateway_" + name
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(want + "{") and not line.startswith(want + " "):
+                continue
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def in_flight(self) -> int:
+        return sum(u.backend.in_flight for p in self.gateway.pools.values() for u in p.upstreams.values())
+
+
+def dead_url() -> str:
+    """A loopback URL nothing listens on: connections are refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+@contextlib.contextmanager
+def gateway(config: dict[str, Any], tracer_provider: Any = None) -> Iterator[LiveGateway]:
+    """A gateway for `config`; backends' `kind` defaults to openai (no discovery round trip)."""
+    config = {"poll_interval": 0, **config}
+    for spec in config["models"].values():
+        for b in spec["backends"]:
+            b.setdefault("kind", "openai")
+    cfg = parse_config(config)
+    urls = {(m, i): [(b.url, b.kind)] for m, spec in cfg.models.items() for i, b in enumerate(spec.backends)}
+    gw = Gateway(cfg, make_pools(cfg, urls), tracer_provider)  # type: ignore[arg-type]
+    with serve(build_app(gw), lifespan="on") as url:
+        yield LiveGateway(url, gw)
+
+
+def chat(model: str = "m", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}

@@ -1,0 +1,195 @@
+"""Config errors name the key; the CLI refuses a bad file before serving and serves `--backend` models."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tailserve.gateway.config import ConfigError, load_config, parse_config
+from tests.gateway.conftest import Fake, fakes
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"models": {"a": {"backends": [{"url": "http://x", "weight": 0}]}}}, "models.a.backends[0].weight"),
+        (
+            {"models": {"a": {"backends": [{"url": "http://x"}], "fallback": ["b"]}}},
+            "models.a.fallback[0]: no model",
+        ),
+        ({"models": {"a": {"backends": [{}]}}}, "models.a.backends[0]: give exactly one of 'url' or 'spawn'"),
+        ({"models": {"a": {"backends": [{"url": "x"}]}}}, "url must start with http"),
+        ({"models": {"a": {"backends": [{"url": "http://x", "wieght": 1}]}}}, "models.a.backends[0].wieght"),
+        (
+            {"models": {"a": {"backends": [{"spawn": {"replicas": 0}}]}}},
+            "models.a.backends[0].spawn.replicas",
+        ),
+        ({"models": {}}, "models"),
+        (
+            {"models": {"a": {"backends": [{"url": "http://x"}]}}, "retry": {"max_attempts": 0}},
+            "retry.max_attempts",
+        ),
+        ([1, 2], "the top level must be a mapping"),
+    ],
+)
+def test_bad_config_names_the_key(data: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_config(data, "g.yaml")
+
+
+def test_good_config_loads(tmp_path) -> None:
+    path = tmp_path / "g.yaml"
+    path.write_text(
+        "deadline: 30\nmodels:\n  chat:\n    backends:\n"
+        "      - url: http://127.0.0.1:1/v1\n        weight: 2\n"
+        "      - spawn: {replicas: 2, args: [--max-num-seqs, '8']}\n    fallback: [small]\n"
+        "  small:\n    backends: [{url: 'http://127.0.0.1:2'}]\n"
+    )
+    config = load_config(path)
+    assert config.deadline == 30 and config.models["chat"].backends[1].spawn.replicas == 2  # type: ignore[union-attr]
+    path.write_text("models: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def _gateway_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tailserve.cli", "gateway", *args]
+
+
+def test_cli_refuses_a_bad_config_before_serving(tmp_path) -> None:
+    path = tmp_path / "g.yaml"
+    path.write_text("models:\n  a:\n    backends: [{url: 'http://x', max_concurrency: 0}]\n")
+    done = subprocess.run(_gateway_cmd("--config", str(path)), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "models.a.backends[0].max_concurrency" in done.stderr
+
+
+def test_cli_serves_the_models_its_backends_list() -> None:
+    with fakes(Fake(model="alpha"), Fake(model="beta")) as fs:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        args = ["--port", str(port)] + [a for f in fs for a in ("--backend", f.url)]
+        proc = subprocess.Popen(
+            _gateway_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            end = time.monotonic() + 30
+            while True:
+                assert proc.poll() is None, proc.stderr.read().decode()  # type: ignore[union-attr]
+                try:
+                    if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < end
+                time.sleep(0.1)
+            assert sorted(m["id"] for m in httpx.get(url + "/v1/models").json()["data"]) == ["alpha", "beta"]
+            r = httpx.post(
+                url + "/v1/chat/completions",
+                json={"model": "beta", "messages": [{"role": "user", "content": "x"}]},
+            )
+            assert r.status_code == 200 and len(fs[1].requests) == 1 and not fs[0].requests
+        finally:
+            proc.terminate()
+            proc.wait(timeout=15)
+
+
+@pytest.mark.model
+def test_cli_spawns_its_tailserve_backends_and_stops_them(tmp_path) -> None:
+    from tests.e2e.conftest import ENGINE_FLAGS
+
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE_FLAGS.items()]
+    path = tmp_path / "g.yaml"
+    path.write_text(
+        json.dumps({"models": {"chat": {"backends": [{"spawn": {"replicas": 1, "args": flags}}]}}})
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(_gateway_cmd("--config", str(path), "--port", str(port)), stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()  # type: ignore[union-attr]
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                    break
+            assert time.monotonic() < end
+            time.sleep(0.2)
+        gw_metrics = httpx.get(url + "/metrics").text
+        backends = {
+            line.split('backend="')[1].split('"')[0]
+            for line in gw_metrics.splitlines()
+            if "gateway_in_flight{" in line
+        }
+        assert len(backends) == 1
+        r = httpx.post(
+            url + "/v1/completions", json={"model": "chat", "prompt": "Hello", "max_tokens": 4}, timeout=60
+        )
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    for b in backends:  # stopped with the gateway
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(b.removesuffix("/v1") + "/health", timeout=2)
+
+
+def test_spawn_entries_expand_to_replicas_answering_to_the_public_name() -> None:
+    from tailserve.gateway.pools import resolve_urls
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[list[str]] = []
+
+        def start(self, args: list[str]) -> str:
+            self.calls.append(args)
+            return f"http://127.0.0.1:{9000 + len(self.calls)}"
+
+    config = parse_config(
+        {
+            "models": {
+                "chat": {"backends": [{"spawn": {"replicas": 3, "args": ["--max-num-seqs", "8"]}}]},
+                "named": {"backends": [{"spawn": {"args": ["--served-model-name", "x"]}, "model": "x"}]},
+            }
+        }
+    )
+    rec = Recorder()
+    urls = resolve_urls(config, rec)  # type: ignore[arg-type]
+    assert [kind for _, kind in urls["chat", 0]] == ["tailserve"] * 3
+    assert len({u for u, _ in urls["chat", 0]}) == 3
+    assert rec.calls[0] == ["--max-num-seqs", "8", "--served-model-name", "chat"]
+    assert rec.calls[3] == ["--served-model-name", "x"]  # the name it was given is kept
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_spawned_process_dies_with_its_parent() -> None:
+    """A spawned backend outlives no gateway, even one killed by SIGKILL (no cleanup runs)."""
+    code = (
+        "import sys, time; from tailserve.gateway.spawn import Spawned; s = Spawned(); "
+        "s.start(['--max-num-seqs', '2']); print(s.procs[0][1].pid, flush=True); time.sleep(60)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())  # type: ignore[union-attr]
+    parent.kill()
+    parent.wait(timeout=10)
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(child, 9)
+    pytest.fail("the spawned child outlived its parent")
