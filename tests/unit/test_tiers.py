@@ -1,0 +1,45 @@
+"""The CPU tier choice: from the CPU's flags, best first, capped by TAILSERVE_CPU_TIER."""
+
+from __future__ import annotations
+
+import pytest
+
+from tailserve.layers import kernels
+
+AVX2 = frozenset({"sse2", "avx", "avx2", "fma", "f16c"})
+AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"}
+
+
+@pytest.mark.parametrize(
+    ("flags", "machine", "best"),
+    [
+        (AVX512 | {"avx512_bf16", "avx_vnni"}, "x86_64", "avx512-bf16"),
+        (AVX512, "x86_64", "avx512-vnni"),
+        (AVX2 | {"avx_vnni"}, "x86_64", "avx-vnni"),  # Alder Lake and later client chips
+        (AVX2, "x86_64", "avx2"),  # Zen 1-3, Haswell to Comet Lake
+        (AVX2 - {"f16c"}, "x86_64", "portable"),
+        (frozenset({"asimd", "asimddp"}), "aarch64", "portable"),
+        (AVX512 | {"avx512_bf16"}, "aarch64", "portable"),  # x86 flags mean nothing elsewhere
+    ],
+)
+def test_best_tier_from_flags(flags: frozenset[str], machine: str, best: str) -> None:
+    assert kernels.choose_tier(None, flags, machine) == best
+    assert kernels.runnable_tiers(flags, machine)[-1] == "portable"
+
+
+def test_cap_gives_the_best_runnable_tier_at_or_below_it() -> None:
+    flags = AVX512 | {"avx512_bf16"}
+    assert kernels.choose_tier("avx2", flags, "x86_64") == "avx2"
+    assert kernels.choose_tier("avx-vnni", flags, "x86_64") == "avx2"  # this CPU lacks AVX-VNNI
+    assert kernels.choose_tier("avx512-bf16", AVX2, "x86_64") == "avx2"  # a cap never raises a tier
+    assert kernels.choose_tier("portable", flags, "x86_64") == "portable"
+    with pytest.raises(ValueError, match="TAILSERVE_CPU_TIER='avx3'"):
+        kernels.choose_tier("avx3", flags, "x86_64")
+
+
+def test_each_tier_builds_with_its_own_flags_into_its_own_folder() -> None:
+    folders = {kernels.build_dir(t).name for t in kernels.TIER_NAMES}
+    assert len(folders) == len(kernels.TIER_NAMES)
+    assert all("-march" not in " ".join(kernels._compile_flags(t)) for t in kernels.TIER_NAMES)
+    assert "-mavx512bf16" in kernels._compile_flags("avx512-bf16")
+    assert not any(f.startswith("-m") for f in kernels._compile_flags("portable"))
