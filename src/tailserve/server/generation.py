@@ -23,7 +23,6 @@ class SubRequest:
     params: SamplingParams
 
 
-@dataclass
 class Generation:
     """The engine requests behind one HTTP request (prompts × n), merged into one stream of deltas.
 
