@@ -3,7 +3,8 @@
 For each library: the one-off vocabulary preparation, the cold compile time of a few JSON schemas
 (best of --repeat, nothing cached), and the per-step cost of the token mask while walking a valid
 instance token by token (fill the bitmask, then accept the token), plus applying the mask to rows of
-logits (one torch thread, as the engine runs). xgrammar's own C++ warnings go to stderr. Run under `flock /work/bench.lock`; the figures go to BENCHMARKS.md.
+logits (one torch thread, as the engine runs). xgrammar's own C++ warnings go to stderr.
+Run under `flock /work/bench.lock`; the figures go to BENCHMARKS.md.
 
     python benchmarks/structured.py [--model PATH] [--repeat 3]
 """
@@ -44,7 +45,11 @@ ORDER = {
             "type": "array",
             "items": {
                 "type": "object",
-                "properties": {"sku": {"type": "string"}, "qty": {"type": "integer"}, "price": {"type": "number"}},
+                "properties": {
+                    "sku": {"type": "string"},
+                    "qty": {"type": "integer"},
+                    "price": {"type": "number"},
+                },
                 "required": ["sku", "qty", "price"],
             },
         },
@@ -90,7 +95,10 @@ class XGrammar:
 
         self.xgr = xgr
         self.info = xgr.TokenizerInfo(
-            tok.token_bytes(), xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=sorted(tok.eos_token_ids)
+            tok.token_bytes(),
+            xgr.VocabType.RAW,
+            vocab_size=vocab_size,
+            stop_token_ids=sorted(tok.eos_token_ids),
         )
         self.vocab_size = vocab_size
 
@@ -124,7 +132,8 @@ class LLGuidance:
 
     def compile(self, schema: dict | None):
         grammar = self.ll.LLMatcher.grammar_from_json_schema(
-            schema or {}, defaults={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+            schema or {},
+            defaults={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},
         )
         matcher = self.ll.LLMatcher(self.tok, grammar)
         assert not matcher.is_error(), matcher.get_error()
@@ -166,7 +175,9 @@ def pct(xs: list[float], q: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(Path.home() / ".cache/tailserve/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument(
+        "--model", default=str(Path.home() / ".cache/tailserve/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    )
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -181,7 +192,10 @@ def main() -> None:
             print(f"\n{lib_cls.name}: not installed ({e}); `pip install xgrammar==0.2.8 llguidance==1.9.1`")
             continue
         print(f"\n{lib.name}: vocabulary preparation {1e3 * (time.perf_counter() - t0):.0f} ms")
-        print(f"  {'schema':<16}{'compile ms':>11}{'steps':>7}{'mask p50 us':>13}{'mask p99 us':>13}{'mean us':>9}")
+        print(
+            f"  {'schema':<16}{'compile ms':>11}{'steps':>7}"
+            f"{'mask p50 us':>13}{'mask p99 us':>13}{'mean us':>9}"
+        )
         for name, (schema, instance) in SCHEMAS.items():
             compile_s = []
             for _ in range(args.repeat):

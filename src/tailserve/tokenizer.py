@@ -259,7 +259,9 @@ class Tokenizer:
             if piece is None or tid in special:
                 out.append(b"")
             elif byte_level:
-                out.append(bytes(to_byte[c] for c in piece) if all(c in to_byte for c in piece) else piece.encode())
+                out.append(
+                    bytes(to_byte[c] for c in piece) if all(c in to_byte for c in piece) else piece.encode()
+                )
             elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
                 out.append(bytes([int(piece[3:5], 16)]))
             else:
@@ -402,7 +404,11 @@ class IncrementalDetokenizer:
 @functools.cache
 def _gpt2_byte_alphabet() -> dict[int, str]:
     """GPT-2's byte → printable character map (byte-level BPE vocabularies are written in it)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars = list(printable)
     n = 0
     for b in range(256):
