@@ -35,6 +35,8 @@ from tailserve.models.fused import BLOCK_MULTIPLE as FUSED_BLOCK_MULTIPLE
 from tailserve.models.fused import FusedLlama, cached_fused, fused_supported
 from tailserve.models.llama import LlamaModel
 from tailserve.sampling import SamplingParams
+from tailserve.structured.bitmask import allocate, apply_bitmask
+from tailserve.structured.grammar import Grammar, GrammarCompiler, GrammarError, GrammarSpec, Vocabulary
 
 log = logging.getLogger("tailserve.engine")
 
@@ -325,8 +327,10 @@ class LLMEngine:
         priority: int = 0,
         arrival: float | None = None,
         deadline: float | None = None,
+        grammar: Grammar | None = None,
     ) -> Sequence:
-        """Validate and tokenize a request without touching engine state (safe from any thread)."""
+        """Validate and tokenize a request without touching engine state (safe from any thread).
+        grammar: a compiled grammar (structured/) the output must follow."""
         params.validate()
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -348,6 +352,8 @@ class LLMEngine:
                 f"{len(ids) + params.max_tokens} ({len(ids)} in the prompt + {params.max_tokens} max_tokens)"
             )
         seq = Sequence(request_id, ids, params, priority=priority, deadline=deadline)
+        if grammar is not None:
+            seq.grammar = grammar.matcher()
         if arrival is not None:
             seq.times.arrival = arrival
         if self.tokenizer is not None:
@@ -431,6 +437,7 @@ class LLMEngine:
         plain_rows = [result.rows[j] for j in plain]
         # Guesses' rows lie in between only when some request guessed: then gather the others.
         logits_plain = logits if plain_rows == list(range(len(logits))) else logits[plain_rows]
+        self._constrain(logits_plain, [result.sampled[j].seq for j in plain])
         sample = self.sampler(logits_plain, rows) if rows else None
         now = time.perf_counter()
         for s in sched.scheduled:
@@ -446,6 +453,18 @@ class LLMEngine:
         self.step_times.observe(sched.num_tokens, now - t0)
         if all(s.num_new_tokens == 1 for s in sched.scheduled):
             self.decode_step_times.observe(sched.num_tokens, now - t0 - drafting)
+
+    def _constrain(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """Mask, in place, the rows of constrained sequences to the tokens their grammars allow next."""
+        rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
+        if not rows:
+            return
+        mask = allocate(len(rows), max(logits.shape[-1], *(seqs[i].grammar.vocab_size for i in rows)))
+        for k, i in enumerate(rows):
+            seqs[i].grammar.fill(mask, k)
+        masked = logits[rows]
+        apply_bitmask(masked, mask)
+        logits[rows] = masked
 
     def _plan_guesses(self, sched: SchedulerOutput) -> None:
         """Let decoding requests guess tokens to verify in this step, where guessing pays (spec_decode.py)."""
@@ -529,7 +548,12 @@ class LLMEngine:
                 seq.pending_text += seq.detokenizer.add(token)
             if logprob is not None:
                 seq.pending_logprobs.append(self._token_logprob(token, logprob))
+            if seq.grammar is not None and not seq.grammar.accept(token):
+                self._finish(seq, "error", error=f"the grammar rejected token {token}: {seq.grammar.error}")
+                return
             self._check_stop(seq, token)
+            if seq.grammar is not None and not seq.finished and seq.grammar.done:
+                self._finish(seq, "stop")  # complete, whatever ignore_eos says: nothing more may follow
         except Exception as e:
             log.exception("request %s failed", seq.request_id)
             self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
@@ -631,6 +655,7 @@ class AsyncEngine:
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="tailserve-engine", daemon=True)
         self.step_hooks: list[Callable[[LLMEngine, list[RequestOutput]], None]] = []
+        self._grammars: GrammarCompiler | None = None  # built at the first structured request
         self._thread.start()
 
     @classmethod
@@ -662,13 +687,15 @@ class AsyncEngine:
         priority: int = 0,
         arrival: float | None = None,
         deadline: float | None = None,
+        grammar: Grammar | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's deltas; raises ValueError before queueing on bad input.
+        """Stream a request's deltas; raises ValueError before queueing on bad input. A grammar comes
+        compiled (`compile_grammar`), so the engine never holds a step for one.
 
         Leaving the iteration early (client gone, task cancelled) aborts the request in the engine.
         """
         seq = self.engine.make_sequence(
-            request_id, prompt, params, priority=priority, arrival=arrival, deadline=deadline
+            request_id, prompt, params, priority=priority, arrival=arrival, deadline=deadline, grammar=grammar
         )
         if request_id in self._live:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -694,10 +721,23 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._send("abort", request_id)
 
+    async def compile_grammar(self, spec: GrammarSpec) -> Grammar:
+        """The spec compiled on the grammar threads (cached); GrammarError says why it cannot be."""
+        if self._grammars is None:
+            if self.engine.tokenizer is None:
+                raise GrammarError("structured outputs need a tokenizer")
+            tokenizer = self.engine.tokenizer
+            self._grammars = GrammarCompiler(
+                lambda: Vocabulary.of_tokenizer(tokenizer), timeout=self.engine.config.grammar_timeout
+            )
+        return await self._grammars.compile_async(spec)
+
     def shutdown(self) -> None:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=10)
+        if self._grammars is not None:
+            self._grammars.shutdown()
 
     def _send(self, kind: str, payload: object) -> None:
         self._inbox.put((kind, payload))
