@@ -131,10 +131,11 @@ def test_json_object_starts_an_object_and_never_errs(compiler: GrammarCompiler) 
         ({"type": "object", "not": {"required": ["a"]}}, "not"),
         ({"type": "array", "uniqueItems": True}, "uniqueItems"),
         ({"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}, "if"),
+        ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "oneOf"),
     ],
 )
 def test_unenforceable_keywords_are_named(compiler: GrammarCompiler, schema: dict, keyword: str) -> None:
-    with pytest.raises(GrammarError, match=f'"{keyword}"'):
+    with pytest.raises(GrammarError, match=keyword):
         compiler.compile(GrammarSpec.json_schema(schema))
 
 
