@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tailserve.api.errors import ApiError
 from tailserve.sampling import SamplingParams
+from tailserve.structured import tools as tool_calls
 from tailserve.structured.grammar import GrammarError, GrammarSpec
 
 if TYPE_CHECKING:
@@ -127,10 +128,38 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    def tool_plan(self) -> tool_calls.ToolPlan | None:
+        """The validated tools and tool_choice (None: no tools)."""
+        try:
+            return tool_calls.plan(self.tools, self.tool_choice, self.parallel_tool_calls)
+        except tool_calls.ToolError as e:
+            raise ApiError(400, str(e), param=e.param, code="invalid_value") from None
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        """A required or named tool call constrains the output to the call's JSON."""
+        plan = self.tool_plan()
+        if plan is None or not plan.constrained:
+            return super().grammar_spec()
+        if super().grammar_spec() is not None:
+            raise ApiError(
+                400,
+                "response_format cannot be combined with a required or named tool_choice",
+                param="response_format",
+                code="invalid_value",
+            )
+        try:
+            return GrammarSpec.json_schema(tool_calls.call_schema(plan))
+        except GrammarError as e:
+            raise ApiError(400, str(e), param="tools", code="invalid_value") from None
+
+    def prompt_messages(self) -> list[dict[str, Any]]:
+        """The messages to render, tools and earlier calls written in the generic format (tools.py)."""
+        return tool_calls.render(self.messages, self.tool_plan())
 
     def unsupported(self) -> ApiError | None:
-        if self.tools:
-            return ApiError(400, "tools are not supported", param="tools", code="unsupported")
         if self.top_logprobs is not None and not self.logprobs:
             return ApiError(
                 400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value"

@@ -149,7 +149,9 @@ async def _handle(server: OpenAIServer, request: Request, cls: type[R], prefix: 
 
         if isinstance(req, ChatCompletionRequest):
             try:
-                text = server.engine.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True)
+                text = server.engine.tokenizer.apply_chat_template(
+                    req.prompt_messages(), add_generation_prompt=True
+                )
             except ValueError as e:
                 raise ApiError(400, str(e), param="messages", code="invalid_value") from None
             prompt_ids = [await server.tokenize(text)]

@@ -109,7 +109,8 @@ class OpenAIServer:
         try:
             return await self.engine.compile_grammar(spec)
         except GrammarError as e:
-            raise ApiError(400, str(e), param="response_format", code="invalid_value") from None
+            param = "response_format" if req.response_format else "tools"
+            raise ApiError(400, str(e), param=param, code="invalid_value") from None
 
     def admit(
         self, count: int, num_prompts: int, num_chars: int, known_tokens: int, timeout: float | None
