@@ -152,3 +152,126 @@ def test_bad_formats_get_400(server: LiveServer, response_format: dict, needle: 
     err = r.json()["error"]
     assert needle in err["message"] and err["param"].startswith("response_format")
     assert server.in_flight == 0
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 40}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "The current time in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 40}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+ASK = [{"role": "user", "content": "What is the weather and the time in Paris and in Oslo?"}]
+
+
+def reassemble(chunks) -> tuple[dict[int, dict], str | None]:
+    calls: dict[int, dict] = {}
+    finish = None
+    for c in chunks:
+        if not c.choices:
+            continue
+        for d in c.choices[0].delta.tool_calls or []:
+            call = calls.setdefault(d.index, {"id": None, "name": None, "arguments": ""})
+            if d.id:
+                call["id"], call["name"] = d.id, d.function.name
+            call["arguments"] += d.function.arguments or ""
+        finish = c.choices[0].finish_reason or finish
+    return calls, finish
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_tool_calls_stream_and_not(client: openai.OpenAI, server: LiveServer, choice) -> None:
+    kw = {"model": MODEL, "messages": ASK, "tools": [WEATHER, TIME], "tool_choice": choice}
+    kw |= {"max_tokens": 200, "temperature": 0}
+    r = client.chat.completions.create(**kw)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and msg.content is None
+    assert msg.tool_calls and len({c.id for c in msg.tool_calls}) == len(msg.tool_calls)
+    for c in msg.tool_calls:
+        assert c.function.name in ("get_weather", "get_time")
+        jsonschema.validate(json.loads(c.function.arguments), WEATHER["function"]["parameters"])
+    if isinstance(choice, dict):
+        assert [c.function.name for c in msg.tool_calls] == ["get_time"]
+    calls, finish = reassemble(client.chat.completions.create(stream=True, **kw))
+    assert finish == "tool_calls"
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [
+        (c.function.name, c.function.arguments) for c in msg.tool_calls
+    ]
+    assert server.in_flight == 0
+
+
+def test_parallel_tool_calls_off_gives_one_call(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=200,
+        temperature=0,
+    )
+    assert len(r.choices[0].message.tool_calls) == 1
+
+
+def test_tool_results_in_the_conversation(client: openai.OpenAI) -> None:
+    messages = [
+        *ASK[:1],
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"},
+    ]
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        tools=[WEATHER, TIME],
+        tool_choice="none",
+        max_tokens=20,
+        temperature=0,
+    )
+    assert r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    ("tools", "choice", "param"),
+    [
+        ([{"type": "function", "function": {"name": "no spaces allowed"}}], "auto", "tools[0].function.name"),
+        ([WEATHER], {"type": "function", "function": {"name": "get_time"}}, "tool_choice"),
+    ],
+)
+def test_bad_tools_get_400(server: LiveServer, tools: list, choice, param: str) -> None:
+    r = httpx.post(
+        server.base_url + "/chat/completions",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        json={"model": MODEL, "messages": ASK, "max_tokens": 5, "tools": tools, "tool_choice": choice},
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param

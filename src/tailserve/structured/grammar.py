@@ -35,7 +35,7 @@ class GrammarError(ValueError):
 
 @dataclass(frozen=True)
 class GrammarSpec:
-    """What to constrain the output to; `key` (canonical JSON) is the compile cache's key."""
+    """What to constrain the output to; `key` (the schema's JSON text) is the compile cache's key."""
 
     key: str
 
@@ -44,7 +44,8 @@ class GrammarSpec:
         if not isinstance(schema, dict):
             raise GrammarError("the JSON schema must be an object")
         try:
-            return cls(json.dumps(schema, sort_keys=True, allow_nan=False))
+            # Key order kept: the grammar writes properties in the order the schema lists them.
+            return cls(json.dumps(schema, allow_nan=False))
         except (TypeError, ValueError) as e:
             raise GrammarError(f"the JSON schema is not valid JSON: {e}") from None
 

@@ -1,11 +1,13 @@
-"""OpenAI tool calling over a generic prompt format, for chat templates that do not handle tools.
+"""OpenAI tool calling over one generic prompt format (used for every model for now, also those
+whose chat template handles tools; the default SmolLM2's does not).
 
 The format (documented in README.md): a system message lists the tools as JSON and asks the model to
 answer a call with exactly `{"tool_calls": [{"name": ..., "arguments": {...}}, ...]}`; earlier
 assistant calls are written back in that form and tool results as `tool` messages. With
-`tool_choice` `required` or a named function the output is constrained to that JSON (one call unless
-`parallel_tool_calls`); with `auto` the model writes freely and output that parses as that JSON
-becomes `tool_calls`. Pure functions over plain data; errors are ValueError(param, message).
+`tool_choice` `required` or a named function the output is constrained to that JSON (one call for a
+named function or `parallel_tool_calls: false`, else at most MAX_PARALLEL_CALLS); with `auto` the
+model writes freely and output that parses as that JSON becomes `tool_calls`. Pure functions over
+plain data; errors are ToolError(param, message).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}
+# A small model under a grammar that allows "another call" may repeat calls until max_tokens.
+MAX_PARALLEL_CALLS = 8
 
 
 class ToolError(ValueError):
@@ -103,8 +107,7 @@ def call_schema(p: ToolPlan) -> dict[str, Any]:
     ]
     items = calls[0] if len(calls) == 1 else {"anyOf": calls}
     array: dict[str, Any] = {"type": "array", "items": items, "minItems": 1}
-    if not p.parallel or p.named is not None:
-        array["maxItems"] = 1
+    array["maxItems"] = MAX_PARALLEL_CALLS if p.parallel and p.named is None else 1
     return {
         "type": "object",
         "properties": {"tool_calls": array},
