@@ -85,7 +85,7 @@ def test_render_writes_tools_calls_and_results() -> None:
     assert json.loads(out[2]["content"]) == {
         "tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]
     }
-    assert out[3] == {"role": "tool", "content": "12 C"}
+    assert out[3] == messages[2]
     assert all(isinstance(m["content"], str) for m in out)
     assert render(messages, plan([WEATHER], "none", None))[0]["role"] == "user"
 

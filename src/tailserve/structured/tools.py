@@ -117,20 +117,23 @@ def call_schema(p: ToolPlan) -> dict[str, Any]:
 
 
 def render(messages: list[dict[str, Any]], p: ToolPlan | None) -> list[dict[str, Any]]:
-    """Messages in the generic format, ready for any chat template (content always a string)."""
+    """Messages in the generic format, ready for any chat template; other messages pass unchanged (a
+    malformed one still fails in the template, with its 400)."""
     out: list[dict[str, Any]] = []
     for m in messages:
-        m = dict(m)
-        calls = m.pop("tool_calls", None)
-        if m.get("role") == "assistant" and calls:
-            written = [
-                {"name": c["function"]["name"], "arguments": _arguments(c["function"].get("arguments"))}
-                for c in calls
-            ]
-            m["content"] = json.dumps({"tool_calls": written})
-        elif m.get("content") is None:
-            m["content"] = ""
-        m.pop("tool_call_id", None)
+        if isinstance(m, dict) and m.get("role") == "assistant" and m.get("tool_calls"):
+            try:
+                written = [
+                    {"name": c["function"]["name"], "arguments": _arguments(c["function"].get("arguments"))}
+                    for c in m["tool_calls"]
+                ]
+            except (KeyError, TypeError):
+                raise ToolError(
+                    "messages", "tool_calls entries are {'function': {'name', 'arguments'}}"
+                ) from None
+            m = {k: v for k, v in m.items() if k != "tool_calls"} | {
+                "content": json.dumps({"tool_calls": written})
+            }
         out.append(m)
     if p is None or p.choice == "none":
         return out
