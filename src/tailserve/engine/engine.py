@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,15 @@ from tailserve.structured.bitmask import allocate, apply_bitmask
 from tailserve.structured.grammar import Grammar, GrammarCompiler, GrammarError, GrammarSpec, Vocabulary
 
 log = logging.getLogger("tailserve.engine")
+
+
+@dataclass
+class PendingMasks:
+    """A step's token masks, being filled while the model runs: row of the mask per sequence."""
+
+    rows: dict[Sequence, int]
+    mask: torch.Tensor
+    filled: Future[None]
 
 
 @dataclass
@@ -223,6 +233,7 @@ class LLMEngine:
         self.step_times = StepTimeModel()
         self.decode_step_times = StepTimeModel()  # steps with no prompt work: what a guess costs
         self.spec = self._make_spec_decoder(config, draft, num_blocks)
+        self._mask_thread: ThreadPoolExecutor | None = None  # started by the first constrained request
         self.stats = EngineStats(
             num_free_blocks=num_blocks,
             num_total_blocks=num_blocks,
@@ -427,6 +438,7 @@ class LLMEngine:
             planned = time.perf_counter()
             self._plan_guesses(sched)
             drafting = time.perf_counter() - planned
+        masks = self._start_masks(sched.scheduled)
         result = self.runner.run(sched.scheduled)
         logits = result.logits[:, : self.num_sampleable]
         plain = [j for j, s in enumerate(result.sampled) if not s.draft]
@@ -437,7 +449,7 @@ class LLMEngine:
         plain_rows = [result.rows[j] for j in plain]
         # Guesses' rows lie in between only when some request guessed: then gather the others.
         logits_plain = logits if plain_rows == list(range(len(logits))) else logits[plain_rows]
-        self._constrain(logits_plain, [result.sampled[j].seq for j in plain])
+        self._constrain(logits_plain, [result.sampled[j].seq for j in plain], masks)
         sample = self.sampler(logits_plain, rows) if rows else None
         now = time.perf_counter()
         for s in sched.scheduled:
@@ -454,16 +466,35 @@ class LLMEngine:
         if all(s.num_new_tokens == 1 for s in sched.scheduled):
             self.decode_step_times.observe(sched.num_tokens, now - t0 - drafting)
 
-    def _constrain(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    def _start_masks(self, scheduled: list[ScheduledSeq]) -> PendingMasks | None:
+        """Fill the token masks of the constrained rows this step samples on the mask thread, while the
+        model runs: a mask depends only on the tokens so far."""
+        seqs = [
+            s.seq
+            for s in scheduled
+            if s.seq.grammar is not None and s.seq.num_computed + s.num_new_tokens == s.seq.num_tokens
+        ]
+        if not seqs:
+            return None
+        mask = allocate(len(seqs), max(self.num_sampleable, *(q.grammar.vocab_size for q in seqs)))
+
+        def fill() -> None:
+            for k, q in enumerate(seqs):
+                q.grammar.fill(mask, k)
+
+        if self._mask_thread is None:
+            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="tailserve-masks")
+        return PendingMasks({q: k for k, q in enumerate(seqs)}, mask, self._mask_thread.submit(fill))
+
+    @staticmethod
+    def _constrain(logits: torch.Tensor, seqs: list[Sequence], pending: PendingMasks | None) -> None:
         """Mask, in place, the rows of constrained sequences to the tokens their grammars allow next."""
-        rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
-        if not rows:
+        if pending is None:
             return
-        mask = allocate(len(rows), max(logits.shape[-1], *(seqs[i].grammar.vocab_size for i in rows)))
-        for k, i in enumerate(rows):
-            seqs[i].grammar.fill(mask, k)
+        pending.filled.result()
+        rows = [i for i, q in enumerate(seqs) if q in pending.rows]
         masked = logits[rows]
-        apply_bitmask(masked, mask)
+        apply_bitmask(masked, pending.mask[[pending.rows[seqs[i]] for i in rows]])
         logits[rows] = masked
 
     def _plan_guesses(self, sched: SchedulerOutput) -> None:
