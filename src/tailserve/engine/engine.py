@@ -686,7 +686,11 @@ class AsyncEngine:
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="tailserve-engine", daemon=True)
         self.step_hooks: list[Callable[[LLMEngine, list[RequestOutput]], None]] = []
-        self._grammars: GrammarCompiler | None = None  # built at the first structured request
+        self._grammars: GrammarCompiler | None = None
+        if engine.tokenizer is not None:
+            # Prepared in the background from the start, so no request pays for the vocabulary tables.
+            with contextlib.suppress(GrammarError):  # the structured extra is not installed
+                self._grammars = self._grammar_compiler()
         self._thread.start()
 
     @classmethod
@@ -757,11 +761,14 @@ class AsyncEngine:
         if self._grammars is None:
             if self.engine.tokenizer is None:
                 raise GrammarError("structured outputs need a tokenizer")
-            tokenizer = self.engine.tokenizer
-            self._grammars = GrammarCompiler(
-                lambda: Vocabulary.of_tokenizer(tokenizer), timeout=self.engine.config.grammar_timeout
-            )
+            self._grammars = self._grammar_compiler()
         return await self._grammars.compile_async(spec)
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        tokenizer = self.engine.tokenizer
+        return GrammarCompiler(
+            lambda: Vocabulary.of_tokenizer(tokenizer), timeout=self.engine.config.grammar_timeout
+        )
 
     def shutdown(self) -> None:
         self._stop = True
