@@ -4,6 +4,8 @@ or not, through the official client's structured-output helper too; bad schemas 
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import httpx
@@ -275,3 +277,39 @@ def test_bad_tools_get_400(server: LiveServer, tools: list, choice, param: str) 
     )
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def nested_one_of(depth: int) -> dict:
+    """oneOf nested `depth` deep: the shape whose compile time explodes elsewhere (vLLM #54003)."""
+    node: dict = {"type": "string"}
+    for i in range(depth):
+        node = {
+            "oneOf": [
+                {"type": "object", "properties": {f"a{i}": node, f"b{i}": {"type": "integer"}}},
+                {"type": "array", "items": node},
+            ]
+        }
+    return node
+
+
+def test_explosive_schema_is_refused_quickly_while_others_are_served(server: LiveServer) -> None:
+    def post(response_format: dict) -> httpx.Response:
+        return httpx.post(
+            server.base_url + "/chat/completions",
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            json={"model": MODEL, "messages": MESSAGES, "max_tokens": 60, "temperature": 0}
+            | {"response_format": response_format},
+            timeout=60,
+        )
+
+    limit = server.engine.engine.config.grammar_timeout
+    with ThreadPoolExecutor(2) as pool:
+        t0 = time.perf_counter()
+        bad = pool.submit(post, schema_format("deep", nested_one_of(12)))
+        good = pool.submit(post, schema_format("person", SCHEMAS["person"]))
+        r = bad.result()
+        assert time.perf_counter() - t0 < limit
+        assert r.status_code == 400 and "too large" in r.json()["error"]["message"]
+        ok = good.result()
+    assert ok.status_code == 200
+    jsonschema.validate(json.loads(ok.json()["choices"][0]["message"]["content"]), SCHEMAS["person"])
