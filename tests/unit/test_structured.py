@@ -160,3 +160,16 @@ def test_compile_waits_at_most_the_limit_and_caches() -> None:
     finally:
         release.set()
         c.shutdown()
+
+
+def test_constrained_requests_do_not_speculate(compiler: GrammarCompiler) -> None:
+    engine = tiny_engine(speculative="ngram")
+    grammar = compiler.compile(GrammarSpec.json_schema(SCHEMAS[1]))
+    prompt = [40, 41, 42, 40, 41, 42, 40, 41, 42]  # repetitive: the n-gram proposer would guess
+    engine.add_request("c", prompt, SamplingParams(max_tokens=150, temperature=0.0), grammar=grammar)
+    got = run_all(engine)
+    jsonschema.validate(json.loads(text_of(got["c"])), SCHEMAS[1])
+    assert engine.spec.num_draft_tokens == 0
+    engine.add_request("free", prompt, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+    run_all(engine)
+    assert engine.spec.num_draft_tokens > 0  # the same prompt unconstrained does guess
