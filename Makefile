@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 HOST ?= 127.0.0.1
 PORT ?= 8000
 ARGS ?=
@@ -17,13 +18,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# Tests also cover the optional extras; `make serve` stays without them.
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,structured]'
+	touch $(TEST_STAMP)
+
 fetch: $(STAMP)
 	$(BIN)/tailserve fetch
 
 serve: fetch
 	$(BIN)/tailserve serve --host $(HOST) --port $(PORT) $(ARGS)
 
-test: fetch
+test: fetch $(TEST_STAMP)
 	# The second real model, for the Gemma 3 tests (make serve does not need it).
 	$(BIN)/tailserve fetch --model gemma3-270m
 	$(BIN)/python -m pytest -q $(ARGS)

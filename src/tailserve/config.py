@@ -41,6 +41,7 @@ class EngineConfig:
     draft_model: str | None = None
     spec_adaptive: bool = True  # guess only what pays for itself (acceptance and step cost); off: always k
     seed: int = 0
+    grammar_timeout: float = 10.0  # seconds a JSON schema may take to compile before its request gets 400
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
 
 

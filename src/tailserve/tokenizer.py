@@ -8,7 +8,9 @@ follow one rule. `IncrementalDetokenizer` runs once per generated token on the e
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -268,6 +270,32 @@ class Tokenizer:
                 return text[len(self._anchor_text) :]
         return self._backend.decode([token_id], skip_special_tokens=False)
 
+    def token_bytes(self) -> list[bytes]:
+        """Each token's raw bytes as it appears mid-text (special tokens: b""), for grammar engines that
+        match bytes against the vocabulary. Byte-level BPE maps GPT-2's printable alphabet back to bytes;
+        SentencePiece writes spaces as ▁ and unknown bytes as <0xNN>."""
+        special = {tid for tid, tok in self._backend.get_added_tokens_decoder().items() if tok.special}
+        byte_level = isinstance(self._backend.decoder, decoders.ByteLevel)
+        to_byte = {ch: b for b, ch in _gpt2_byte_alphabet().items()}
+        out: list[bytes] = []
+        for tid in range(self.vocab_size):
+            piece = self._backend.id_to_token(tid)
+            if piece is None or tid in special:
+                out.append(b"")
+            elif byte_level:
+                out.append(
+                    bytes(to_byte[c] for c in piece) if all(c in to_byte for c in piece) else piece.encode()
+                )
+            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+                out.append(bytes([int(piece[3:5], 16)]))
+            else:
+                out.append(piece.replace("▁", " ").encode())
+        return out
+
+    @property
+    def special_token_ids(self) -> list[int]:
+        return sorted(tid for tid, tok in self._backend.get_added_tokens_decoder().items() if tok.special)
+
     def _check_ids(self, ids: Sequence[int]) -> None:
         # The backend silently drops unknown ids; a model whose logits outrun the vocabulary must not.
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
@@ -395,6 +423,24 @@ class IncrementalDetokenizer:
 
 
 # --- GGUF backends ------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _gpt2_byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte → printable character map (byte-level BPE vocabularies are written in it)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars = list(printable)
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(printable, chars)}
 
 
 def _parse_merges(path: Path, merges: list[str]) -> list[tuple[str, str]]:

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tailserve.api.errors import ApiError
 from tailserve.sampling import SamplingParams
+from tailserve.structured import tools as tool_calls
+from tailserve.structured.grammar import GrammarError, GrammarSpec
 
 if TYPE_CHECKING:
     from tailserve.engine.outputs import TokenLogprob
@@ -53,6 +55,7 @@ class _Common(BaseModel):
     timeout: float | None = Field(None, gt=0.0)  # seconds from arrival; overdue work is aborted
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    response_format: dict[str, Any] | None = None
 
     def unsupported(self) -> ApiError | None:
         """A 400 for parameters the engine cannot honour, rather than silently ignoring them."""
@@ -62,6 +65,41 @@ class _Common(BaseModel):
         if self.logit_bias:
             return ApiError(400, "logit_bias is not supported", param="logit_bias", code="unsupported")
         return None
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        """What `response_format` constrains the output to (None: free text).
+
+        `strict` is accepted either way and changes nothing: the output always follows the schema, and
+        a schema the grammar cannot enforce is refused, never loosened."""
+        rf = self.response_format
+        if rf is None:
+            return None
+        kind = rf.get("type", "text")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return GrammarSpec.json_object()
+        if kind != "json_schema":
+            raise ApiError(
+                400,
+                f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
+                param="response_format",
+                code="invalid_value",
+            )
+        js = rf.get("json_schema")
+        if not isinstance(js, dict) or not isinstance(js.get("name"), str) or "schema" not in js:
+            raise ApiError(
+                400,
+                "response_format json_schema needs {'name': str, 'schema': {...}}",
+                param="response_format.json_schema",
+                code="invalid_value",
+            )
+        try:
+            return GrammarSpec.json_schema(js["schema"])
+        except GrammarError as e:
+            raise ApiError(
+                400, str(e), param="response_format.json_schema.schema", code="invalid_value"
+            ) from None
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, seed_offset: int = 0) -> SamplingParams:
         """Engine parameters for one choice; n > 1 offsets the seed so choices differ reproducibly."""
@@ -90,18 +128,38 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    def tool_plan(self) -> tool_calls.ToolPlan | None:
+        """The validated tools and tool_choice (None: no tools)."""
+        try:
+            return tool_calls.plan(self.tools, self.tool_choice, self.parallel_tool_calls)
+        except tool_calls.ToolError as e:
+            raise ApiError(400, str(e), param=e.param, code="invalid_value") from None
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        """A required or named tool call constrains the output to the call's JSON."""
+        plan = self.tool_plan()
+        if plan is None or not plan.constrained:
+            return super().grammar_spec()
+        if super().grammar_spec() is not None:
+            raise ApiError(
+                400,
+                "response_format cannot be combined with a required or named tool_choice",
+                param="response_format",
+                code="invalid_value",
+            )
+        try:
+            return GrammarSpec.json_schema(tool_calls.call_schema(plan))
+        except GrammarError as e:
+            raise ApiError(400, str(e), param="tools", code="invalid_value") from None
+
+    def prompt_messages(self) -> list[dict[str, Any]]:
+        """The messages to render, tools and earlier calls written in the generic format (tools.py)."""
+        return tool_calls.render(self.messages, self.tool_plan())
 
     def unsupported(self) -> ApiError | None:
-        if self.tools:
-            return ApiError(400, "tools are not supported", param="tools", code="unsupported")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return ApiError(
-                400,
-                "only response_format {'type': 'text'} is supported",
-                param="response_format",
-                code="unsupported",
-            )
         if self.top_logprobs is not None and not self.logprobs:
             return ApiError(
                 400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value"

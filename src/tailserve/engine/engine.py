@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -36,8 +37,19 @@ from tailserve.models.fused import BLOCK_MULTIPLE as FUSED_BLOCK_MULTIPLE
 from tailserve.models.fused import FusedLlama, cached_fused, fused_supported
 from tailserve.models.llama import LlamaModel
 from tailserve.sampling import SamplingParams
+from tailserve.structured.bitmask import allocate, apply_bitmask
+from tailserve.structured.grammar import Grammar, GrammarCompiler, GrammarError, GrammarSpec, Vocabulary
 
 log = logging.getLogger("tailserve.engine")
+
+
+@dataclass
+class PendingMasks:
+    """A step's token masks, being filled while the model runs: row of the mask per sequence."""
+
+    rows: dict[Sequence, int]
+    mask: torch.Tensor
+    filled: Future[None]
 
 
 @dataclass
@@ -225,6 +237,7 @@ class LLMEngine:
         self.step_times = StepTimeModel()
         self.decode_step_times = StepTimeModel()  # steps with no prompt work: what a guess costs
         self.spec = self._make_spec_decoder(config, draft, num_blocks)
+        self._mask_thread: ThreadPoolExecutor | None = None  # started by the first constrained request
         self.stats = EngineStats(
             num_free_blocks=num_blocks,
             num_total_blocks=num_blocks,
@@ -332,8 +345,10 @@ class LLMEngine:
         priority: int = 0,
         arrival: float | None = None,
         deadline: float | None = None,
+        grammar: Grammar | None = None,
     ) -> Sequence:
-        """Validate and tokenize a request without touching engine state (safe from any thread)."""
+        """Validate and tokenize a request without touching engine state (safe from any thread).
+        grammar: a compiled grammar (structured/) the output must follow."""
         params.validate()
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -355,6 +370,8 @@ class LLMEngine:
                 f"{len(ids) + params.max_tokens} ({len(ids)} in the prompt + {params.max_tokens} max_tokens)"
             )
         seq = Sequence(request_id, ids, params, priority=priority, deadline=deadline)
+        if grammar is not None:
+            seq.grammar = grammar.matcher()
         if arrival is not None:
             seq.times.arrival = arrival
         if self.tokenizer is not None:
@@ -428,6 +445,7 @@ class LLMEngine:
             planned = time.perf_counter()
             self._plan_guesses(sched)
             drafting = time.perf_counter() - planned
+        masks = self._start_masks(sched.scheduled)
         result = self.runner.run(sched.scheduled)
         logits = result.logits[:, : self.num_sampleable]
         plain = [j for j, s in enumerate(result.sampled) if not s.draft]
@@ -438,6 +456,7 @@ class LLMEngine:
         plain_rows = [result.rows[j] for j in plain]
         # Guesses' rows lie in between only when some request guessed: then gather the others.
         logits_plain = logits if plain_rows == list(range(len(logits))) else logits[plain_rows]
+        self._constrain(logits_plain, [result.sampled[j].seq for j in plain], masks)
         sample = self.sampler(logits_plain, rows) if rows else None
         now = time.perf_counter()
         for s in sched.scheduled:
@@ -453,6 +472,40 @@ class LLMEngine:
         self.step_times.observe(sched.num_tokens, now - t0)
         if all(s.num_new_tokens == 1 for s in sched.scheduled):
             self.decode_step_times.observe(sched.num_tokens, now - t0 - drafting)
+
+    def _start_masks(self, scheduled: list[ScheduledSeq]) -> PendingMasks | None:
+        """Fill the token masks of the constrained rows this step samples on the mask thread, while the
+        model runs: a mask depends only on the tokens so far."""
+        seqs = [
+            s.seq
+            for s in scheduled
+            if s.seq.grammar is not None and s.seq.num_computed + s.num_new_tokens == s.seq.num_tokens
+        ]
+        if not seqs:
+            return None
+        mask = allocate(len(seqs), max(self.num_sampleable, *(q.grammar.vocab_size for q in seqs)))
+
+        def fill() -> None:
+            for k, q in enumerate(seqs):
+                try:
+                    q.grammar.fill(mask, k)
+                except Exception:  # one broken matcher must not fail the batch: its accept() ends it
+                    log.exception("request %s: token mask failed", q.request_id)
+
+        if self._mask_thread is None:
+            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="tailserve-masks")
+        return PendingMasks({q: k for k, q in enumerate(seqs)}, mask, self._mask_thread.submit(fill))
+
+    @staticmethod
+    def _constrain(logits: torch.Tensor, seqs: list[Sequence], pending: PendingMasks | None) -> None:
+        """Mask, in place, the rows of constrained sequences to the tokens their grammars allow next."""
+        if pending is None:
+            return
+        pending.filled.result()
+        rows = [i for i, q in enumerate(seqs) if q in pending.rows]
+        masked = logits[rows]
+        apply_bitmask(masked, pending.mask[[pending.rows[seqs[i]] for i in rows]])
+        logits[rows] = masked
 
     def _plan_guesses(self, sched: SchedulerOutput) -> None:
         """Let decoding requests guess tokens to verify in this step, where guessing pays (spec_decode.py)."""
@@ -536,7 +589,12 @@ class LLMEngine:
                 seq.pending_text += seq.detokenizer.add(token)
             if logprob is not None:
                 seq.pending_logprobs.append(self._token_logprob(token, logprob))
+            if seq.grammar is not None and not seq.grammar.accept(token):
+                self._finish(seq, "error", error=f"the grammar rejected token {token}: {seq.grammar.error}")
+                return
             self._check_stop(seq, token)
+            if seq.grammar is not None and not seq.finished and seq.grammar.done:
+                self._finish(seq, "stop")  # complete, whatever ignore_eos says: nothing more may follow
         except Exception as e:
             log.exception("request %s failed", seq.request_id)
             self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
@@ -639,6 +697,11 @@ class AsyncEngine:
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="tailserve-engine", daemon=True)
         self.step_hooks: list[Callable[[LLMEngine, list[RequestOutput]], None]] = []
+        self._grammars: GrammarCompiler | None = None
+        if engine.tokenizer is not None:
+            # The vocabulary is prepared in the background from the start (~0.5 s), not by a request.
+            with contextlib.suppress(GrammarError):  # the structured extra is not installed
+                self._grammars = self._grammar_compiler()
         self._thread.start()
 
     @classmethod
@@ -670,13 +733,15 @@ class AsyncEngine:
         priority: int = 0,
         arrival: float | None = None,
         deadline: float | None = None,
+        grammar: Grammar | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's deltas; raises ValueError before queueing on bad input.
+        """Stream a request's deltas; raises ValueError before queueing on bad input. A grammar comes
+        compiled (`compile_grammar`), so the engine never holds a step for one.
 
         Leaving the iteration early (client gone, task cancelled) aborts the request in the engine.
         """
         seq = self.engine.make_sequence(
-            request_id, prompt, params, priority=priority, arrival=arrival, deadline=deadline
+            request_id, prompt, params, priority=priority, arrival=arrival, deadline=deadline, grammar=grammar
         )
         if request_id in self._live:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -702,10 +767,26 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._send("abort", request_id)
 
+    async def compile_grammar(self, spec: GrammarSpec) -> Grammar:
+        """The spec compiled on the grammar threads (cached); GrammarError says why it cannot be."""
+        if self._grammars is None:
+            if self.engine.tokenizer is None:
+                raise GrammarError("structured outputs need a tokenizer")
+            self._grammars = self._grammar_compiler()
+        return await self._grammars.compile_async(spec)
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        tokenizer = self.engine.tokenizer
+        return GrammarCompiler(
+            lambda: Vocabulary.of_tokenizer(tokenizer), timeout=self.engine.config.grammar_timeout
+        )
+
     def shutdown(self) -> None:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=10)
+        if self._grammars is not None:
+            self._grammars.shutdown()
 
     def _send(self, kind: str, payload: object) -> None:
         self._inbox.put((kind, payload))

@@ -50,6 +50,7 @@ class Sequence:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     num_preemptions: int = 0
     spec: Any = None  # spec_decode.SpecState once the request has speculated
+    grammar: Any = None  # structured.Matcher: the output is constrained to its grammar
 
     def __post_init__(self) -> None:
         if not self.token_ids:

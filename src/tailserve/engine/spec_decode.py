@@ -251,10 +251,12 @@ class Controller:
 
 
 def speculation_allowed(seq: Sequence) -> bool:
-    """Requests whose output must not depend on how many tokens a step guesses do not speculate."""
+    """Requests whose output must not depend on how many tokens a step guesses do not speculate, nor do
+    constrained ones (guesses are not checked against the grammar)."""
     p = seq.params
     return (
-        (p.greedy or p.seed is None)
+        seq.grammar is None
+        and (p.greedy or p.seed is None)
         and p.logprobs is None
         and seq.num_output_tokens >= p.min_tokens
         and seq.num_output_tokens >= 1

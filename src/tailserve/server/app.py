@@ -131,6 +131,8 @@ async def _handle(server: OpenAIServer, request: Request, cls: type[R], prefix: 
         server.check_auth(request)
         server.check_open()
         req = server.parse(await server.read_json(request), cls)
+        # Compiled (or found in the cache) before admission: the request holds no slot meanwhile.
+        grammar = await server.compile_grammar(req)
         if record is not None and obs.log_prompts:
             record.prompt = req.messages if isinstance(req, ChatCompletionRequest) else req.prompt
         timeout = server.admission.timeout(req.timeout)
@@ -147,7 +149,9 @@ async def _handle(server: OpenAIServer, request: Request, cls: type[R], prefix: 
 
         if isinstance(req, ChatCompletionRequest):
             try:
-                text = server.engine.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True)
+                text = server.engine.tokenizer.apply_chat_template(
+                    req.prompt_messages(), add_generation_prompt=True
+                )
             except ValueError as e:
                 raise ApiError(400, str(e), param="messages", code="invalid_value") from None
             prompt_ids = [await server.tokenize(text)]
@@ -171,7 +175,7 @@ async def _handle(server: OpenAIServer, request: Request, cls: type[R], prefix: 
                     params = req.sampling_params(mt, logprobs, seed_offset=i)
                 except ValueError as e:
                     raise ApiError(400, str(e), param=str(e).split(" ", 1)[0], code="invalid_value") from None
-                subs.append(SubRequest(f"{base}-{index}" if many else base, ids, params))
+                subs.append(SubRequest(f"{base}-{index}" if many else base, ids, params, grammar))
 
         gen = Generation(
             server.engine,

@@ -12,6 +12,7 @@ from tailserve.engine.engine import AsyncEngine
 from tailserve.engine.outputs import RequestOutput
 from tailserve.sampling import SamplingParams
 from tailserve.server.admission import Ticket
+from tailserve.structured.grammar import Grammar
 
 
 @dataclass
@@ -21,6 +22,7 @@ class SubRequest:
     engine_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    grammar: Grammar | None = None  # compiled before the engine sees the request
 
 
 class Generation:
@@ -48,7 +50,13 @@ class Generation:
         self.abort_reason: str | None = None
         self._gens = [
             engine.generate(
-                s.prompt_ids, s.params, s.engine_id, priority=priority, arrival=arrival, deadline=deadline
+                s.prompt_ids,
+                s.params,
+                s.engine_id,
+                priority=priority,
+                arrival=arrival,
+                deadline=deadline,
+                grammar=s.grammar,
             )
             for s in subs
         ]

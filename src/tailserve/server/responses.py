@@ -3,6 +3,7 @@ of a streaming one (one event per delta that carries text)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ from tailserve.api.sse import DONE, sse, sse_error
 from tailserve.engine.outputs import RequestOutput, TokenLogprob
 from tailserve.server.generation import Generation
 from tailserve.server.state import OpenAIServer
+from tailserve.structured import tools as tool_calls
 
 
 @dataclass
@@ -72,6 +74,7 @@ async def collect(
         if err is not None:
             raise err
     chat = isinstance(req, ChatCompletionRequest)
+    plan = _active_plan(req)
     body_choices = []
     for i, c in enumerate(choices):
         f = c.final
@@ -83,11 +86,16 @@ async def collect(
         elif not chat and req.logprobs is not None:
             lp = completion_logprobs(c.logprobs, 0)
         entry: dict[str, Any] = {"index": i}
-        if chat:
+        calls = tool_calls.parse_calls(text, plan) if plan is not None else None
+        finish_reason = f.finish_reason
+        if calls:
+            entry["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+            finish_reason = "tool_calls"
+        elif chat:
             entry["message"] = {"role": "assistant", "content": text}
         else:
             entry["text"] = text
-        entry |= {"logprobs": lp, "finish_reason": f.finish_reason, "stop_reason": f.stop_reason}
+        entry |= {"logprobs": lp, "finish_reason": finish_reason, "stop_reason": f.stop_reason}
         body_choices.append(entry)
     return {
         "id": rid,
@@ -97,6 +105,31 @@ async def collect(
         "choices": body_choices,
         "usage": _usage(finals, req.n),  # type: ignore[arg-type]
     }
+
+
+def _active_plan(req: ChatCompletionRequest | CompletionRequest) -> tool_calls.ToolPlan | None:
+    """The tool plan when the answer may be a call (tools given, tool_choice not none)."""
+    if not isinstance(req, ChatCompletionRequest):
+        return None
+    plan = req.tool_plan()
+    return plan if plan is not None and plan.choice != "none" else None
+
+
+def _tool_chunks(head: dict[str, Any], i: int, calls: list[dict[str, Any]]) -> str:
+    """A choice's calls as OpenAI streams them: index, id and name first, then the arguments."""
+    events = []
+    for j, c in enumerate(calls):
+        fn = c["function"]
+        opening = {
+            "index": j,
+            "id": c["id"],
+            "type": "function",
+            "function": {"name": fn["name"], "arguments": ""},
+        }
+        for part in (opening, {"index": j, "function": {"arguments": fn["arguments"]}}):
+            choice = {"index": i, "delta": {"tool_calls": [part]}, "logprobs": None, "finish_reason": None}
+            events.append(sse({**head, "choices": [choice]}))
+    return "".join(events)
 
 
 def _usage(finals: list[RequestOutput], n: int) -> dict[str, Any]:
@@ -133,8 +166,21 @@ async def stream(
     offsets = [0] * k
     finals: list[RequestOutput | None] = [None] * k
     want_logprobs = bool(req.logprobs) if chat else req.logprobs is not None
+    plan = _active_plan(req)
+    held = [""] * k  # with tools, each choice's text until it ends: a call or plain content
 
     def chunk(i: int, out: RequestOutput) -> str | None:
+        if plan is not None:
+            held[i] += out.new_text
+            if not out.finished:
+                return None
+            calls = tool_calls.parse_calls(held[i], plan)
+            if calls:
+                finals[i] = out
+                end = {"index": i, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}
+                end["stop_reason"] = out.stop_reason
+                return _tool_chunks(head, i, calls) + sse({**head, "choices": [end]})
+            out = dataclasses.replace(out, new_text=held[i])
         if out.logprobs:
             pending[i].extend(out.logprobs)
         if not out.new_text and not out.finished:

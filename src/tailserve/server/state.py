@@ -17,6 +17,7 @@ from tailserve.engine.engine import AsyncEngine
 from tailserve.obs.observer import Observer
 from tailserve.server.admission import Admission, Limits, Rejected, Ticket, estimate_tokens
 from tailserve.server.generation import Generation
+from tailserve.structured.grammar import Grammar, GrammarError
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -96,6 +97,17 @@ class OpenAIServer:
         if err is not None:
             raise err
         return req
+
+    async def compile_grammar(self, req: ChatCompletionRequest | CompletionRequest) -> Grammar | None:
+        """The request's response_format compiled to a grammar; a 400 saying why it cannot be."""
+        spec = req.grammar_spec()
+        if spec is None:
+            return None
+        try:
+            return await self.engine.compile_grammar(spec)
+        except GrammarError as e:
+            param = "response_format" if req.response_format else "tools"
+            raise ApiError(400, str(e), param=param, code="invalid_value") from None
 
     def admit(
         self, count: int, num_prompts: int, num_chars: int, known_tokens: int, timeout: float | None
