@@ -24,7 +24,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from tailserve.config import EngineConfig, ServerConfig
-from tailserve.engine.engine import AsyncEngine
+from tailserve.engine.async_engine import AsyncEngine
 from tailserve.server.app import build_app
 
 MODEL = "smollm2-135m-instruct"

@@ -26,7 +26,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from tailserve.bench.prom import parse
 from tailserve.cli import main as tailserve_main
 from tailserve.config import EngineConfig, ServerConfig
-from tailserve.engine.engine import AsyncEngine, LLMEngine
+from tailserve.engine.async_engine import AsyncEngine
+from tailserve.engine.engine import LLMEngine
 from tailserve.obs.observer import REQUEST_LOG
 from tailserve.server.app import build_app
 from tests.e2e.conftest import API_KEY, MODEL, LiveServer, wait_ready

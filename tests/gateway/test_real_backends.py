@@ -12,7 +12,7 @@ import pytest
 from fastapi import FastAPI
 
 from tailserve.config import EngineConfig, ServerConfig
-from tailserve.engine.engine import AsyncEngine
+from tailserve.engine.async_engine import AsyncEngine
 from tailserve.gateway.app import Gateway, build_app
 from tailserve.gateway.config import parse_config
 from tailserve.gateway.pools import make_pools, resolve_urls

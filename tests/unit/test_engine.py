@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tailserve.engine.engine import StepTimeModel
 from tailserve.engine.model_runner import kv_bytes_per_block
+from tailserve.engine.step_time import StepTimeModel
 from tailserve.sampling import SamplingParams
 from tests.tiny import MODEL_KINDS, TINY, run_all, tiny_engine, tiny_model, tiny_model_of
 

@@ -1,17 +1,12 @@
-"""LLMEngine: the step loop (schedule → run → sample → update). AsyncEngine: the same loop on its own
-thread, with async streams of deltas and aborts, so HTTP never waits on a model step nor the other way.
+"""LLMEngine: the step loop (schedule → run → sample → update), and the choice of model path at start.
+AsyncEngine (async_engine.py) runs it on its own thread; StepTimeModel (step_time.py) prices steps.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
 import logging
-import queue
-import threading
 import time
-from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -31,6 +26,7 @@ from tailserve.engine.spec_decode import (
     SpecDecoder,
     speculation_allowed,
 )
+from tailserve.engine.step_time import StepTimeModel
 from tailserve.layers import kernels
 from tailserve.layers.sampler import Sampler, SampleRow
 from tailserve.models.fused import BLOCK_MULTIPLE as FUSED_BLOCK_MULTIPLE
@@ -38,7 +34,7 @@ from tailserve.models.fused import FusedLlama, cached_fused, fused_supported
 from tailserve.models.llama import LlamaModel
 from tailserve.sampling import SamplingParams
 from tailserve.structured.bitmask import allocate, apply_bitmask
-from tailserve.structured.grammar import Grammar, GrammarCompiler, GrammarError, GrammarSpec, Vocabulary
+from tailserve.structured.grammar import Grammar
 
 log = logging.getLogger("tailserve.engine")
 
@@ -118,42 +114,6 @@ def _cpu_has_bf16() -> bool:
         return "avx512_bf16" in flags or "amx_bf16" in flags
     except OSError:
         return False
-
-
-class StepTimeModel:
-    """Step time ≈ a + b·tokens, fitted online by exponentially weighted least squares.
-
-    A plain tokens/second average mixes tiny and full steps (a 6-token step runs at a tenth of a full
-    chunk's rate), which mispredicts queue drain times by several times; the affine fit does not.
-    """
-
-    def __init__(self, decay: float = 0.95) -> None:
-        self.decay = decay
-        self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
-
-    def observe(self, tokens: int, seconds: float) -> None:
-        d = self.decay
-        self.n, self.sx, self.sy = d * self.n + 1, d * self.sx + tokens, d * self.sy + seconds
-        self.sxx, self.sxy = d * self.sxx + tokens * tokens, d * self.sxy + tokens * seconds
-
-    def coefficients(self) -> tuple[float, float] | None:
-        """(a, b), or None until steps of different sizes have been seen."""
-        var = self.n * self.sxx - self.sx * self.sx
-        if self.n < 2 or var <= 1e-9 * max(self.sxx, 1.0):
-            return None
-        b = (self.n * self.sxy - self.sx * self.sy) / var
-        a = (self.sy - b * self.sx) / self.n
-        return max(a, 0.0), max(b, 1e-7)
-
-    def seconds(self, tokens: int) -> float | None:
-        """The time of a step of `tokens` tokens (None while unknown)."""
-        ab = self.coefficients()
-        return None if ab is None else ab[0] + ab[1] * tokens
-
-    def rate(self, tokens: int) -> float:
-        """Tokens per second through steps of `tokens` tokens (0 while unknown)."""
-        t = self.seconds(tokens)
-        return 0.0 if t is None else tokens / t
 
 
 def _load_fused(path, quantization: str, draft_head: bool, threads: int, weight_cache: bool) -> FusedLlama:
@@ -681,169 +641,3 @@ class LLMEngine:
             spec_decode_num_accepted_tokens=self.spec.num_accepted_tokens if self.spec else 0,
             spec_decode_num_verify_steps=self.spec.num_verify_steps if self.spec else 0,
         )
-
-
-class AsyncEngine:
-    """Runs an LLMEngine on a dedicated thread; callers get async streams of RequestOutput deltas."""
-
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
-        # Ids the engine still holds (queued, running, or aborted but not yet reported). A new request
-        # may not reuse one: the old request's last delta would be routed to it.
-        self._live: set[str] = set()
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="tailserve-engine", daemon=True)
-        self.step_hooks: list[Callable[[LLMEngine, list[RequestOutput]], None]] = []
-        self._grammars: GrammarCompiler | None = None
-        if engine.tokenizer is not None:
-            # The vocabulary is prepared in the background from the start (~0.5 s), not by a request.
-            with contextlib.suppress(GrammarError):  # the structured extra is not installed
-                self._grammars = self._grammar_compiler()
-        self._thread.start()
-
-    @classmethod
-    def from_config(cls, config: EngineConfig) -> AsyncEngine:
-        return cls(LLMEngine.from_config(config))
-
-    @property
-    def tokenizer(self):
-        return self.engine.tokenizer
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
-
-    @property
-    def stats(self) -> EngineStats:
-        return self.engine.stats
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    async def generate(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams,
-        request_id: str,
-        *,
-        priority: int = 0,
-        arrival: float | None = None,
-        deadline: float | None = None,
-        grammar: Grammar | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's deltas; raises ValueError before queueing on bad input. A grammar comes
-        compiled (`compile_grammar`), so the engine never holds a step for one.
-
-        Leaving the iteration early (client gone, task cancelled) aborts the request in the engine.
-        """
-        seq = self.engine.make_sequence(
-            request_id, prompt, params, priority=priority, arrival=arrival, deadline=deadline, grammar=grammar
-        )
-        if request_id in self._live:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        self._live.add(request_id)
-        q: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), q)
-        # Admitted now: the wait for the engine thread to pick it up (a step in flight) is queue time.
-        seq.times.admitted = time.perf_counter()
-        self._send("add", seq)
-        finished = False
-        try:
-            while True:
-                out = await q.get()
-                finished = out.finished
-                yield out
-                if finished:
-                    return
-        finally:
-            self._streams.pop(request_id, None)
-            if not finished:
-                self._send("abort", request_id)
-
-    def abort(self, request_id: str) -> None:
-        self._send("abort", request_id)
-
-    async def compile_grammar(self, spec: GrammarSpec) -> Grammar:
-        """The spec compiled on the grammar threads (cached); GrammarError says why it cannot be."""
-        if self._grammars is None:
-            if self.engine.tokenizer is None:
-                raise GrammarError("structured outputs need a tokenizer")
-            self._grammars = self._grammar_compiler()
-        return await self._grammars.compile_async(spec)
-
-    def _grammar_compiler(self) -> GrammarCompiler:
-        tokenizer = self.engine.tokenizer
-        return GrammarCompiler(
-            lambda: Vocabulary.of_tokenizer(tokenizer), timeout=self.engine.config.grammar_timeout
-        )
-
-    def shutdown(self) -> None:
-        self._stop = True
-        self._wake.set()
-        self._thread.join(timeout=10)
-        if self._grammars is not None:
-            self._grammars.shutdown()
-
-    def _send(self, kind: str, payload: object) -> None:
-        self._inbox.put((kind, payload))
-        self._wake.set()
-
-    def _drain_inbox(self) -> list[RequestOutput]:
-        outs: list[RequestOutput] = []
-        while True:
-            try:
-                kind, payload = self._inbox.get_nowait()
-            except queue.Empty:
-                return outs
-            if kind == "add":
-                seq = payload
-                assert isinstance(seq, Sequence)
-                try:
-                    self.engine.add_sequence(seq)
-                except ValueError as e:
-                    seq.status, seq.finish_reason, seq.error = Status.FINISHED, "error", str(e)
-                    outs.append(self.engine._output(seq))
-            else:
-                out = self.engine.abort(str(payload))
-                if out is not None:
-                    outs.append(out)
-
-    def _loop(self) -> None:
-        while not self._stop:
-            outs = self._drain_inbox()
-            if self.engine.has_unfinished():
-                try:
-                    outs += self.engine.step()
-                except Exception:  # the loop must survive anything a step throws
-                    log.exception("engine step raised")
-            elif not outs:
-                self._wake.wait()
-                self._wake.clear()
-                continue
-            for hook in self.step_hooks:
-                with contextlib.suppress(Exception):
-                    hook(self.engine, outs)
-            self._publish(outs)
-
-    def _publish(self, outs: list[RequestOutput]) -> None:
-        by_loop: dict[
-            asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]
-        ] = {}
-        for out in outs:
-            if out.finished:
-                self._live.discard(out.request_id)
-            target = self._streams.get(out.request_id)
-            if target is not None:
-                by_loop.setdefault(target[0], []).append((target[1], out))
-        for loop, items in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening
-                loop.call_soon_threadsafe(_deliver, items)
-
-
-def _deliver(items: list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]) -> None:
-    for q, out in items:
-        q.put_nowait(out)

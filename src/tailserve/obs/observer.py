@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from starlette.requests import Request
 
     from tailserve.config import ServerConfig
-    from tailserve.engine.engine import AsyncEngine
+    from tailserve.engine.async_engine import AsyncEngine
     from tailserve.engine.outputs import RequestOutput, RequestTimes
     from tailserve.obs.tracing import Tracing
 

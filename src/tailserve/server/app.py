@@ -30,7 +30,7 @@ from tailserve.api.ids import request_id
 from tailserve.api.protocol import ChatCompletionRequest, CompletionRequest
 from tailserve.api.sse import SSEResponse
 from tailserve.config import ServerConfig
-from tailserve.engine.engine import AsyncEngine
+from tailserve.engine.async_engine import AsyncEngine
 from tailserve.server.admission import Rejected, Ticket
 from tailserve.server.generation import Generation, SubRequest
 from tailserve.server.responses import collect, finish_error, stream

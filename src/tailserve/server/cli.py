@@ -15,7 +15,7 @@ log = logging.getLogger("tailserve.server")
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from tailserve.engine.engine import AsyncEngine
+    from tailserve.engine.async_engine import AsyncEngine
     from tailserve.models.loader import model_name
     from tailserve.obs.observer import log_requests_to_stderr
     from tailserve.server.app import build_app

@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from tailserve.engine.engine import AsyncEngine
+from tailserve.engine.async_engine import AsyncEngine
 from tailserve.engine.outputs import RequestOutput
 from tailserve.sampling import SamplingParams
 from tailserve.server.admission import Ticket

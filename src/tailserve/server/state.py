@@ -13,7 +13,7 @@ from tailserve.api.errors import ApiError
 from tailserve.api.http import read_json, require_key, validate
 from tailserve.api.protocol import ChatCompletionRequest, CompletionRequest
 from tailserve.config import ServerConfig
-from tailserve.engine.engine import AsyncEngine
+from tailserve.engine.async_engine import AsyncEngine
 from tailserve.obs.observer import Observer
 from tailserve.server.admission import Admission, Limits, Rejected, Ticket, estimate_tokens
 from tailserve.server.generation import Generation
