@@ -143,13 +143,18 @@ std::map<std::string, double> peak_macs(int64_t threads, int64_t iters) {
   const double int8 = timed([&](int tid) {
     I acc[kChains];
     for (int j = 0; j < kChains; ++j) acc[j] = set1_i(j + tid);
-    const I x = set1_i(0x05F90307);
+    I x[kChains];  // one input per chain: the products cannot be shared between chains
+    for (int j = 0; j < kChains; ++j) x[j] = set1_i(0x05F90307 + j);
+    const uint8_t* base = buf.data();
     for (int64_t i0 = 0; i0 < iters; i0 += kNarrowSteps) {  // as the int4 linears sum (linear.h)
+      // The weights "may have changed": where the dot product is not one instruction taking the
+      // accumulator (vpmaddubsw + add), the compiler would otherwise hoist the products out of the loop.
+      asm volatile("" : "+r"(base));
       I n[kChains];
       for (int j = 0; j < kChains; ++j) n[j] = narrow_begin(acc[j]);
       for (int64_t i = i0; i < i0 + kNarrowSteps; ++i) {
-        const I w = loadu_i(buf.data() + (i % kBuf) * 64);
-        for (int j = 0; j < kChains; ++j) n[j] = narrow_dot(n[j], w, x);
+        const I w = loadu_i(base + (i % kBuf) * 64);
+        for (int j = 0; j < kChains; ++j) n[j] = narrow_dot(n[j], w, x[j]);
       }
       for (int j = 0; j < kChains; ++j) acc[j] = narrow_end(acc[j], n[j]);
     }
@@ -160,8 +165,10 @@ std::map<std::string, double> peak_macs(int64_t threads, int64_t iters) {
     F acc[kChains];
     for (int j = 0; j < kChains; ++j) acc[j] = set1(static_cast<float>(j + tid));
     const Pairs x = bcast_pair(0x3F803F80u);
+    const uint8_t* base = buf.data();
     for (int64_t i = 0; i < iters; ++i) {
-      const Pairs w = pairs(loadu_i(buf.data() + (i % kBuf) * 64));
+      asm volatile("" : "+r"(base));  // as above: the widening of the weights stays in the loop
+      const Pairs w = pairs(loadu_i(base + (i % kBuf) * 64));
       for (int j = 0; j < kChains; ++j) acc[j] = dpbf16(acc[j], x, w);
     }
     for (int j = 1; j < kChains; ++j) acc[0] = add(acc[0], acc[j]);
