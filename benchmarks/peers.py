@@ -24,6 +24,7 @@ from ceilings import measure, shares
 from harness import PEERS, RECORDED, RESULTS, closed_loop, header, serving, tailserve_cmd
 
 from tailserve.bench.stats import dist
+from tailserve.layers import kernels
 from tailserve.models.loader import resolve_model
 
 PORTS = {"tailserve": 8100, "llamacpp": 8101, "vllm": 8102}
@@ -95,7 +96,9 @@ def main() -> None:
         for name, by_c in runs.items()
     }
     RECORDED.mkdir(parents=True, exist_ok=True)
-    (RECORDED / "peers.json").write_text(json.dumps({"ceilings": ceil, **results}, indent=2))
+    # A capped tier's run goes beside the machine's own (BENCHMARKS.md quotes both).
+    out = "peers.json" if ceil["tier"] == kernels.runnable_tiers()[0] else f"peers-{ceil['tier']}.json"
+    (RECORDED / out).write_text(json.dumps({"ceilings": ceil, **results}, indent=2))
     cmd = f"python benchmarks/peers.py --peers {args.peers} --rounds {args.rounds}"
     print(header("tailserve vs peers, chat workload", cmd))
     print(
