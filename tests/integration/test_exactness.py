@@ -46,6 +46,11 @@ def reference(default_model_path: Path) -> tuple[list[list[int]], list[list[int]
     tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=name)
     ref = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
     prompts = chat_prompts(tok)
+    return prompts, reference_continuations(ref, prompts)
+
+
+def reference_continuations(ref, prompts: list[list[int]]) -> list[list[int]]:
+    """A transformers model's greedy continuations of each prompt, alone, NEW_TOKENS each."""
     outs = []
     with torch.inference_mode():
         for p in prompts:
@@ -57,7 +62,7 @@ def reference(default_model_path: Path) -> tuple[list[list[int]], list[list[int]
                 pad_token_id=0,
             )
             outs.append(gen[0, len(p) :].tolist())
-    return prompts, outs
+    return outs
 
 
 def engine(model: LlamaModel, **options) -> LLMEngine:

@@ -15,7 +15,7 @@ import torch
 from tailserve.models.llama import LlamaModel
 from tailserve.models.loader import load_config_and_weights
 from tailserve.tokenizer import Tokenizer
-from tests.integration.test_exactness import NEW_TOKENS, TOPICS, engine, greedy
+from tests.integration.test_exactness import TOPICS, engine, greedy, reference_continuations
 from tests.tiny import run_all
 
 pytestmark = pytest.mark.model
@@ -43,18 +43,7 @@ def gemma3(gemma3_path: Path) -> tuple[LlamaModel, list[list[int]], list[list[in
     assert lengths[0] <= 30 and config.sliding_window < lengths[-1] <= 700, lengths
     d, name = str(gemma3_path.parent), gemma3_path.name
     ref = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
-    outs = []
-    with torch.inference_mode():
-        for p in prompts:
-            gen = ref.generate(
-                torch.tensor([p]),
-                max_new_tokens=NEW_TOKENS,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-            outs.append(gen[0, len(p) :].tolist())
-    return model, prompts, outs
+    return model, prompts, reference_continuations(ref, prompts)
 
 
 def test_one_at_a_time_matches_transformers(gemma3) -> None:
