@@ -5,8 +5,8 @@
 //   kernel_check IN OUT    prints the tier it was compiled for
 // IN: records of little-endian int64 headers and raw arrays, each starting with an op:
 //   1 linear:    kind N K group M wbytes sbytes | w[wbytes] s[sbytes] x[M·K] bf16      → y[M·N] bf16
-//   2 attention: N H Hkv D bs blocks cols | q[N·H·D] f32, k, v [blocks·Hkv·bs·D] bf16, table[N·cols],
-//                lens[N] int64, scale f32                                             → out[N·H·D] bf16
+//   2 attention: N H Hkv D bs blocks cols window | q[N·H·D] f32, k, v [blocks·Hkv·bs·D] bf16,
+//                table[N·cols], lens[N] int64, scale f32 (window 0: whole context)   → out[N·H·D] bf16
 //   0 end
 #include <cstdio>
 #include <cstdlib>
@@ -56,7 +56,7 @@ std::vector<uint16_t> linear_case(Reader& in) {
 
 std::vector<uint16_t> attention_case(Reader& in) {
   const int64_t N = in.i64(), H = in.i64(), Hkv = in.i64(), D = in.i64(), bs = in.i64(), blocks = in.i64(),
-                cols = in.i64();
+                cols = in.i64(), window = in.i64();
   const auto q = in.array<float>(N * H * D);
   const auto k = in.array<uint16_t>(blocks * Hkv * bs * D);
   const auto v = in.array<uint16_t>(blocks * Hkv * bs * D);
@@ -64,11 +64,14 @@ std::vector<uint16_t> attention_case(Reader& in) {
   const auto lens = in.array<int64_t>(N);
   float scale;
   in.read(&scale, sizeof scale);
-  std::vector<int64_t> row_seq(N);
-  for (int64_t n = 0; n < N; ++n) row_seq[n] = n;
+  std::vector<int64_t> row_seq(N), starts(N);
+  for (int64_t n = 0; n < N; ++n) {
+    row_seq[n] = n;
+    starts[n] = window > 0 ? std::max<int64_t>(0, lens[n] - window) : 0;
+  }
   std::vector<uint16_t> out(N * H * D);
-  const PairAttentionArgs a{H,    Hkv,     D,    bs,  q.data(), H * D, k.data(), v.data(), table.data(), cols,
-                            row_seq.data(), lens.data(), scale, out.data(), H * D};
+  const PairAttentionArgs a{H,           Hkv,   D,          bs,    q.data(),      H * D, k.data(), v.data(), table.data(),
+                            cols,        row_seq.data(), lens.data(), scale, out.data(), H * D, starts.data()};
   pair_attention_items(a, 0, N * Hkv);
   return out;
 }

@@ -124,11 +124,15 @@ def pair_layout(kv: torch.Tensor, which: str) -> torch.Tensor:
     return kv.reshape(b, h, bs // 2, 2, d).permute(0, 1, 2, 4, 3).contiguous()
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 32), (8, 1, 128)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "window"),
+    [(9, 3, 64, 0), (4, 4, 32, 0), (8, 1, 128, 0), (4, 1, 256, 20)],  # SmolLM2; MHA; GQA 8; Gemma 3
+)
 def test_pair_attention_on_neon_matches_softmax(
-    binary: Path, tmp_path: Path, heads: int, kv_heads: int, dim: int
+    binary: Path, tmp_path: Path, heads: int, kv_heads: int, dim: int, window: int
 ) -> None:
-    """Ragged causal contexts over scattered blocks, the GQA groups the kernel instantiates."""
+    """Ragged causal contexts over scattered blocks, the GQA groups the kernel instantiates, and a
+    sliding window (the last `window` tokens)."""
     g = torch.Generator().manual_seed(heads * dim)
     bs, lens = 16, [1, 15, 16, 17, 70]
     cols = -(-max(lens) // bs)
@@ -139,7 +143,7 @@ def test_pair_attention_on_neon_matches_softmax(
     q = torch.randn(len(lens), heads, dim, generator=g)
     scale = dim**-0.5
     rec = (
-        header(2, len(lens), heads, kv_heads, dim, bs, blocks, cols)
+        header(2, len(lens), heads, kv_heads, dim, bs, blocks, cols, window)
         + q.numpy().tobytes()
         + bf16_bits(pair_layout(k, "k"))
         + bf16_bits(pair_layout(v, "v"))
@@ -150,7 +154,7 @@ def test_pair_attention_on_neon_matches_softmax(
     out = from_bf16(run(binary, tmp_path, [rec]), (len(lens), heads, dim))
     group = heads // kv_heads
     for n, ctx in enumerate(lens):
-        pos = torch.arange(ctx)
+        pos = torch.arange(max(0, ctx - window) if window else 0, ctx)
         rows = table[n, pos // bs]
         kn = k[rows, :, pos % bs].double().repeat_interleave(group, 1).transpose(0, 1)  # [H, L, D]
         vn = v[rows, :, pos % bs].double().repeat_interleave(group, 1).transpose(0, 1)
