@@ -232,7 +232,8 @@ class Client:
         return response
 
     async def send(self, request: Request, stream: bool = True) -> Response:
-        """Send `request`; the answer once its head has come (its body follows on `aiter_raw`)."""
+        """Send `request`; the answer once its head has come, its body to follow on `aiter_raw` (always
+        streamed: `stream` is httpx's signature)."""
         parts = urlsplit(request.url)
         scheme = parts.scheme
         host = parts.hostname or ""
@@ -261,10 +262,6 @@ class Client:
                 try:
                     conn.transport.write(data)  # type: ignore[union-attr]
                     await conn.wait(t.read, lambda c=conn: c.head_done)
-                    if not stream:
-                        response = Response(self, conn, t.read)
-                        await response.aread()
-                        return response
                     return Response(self, conn, t.read)
                 except _Stale:
                     self._drop(conn)
