@@ -168,3 +168,18 @@ def test_flags() -> None:
     assert args.bench_command == "compare"
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--concurrency", "0"])
+
+
+def test_chat_system_prompts_and_hot_share() -> None:
+    from collections import Counter
+
+    from tailserve.bench.workloads import WorkloadParams, build_workload
+
+    spread = build_workload("chat", 400, 3, WorkloadParams(system_prompts=8))
+    even = Counter(s.system for s in spread.sessions)
+    assert len(even) == 8 and min(even.values()) > 20
+    hot = build_workload("chat", 400, 3, WorkloadParams(system_prompts=8, hot_share=0.8))
+    counts = sorted(Counter(s.system for s in hot.sessions).values())
+    assert len(counts) == 8 and 0.7 < counts[-1] / 400 < 0.9
+    assert hot.params["hot_share"] == 0.8
+    assert len({s.system for s in build_workload("chat", 50, 3).sessions}) == 1  # the default: one prompt

@@ -40,6 +40,7 @@ class Fake:
     gap: float = 0.0  # seconds between stream chunks
     delay: float = 0.0  # seconds before answering
     waiting: float = 0.0  # the queue its /metrics reports
+    load: str | None = None  # its X-Tailserve-Load header on answers, and (parsed) its /load JSON
     requests: list[tuple[dict[str, Any], dict[str, str]]] = field(default_factory=list)
     closed_streams: int = 0  # streams that ended because the other side went away
     url: str = ""
@@ -56,7 +57,19 @@ class Fake:
                 f'tailserve:num_requests_waiting{{model="{self.model}"}} {self.waiting}\n'
             )
 
+        async def load(request: Request) -> Response:
+            if self.load is None:
+                return PlainTextResponse("no /load", status_code=404)
+            fields = dict(p.split("=") for p in self.load.split(";"))
+            return JSONResponse({"waiting": fields["waiting"], "predicted_ttft_s": fields["ttft"]})
+
         async def complete(request: Request) -> Response:
+            response = await answer(request)
+            if self.load is not None:
+                response.headers["x-tailserve-load"] = self.load
+            return response
+
+        async def answer(request: Request) -> Response:
             body = await request.json()
             self.requests.append((body, dict(request.headers)))
             step = self.step()
@@ -91,6 +104,7 @@ class Fake:
             routes=[
                 Route("/v1/models", models),
                 Route("/metrics", metrics),
+                Route("/load", load),
                 Route("/v1/chat/completions", complete, methods=["POST"]),
                 Route("/v1/completions", complete, methods=["POST"]),
             ]

@@ -265,3 +265,25 @@ def test_poller_reads_a_tailserve_backends_queue() -> None:
             while gw.metric("backend_reported_waiting") != 7 and time.monotonic() < end:
                 time.sleep(0.05)
             assert gw.metric("backend_reported_waiting") == 7
+
+
+def test_published_ttft_steers_requests_from_answers_and_polls() -> None:
+    slow, fast = Fake(load="waiting=4;ttft=3.0"), Fake(load="waiting=0;ttft=0.01")
+    with fakes(slow, fast):
+        # No poll: what steers is the header of each answer the gateway relays.
+        with gateway(one_model(slow.url, fast.url, policy="least_loaded")) as gw:
+            for _ in range(6):
+                assert httpx.post(gw.url + "/v1/chat/completions", json=chat()).status_code == 200
+            assert len(slow.requests) <= 1 and len(fast.requests) >= 5
+        # Polling /load alone steers the very first request.
+        slow.requests.clear()
+        config = one_model(slow.url, fast.url, policy="least_loaded", poll_interval=0.05)
+        for b in config["models"]["m"]["backends"]:
+            b["kind"] = "tailserve"
+        with gateway(config) as gw:
+            backend = gw.gateway.pools["m"].upstreams[slow.url + "/v1"].backend
+            end = time.monotonic() + 2
+            while backend.reported_ttft != 3.0 and time.monotonic() < end:
+                time.sleep(0.02)
+            assert httpx.post(gw.url + "/v1/chat/completions", json=chat()).status_code == 200
+            assert not slow.requests

@@ -118,14 +118,24 @@ events = st.lists(
     hot=st.floats(0.0, 1.0),
     events=events,
     seed=st.integers(0, 2**32 - 1),
+    ttfts=st.lists(st.one_of(st.none(), st.floats(0.0, 3.0)), min_size=6, max_size=6),
 )
 def test_property_no_backend_is_given_more_than_the_bound(
-    n: int, weights: list[float], load_factor: float, hot: float, events: list[tuple[str, int]], seed: int
+    n: int,
+    weights: list[float],
+    load_factor: float,
+    hot: float,
+    events: list[tuple[str, int]],
+    seed: int,
+    ttfts: list[float | None],
 ) -> None:
-    """Whatever the keys (any share on one hot prefix), every request the chooser places leaves its
-    backend within ceil(c · total · w / W): at most c times its weighted share of the mean."""
+    """Whatever the keys (any share on one hot prefix) and whatever TTFT the backends predict, every
+    request the chooser places leaves its backend within ceil(c · total · w / W): at most c times its
+    weighted share of the mean."""
     rng = random.Random(seed)
     backends = pool(n, weights[:n])
+    for b, ttft in zip(backends, ttfts):
+        b.report(ttft=ttft, now=0.0)
     c = Chooser(backends, load_factor)
     live: list[Lease] = []
     total_weight = sum(b.weight for b in backends)

@@ -100,6 +100,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--long-tokens", type=int, default=2048, help="straggler: approx tokens of the long prompt"
     )
     req.add_argument(
+        "--system-prompts",
+        type=int,
+        default=1,
+        help="chat: distinct system prompts the requests draw from (default 1: one shared prompt)",
+    )
+    req.add_argument(
+        "--hot-share",
+        type=float,
+        default=None,
+        help="chat: share of requests on the first system prompt (the rest spread evenly); default: all even",
+    )
+    req.add_argument(
         "--read-delay", type=float, default=0.1, help="slowreader: seconds slept after each streamed chunk"
     )
     req.add_argument(

@@ -137,6 +137,8 @@ async def benchmark(args: argparse.Namespace, loads: list[Load], slo: SLO, progr
         disconnect_share=args.disconnect_share,
         straggler_every=args.straggler_every,
         long_tokens=args.long_tokens,
+        system_prompts=args.system_prompts,
+        hot_share=args.hot_share,
         context_len=args.context_len or (context_len_of(card) if card else None),
     )
     try:

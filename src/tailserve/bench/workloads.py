@@ -146,6 +146,8 @@ class WorkloadParams:
 
     output_tokens: int = 128
     system_tokens: int = 400  # chat: the shared system prompt
+    system_prompts: int = 1  # chat: distinct system prompts (a prefix-affinity router's keys)
+    hot_share: float | None = None  # chat: share of requests on the first one; None: all even
     straggler_every: int = 10  # straggler: every n-th request is the long one
     long_tokens: int = 2048
     turns: tuple[int, int] = (3, 6)  # multiturn: turns per session (inclusive range)
@@ -159,6 +161,15 @@ def _user_turn(rng: random.Random, lo: int, hi: int) -> str:
     """A question plus a passage of log-uniform length in [lo, hi] approx tokens."""
     n = round(math.exp(rng.uniform(math.log(lo), math.log(hi))))
     return f"{rng.choice(_QUESTIONS)}\n\n{synth_text(rng, n)}"
+
+
+def _pick_system(rng: random.Random, systems: list[str | None], hot_share: float | None) -> str | None:
+    """One of `systems`: the first with probability `hot_share`, else one of the others evenly."""
+    if len(systems) == 1:
+        return systems[0]
+    if hot_share is None:
+        return rng.choice(systems)
+    return systems[0] if rng.random() < hot_share else rng.choice(systems[1:])
 
 
 def build_workload(name: str, num_requests: int, seed: int, params: WorkloadParams | None = None) -> Workload:
@@ -183,6 +194,9 @@ def build_workload(name: str, num_requests: int, seed: int, params: WorkloadPara
     if name == "oversized" and not p.context_len:
         raise ValueError("the oversized workload needs the context length (--context-len)")
     system = synth_text(rng, p.system_tokens) if name == "chat" else None
+    extra = p.system_prompts - 1 if name == "chat" else 0
+    systems = [system] + [synth_text(rng, p.system_tokens) for _ in range(extra)]
+    pick = random.Random(f"{name}:{seed}:systems")  # its own stream: the user turns stay the same
     for i in range(num_requests):
         if name == "chat":
             # ~46-token user turns after the ~400-token system prompt: ~450 prompt tokens in all, the
@@ -206,7 +220,7 @@ def build_workload(name: str, num_requests: int, seed: int, params: WorkloadPara
             turn = Turn(_user_turn(rng, 16, 400), out, tag="slowreader", slow_read=True)
         else:  # burst, and the well-behaved share of the unhappy workloads
             turn = Turn(_user_turn(rng, 16, 400), out)
-        sessions.append(Session((turn,), system))
+        sessions.append(Session((turn,), _pick_system(pick, systems, p.hot_share)))
     params: dict[str, float | int | None] = {}
     if name == "straggler":
         params = {"straggler_every": p.straggler_every, "long_tokens": p.long_tokens}
@@ -217,5 +231,7 @@ def build_workload(name: str, num_requests: int, seed: int, params: WorkloadPara
     elif name == "slowreader":
         params = {"slowreader_every": p.slowreader_every}
     elif name == "chat":
-        params = {"system_tokens": p.system_tokens}
+        params = {"system_tokens": p.system_tokens, "system_prompts": p.system_prompts}
+        if p.hot_share is not None:
+            params["hot_share"] = p.hot_share
     return Workload(name, sessions, "burst" if name == "burst" else "closed", params)

@@ -27,6 +27,7 @@ from tailserve.api.protocol import RoutingFields
 from tailserve.api.sse import SSEResponse
 from tailserve.gateway.attempts import Answer, Attempts, Call
 from tailserve.gateway.config import GatewayConfig
+from tailserve.gateway.fastpath import FastPath
 from tailserve.gateway.metrics import NO_BACKEND, GatewayMetrics
 from tailserve.gateway.relay import Relay
 from tailserve.gateway.tracing import GatewayTracing, end_span, passthrough
@@ -88,8 +89,9 @@ class Gateway:
         ]
 
 
-def build_app(gateway: Gateway) -> FastAPI:
-    """The app; its lifespan starts the load poller and closes the connection pools."""
+def build_app(gateway: Gateway) -> FastPath:
+    """The app; its lifespan starts the load poller and closes the connection pools. The completion
+    routes bypass FastAPI (fastpath.py); the rest are FastAPI routes."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -144,15 +146,13 @@ def build_app(gateway: Gateway) -> FastAPI:
             return error_response(e)
         return JSONResponse(card)
 
-    @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await _handle(gateway, request, "/chat/completions", "chatcmpl-")
 
-    @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await _handle(gateway, request, "/completions", "cmpl-")
 
-    return app
+    return FastPath(app, {"/v1/chat/completions": chat_completions, "/v1/completions": completions})
 
 
 async def _handle(gw: Gateway, request: Request, route: str, prefix: str) -> Response:

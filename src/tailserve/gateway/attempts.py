@@ -28,6 +28,7 @@ from opentelemetry.trace import Span
 
 from tailserve.api.errors import ApiError
 from tailserve.gateway.config import RetrySpec
+from tailserve.gateway.h1client import Response
 from tailserve.gateway.metrics import GatewayMetrics
 from tailserve.gateway.relay import Relay
 from tailserve.gateway.tracing import GatewayTracing, end_span
@@ -167,7 +168,7 @@ class Attempts:
         if self.tracing is not None and call.span is not None:
             span = self.tracing.attempt_span(call.span, model, up.name, number)
         outcome, label, status = "failure", "connect_error", None
-        response: httpx.Response | None = None
+        response: Response | None = None
         committed = False
         try:
             headers = {**call.headers, "content-type": "application/json"}
@@ -184,6 +185,7 @@ class Attempts:
             )
             label = "connect_error"
             response = await up.client.send(request, stream=True)
+            up.observe(response.headers, time.monotonic())
             status = response.status_code
             label = "timeout"
             if status >= 400:
@@ -230,5 +232,5 @@ class Attempts:
                 end_span(span, status, None if outcome != "failure" else label)
 
 
-def _passed(response: httpx.Response) -> dict[str, str]:
+def _passed(response: Response) -> dict[str, str]:
     return {h: response.headers[h] for h in PASS_HEADERS if h in response.headers}

@@ -94,6 +94,8 @@ class GatewayConfig(_Strict):
     deadline: float = Field(600.0, gt=0)
     max_body_bytes: int = Field(4 << 20, ge=1)
     load_factor: float = Field(1.25, ge=1.0)  # the chooser's bound: at most this × the mean load
+    policy: Literal["affinity", "least_loaded", "round_robin"] = "affinity"  # routing/chooser.py
+    ttft_slack: float = Field(0.25, ge=0)  # s: a backend predicting more than the best + this is passed over
     poll_interval: float = Field(1.0, ge=0)  # seconds between reads of tailserve backends' load; 0: off
     otel_exporter: Literal["console", "otlp"] | None = None
     retry: RetrySpec = Field(default_factory=RetrySpec)

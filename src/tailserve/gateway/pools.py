@@ -8,6 +8,7 @@ import logging
 import httpx
 
 from tailserve.gateway.config import GatewayConfig
+from tailserve.gateway.h1client import Client
 from tailserve.gateway.spawn import Spawned
 from tailserve.gateway.upstream import Pool, Upstream, api_base, list_models, make_client
 from tailserve.routing.backends import Backend
@@ -47,7 +48,7 @@ def resolve_urls(config: GatewayConfig, spawned: Spawned) -> dict[tuple[str, int
 def make_pools(config: GatewayConfig, urls: dict[tuple[str, int], list[tuple[str, str]]]) -> dict[str, Pool]:
     breaker = BreakerConfig(**config.breaker.model_dump())
     backends: dict[str, Backend] = {}
-    clients: dict[str, httpx.AsyncClient] = {}
+    clients: dict[str, Client] = {}
     pools: dict[str, Pool] = {}
     for name, spec in config.models.items():
         ups: dict[str, Upstream] = {}
@@ -67,6 +68,7 @@ def make_pools(config: GatewayConfig, urls: dict[tuple[str, int], list[tuple[str
                     client=clients[base],
                     api_key=b.api_key,
                 )
-        chooser = Chooser([u.backend for u in ups.values()], config.load_factor)
+        members = [u.backend for u in ups.values()]
+        chooser = Chooser(members, config.load_factor, config.policy, config.ttft_slack)
         pools[name] = Pool(name, ups, chooser, list(spec.fallback))
     return pools

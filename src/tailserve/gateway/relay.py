@@ -17,6 +17,7 @@ from opentelemetry.trace import Span
 
 from tailserve.api.errors import ApiError
 from tailserve.api.sse import DONE, sse_error
+from tailserve.gateway.h1client import Response
 from tailserve.gateway.metrics import GatewayMetrics
 from tailserve.gateway.tracing import end_span
 from tailserve.gateway.upstream import Upstream
@@ -32,7 +33,7 @@ def _end_with(err: ApiError) -> bytes:
 class Relay:
     model: str  # the public model served
     upstream: Upstream
-    response: httpx.Response
+    response: Response
     lease: Lease
     first: bytes
     chunks: AsyncIterator[bytes]

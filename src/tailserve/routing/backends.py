@@ -1,5 +1,6 @@
 """What the router knows of each backend: its share (weight) and cap, the requests in flight to it,
-the load it reports itself, when it asked us to back off (Retry-After), and its circuit breaker.
+the load it reports itself (queue, and predicted TTFT with its time), when it asked us to back off
+(Retry-After), and its circuit breaker.
 
 In-flight is counted by leases: `acquire` returns a `Lease` whose `release` is idempotent, and callers
 release it in a `finally`, so every path (success, error, client gone, timeout, hedge loser) gives the
@@ -8,6 +9,7 @@ slot back and the counts cannot drift.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from tailserve.routing.breaker import Breaker, BreakerConfig
@@ -22,6 +24,7 @@ class Backend:
     in_flight: int = 0
     reported_waiting: float = 0.0  # the backend's own queue, where it publishes one
     reported_ttft: float | None = None  # its predicted time to first token, where it publishes one
+    reported_at: float = -math.inf  # when `reported_ttft` was last published
     cooling_until: float = 0.0  # Retry-After: no traffic before this time
 
     @classmethod
@@ -62,12 +65,20 @@ class Backend:
         """The backend said Retry-After: send it nothing for that long."""
         self.cooling_until = max(self.cooling_until, now + seconds)
 
-    def report(self, waiting: float | None = None, ttft: float | None = None) -> None:
-        """Load the backend published (its metrics, or response headers)."""
+    def report(self, waiting: float | None = None, ttft: float | None = None, now: float = 0.0) -> None:
+        """Load the backend published at `now` (its /load or /metrics, or an answer's header)."""
         if waiting is not None:
             self.reported_waiting = max(0.0, waiting)
         if ttft is not None:
-            self.reported_ttft = ttft
+            self.reported_ttft = max(0.0, ttft)
+            self.reported_at = now
+
+    def predicted_ttft(self, now: float, max_age: float) -> float | None:
+        """The TTFT it last predicted, if published within `max_age` seconds; else None (unknown: judged
+        by counts alone). A stale prediction is dropped, not trusted: the queue it saw has moved."""
+        if self.reported_ttft is None or now - self.reported_at > max_age:
+            return None
+        return self.reported_ttft
 
 
 @dataclass

@@ -6,6 +6,15 @@ its key's point and takes the first backend whose load, counting this request, s
 `ceil(c · total · weight / total weight)`, c = `load_factor` ≥ 1. Requests without a key go to the
 least loaded backend.
 
+A backend's own predicted TTFT (a tailserve server publishes it: routing/load.py) weighs in within
+that bound: among the backends under it, one whose fresh prediction exceeds the best one's by more
+than `ttft_slack` seconds is passed over, by the ring walk and by least-loaded alike. Counts cannot
+see what makes a queue slow (long prompts queued, a slower machine); the prediction can, and the
+bound still holds because the prediction only ever narrows the set the bound allows.
+
+`policy` picks the rule: "affinity" (the above), "least_loaded" (the same without the ring), or
+"round_robin" (no load at all; a baseline to measure the others against).
+
 Why this and not "matched prefix − β·load": the bound is a guarantee, not a tuning outcome. No backend
 is ever given a request that would put it more than a factor c above the (weighted) mean, whatever the
 prefix mix (one hot system prompt cannot pile onto one worker, the failure of the cache-aware routers
@@ -25,6 +34,8 @@ from collections.abc import Collection, Sequence
 from tailserve.routing.backends import Backend
 
 POINTS_PER_WEIGHT = 64  # ring points per unit of weight: enough for an even split of keys
+POLICIES = ("affinity", "least_loaded", "round_robin")
+TTFT_MAX_AGE = 5.0  # seconds a published TTFT prediction is trusted
 
 
 def _hash(text: str) -> int:
@@ -39,13 +50,24 @@ def load_bound(backend: Backend, total: float, total_weight: float, load_factor:
 class Chooser:
     """A ring over one pool of backends (a model's), and the choice rule above."""
 
-    def __init__(self, backends: Sequence[Backend], load_factor: float = 1.25) -> None:
+    def __init__(
+        self,
+        backends: Sequence[Backend],
+        load_factor: float = 1.25,
+        policy: str = "affinity",
+        ttft_slack: float = 0.25,
+    ) -> None:
         if load_factor < 1.0:
             raise ValueError(f"load_factor must be >= 1, got {load_factor}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         if len({b.name for b in backends}) != len(backends):
             raise ValueError("backend names must be unique within a pool")
         self.backends = list(backends)
         self.load_factor = load_factor
+        self.policy = policy
+        self.ttft_slack = ttft_slack
+        self._turn = 0  # round_robin: where the next turn starts
         ring = []
         for i, b in enumerate(self.backends):
             for p in range(max(1, round(POINTS_PER_WEIGHT * b.weight))):
@@ -62,11 +84,12 @@ class Chooser:
         pool = fresh or ready
         if not pool:
             return None
-        if key is None or len(pool) == 1:
-            return self._least_loaded(pool)
-        total = sum(b.load for b in pool) + 1
-        weight = sum(b.weight for b in pool)
-        eligible = {b.name for b in pool}
+        if self.policy == "round_robin":
+            return self._round_robin(pool)
+        allowed = self._allowed(pool, now)
+        if key is None or len(pool) == 1 or self.policy == "least_loaded":
+            return self._least_loaded(allowed or pool)
+        names = {b.name for b in allowed}
         start = bisect.bisect(self._points, _hash(key))
         n = len(self._points)
         seen: set[int] = set()
@@ -75,12 +98,33 @@ class Chooser:
             if i in seen:
                 continue
             seen.add(i)
-            b = self.backends[i]
-            if b.name in eligible and b.load + 1 <= load_bound(b, total, weight, self.load_factor):
-                return b
+            if self.backends[i].name in names:
+                return self.backends[i]
             if len(seen) == len(self.backends):
                 break
         return self._least_loaded(pool)  # fractional reported loads can leave none under its bound
+
+    def _allowed(self, pool: list[Backend], now: float) -> list[Backend]:
+        """The backends of `pool` under the load bound, less those predicting a TTFT more than
+        `ttft_slack` above the best prediction among them (all of them, if none is within it)."""
+        total = sum(b.load for b in pool) + 1
+        weight = sum(b.weight for b in pool)
+        under = [b for b in pool if b.load + 1 <= load_bound(b, total, weight, self.load_factor)]
+        ttft = {b.name: b.predicted_ttft(now, TTFT_MAX_AGE) for b in under}
+        known = [t for t in ttft.values() if t is not None]
+        if not known:
+            return under
+        limit = min(known) + self.ttft_slack
+        return [b for b in under if (ttft[b.name] or 0.0) <= limit]
+
+    def _round_robin(self, pool: list[Backend]) -> Backend:
+        names = {b.name for b in pool}
+        for k in range(len(self.backends)):
+            b = self.backends[(self._turn + k) % len(self.backends)]
+            if b.name in names:
+                self._turn = (self._turn + k + 1) % len(self.backends)
+                return b
+        return pool[0]
 
     @staticmethod
     def _least_loaded(pool: list[Backend]) -> Backend:

@@ -33,6 +33,7 @@ from tailserve.config import ServerConfig
 from tailserve.engine.async_engine import AsyncEngine
 from tailserve.server.admission import Rejected, Ticket
 from tailserve.server.generation import Generation, SubRequest
+from tailserve.server.load import install_load
 from tailserve.server.responses import collect, finish_error, stream
 from tailserve.server.state import OpenAIServer, R, rejected
 
@@ -53,8 +54,8 @@ def build_app(
     server = OpenAIServer(engine, config, model_name, tracer_provider)
     app = FastAPI(title="tailserve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
-
     install_error_handlers(app, log)
+    install_load(app, server)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -1,0 +1,69 @@
+"""Published load in the choice: a backend's predicted TTFT narrows what the bound allows; policies."""
+
+from __future__ import annotations
+
+import pytest
+
+from tailserve.routing.backends import Backend
+from tailserve.routing.chooser import TTFT_MAX_AGE, Chooser
+from tailserve.routing.load import parse_header, parse_json
+
+
+def two(**kw: object) -> tuple[Backend, Backend, Chooser]:
+    a, b = Backend.make("a"), Backend.make("b")
+    return a, b, Chooser([a, b], **kw)  # type: ignore[arg-type]
+
+
+def test_parsing_is_forgiving() -> None:
+    assert parse_header("waiting=3;ttft=0.25") == (3.0, 0.25)
+    assert parse_header(" ttft = 1.5 ") == (None, 1.5)
+    assert parse_header("waiting=x;ttft=-1;ttft2=3") == (None, None)
+    assert parse_header(None) == (None, None)
+    assert parse_json({"waiting": 2, "predicted_ttft_s": 0.5}) == (2.0, 0.5)
+    assert parse_json({"waiting": 1, "predicted_ttft_s": None}) == (1.0, None)
+    assert parse_json([1]) == (None, None)
+
+
+def test_least_loaded_passes_over_a_backend_predicting_a_slow_first_token() -> None:
+    a, b, c = two(ttft_slack=0.25)
+    a.report(ttft=2.0, now=0.0)
+    b.report(ttft=0.1, now=0.0)
+    assert c.choose(None, 1.0) is b  # equal counts: the prediction decides
+    b.acquire(1.0)
+    assert c.choose(None, 1.0) is b  # and outweighs one more request in flight
+    a.report(ttft=0.3, now=1.0)
+    assert c.choose(None, 1.0) is a  # within the slack: counts decide again
+
+
+def test_affinity_leaves_its_backend_while_it_predicts_slow_and_comes_back() -> None:
+    a, b, c = two()
+    owner = c.choose("prefix:k", 0.0)
+    other = b if owner is a else a
+    assert owner is not None
+    owner.report(ttft=1.0, now=0.0)
+    other.report(ttft=0.05, now=0.0)
+    assert c.choose("prefix:k", 0.5) is other
+    assert c.choose("prefix:k", TTFT_MAX_AGE + 1) is owner  # a stale prediction is not trusted
+    owner.report(ttft=0.1, now=10.0)
+    assert c.choose("prefix:k", 10.0) is owner  # fast again: the key's cache is there
+
+
+def test_a_fast_prediction_never_lifts_a_backend_past_the_bound() -> None:
+    a, b, c = two(load_factor=1.0)
+    a.report(ttft=0.0, now=0.0)
+    b.report(ttft=5.0, now=0.0)
+    for _ in range(3):
+        a.acquire(0.0)
+    assert c.choose(None, 0.0) is b  # a holds 3 of 4: past ceil(1.0 · 4 / 2)
+    assert c.choose("prefix:any", 0.0) is b
+
+
+def test_policies() -> None:
+    a, b, rr = two(policy="round_robin")
+    a.acquire(0.0)
+    assert [rr.choose("prefix:k", 0.0).name for _ in range(4)] == ["a", "b", "a", "b"]  # type: ignore[union-attr]
+    a, b, ll = two(policy="least_loaded")
+    a.acquire(0.0)
+    assert {ll.choose(f"prefix:{i}", 0.0).name for i in range(20)} == {"b"}  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="policy"):
+        Chooser([a, b], policy="random")
