@@ -68,6 +68,8 @@ async def play(app: ASGIApp, scope: dict[str, Any], body: bytes) -> AsyncIterato
     async def run() -> None:
         try:
             await app({**scope, "state": {}}, receive, send)
+        except OSError:
+            pass  # the client left while the app was sending: its cleanup has run
         finally:
             out.put_nowait(None)
 

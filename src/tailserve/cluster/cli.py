@@ -32,8 +32,13 @@ def serve_cluster(cluster: ClusterConfig, engine: EngineConfig, server: ServerCo
     try:
         serve.start(http_options={"host": server.host, "port": server.port})
         serve.run(build(cluster, engine, server, model_name), name=APP_NAME, route_prefix="/")
-        log.info("serving %s on %d replica(s) at http://%s:%d", model_name, cluster.replicas or 1,
-                 server.host, server.port)
+        log.info(
+            "serving %s on %d replica(s) at http://%s:%d",
+            model_name,
+            cluster.replicas or 1,
+            server.host,
+            server.port,
+        )
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())

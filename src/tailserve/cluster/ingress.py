@@ -131,7 +131,9 @@ class Ingress:
 
     async def _respond(self, start: Start, gen: Any) -> Response:
         headers = {
-            k.decode("latin-1"): v.decode("latin-1") for k, v in start.headers if k.lower() != b"content-length"
+            k.decode("latin-1"): v.decode("latin-1")
+            for k, v in start.headers
+            if k.lower() != b"content-length"
         }
         if not headers.get("content-type", "").startswith("text/event-stream"):
             chunks = [start.body]

@@ -45,10 +45,15 @@ class IngressMetrics:
         self.registry = CollectorRegistry()
         reg = self.registry
         self.resent = Counter(
-            PREFIX + "resent", "Requests sent again because their replica died before answering.", registry=reg
+            PREFIX + "resent",
+            "Requests sent again because their replica died before answering.",
+            registry=reg,
         )
         self.rejected = Counter(
-            PREFIX + "rejected", "Requests the ingress refused or ended itself, by reason.", ["reason"], registry=reg
+            PREFIX + "rejected",
+            "Requests the ingress refused or ended itself, by reason.",
+            ["reason"],
+            registry=reg,
         )
         self.replicas = Gauge(PREFIX + "replicas", "Replicas the ingress routes to.", registry=reg)
         self.scrape_errors = Counter(

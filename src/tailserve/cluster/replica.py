@@ -70,13 +70,16 @@ class EngineReplica:
 
     def state(self, pin: str | None = None) -> dict[str, Any]:
         """Engine and admission figures, for tests and benchmarks (`pin` as for `metrics`)."""
-        s = self.engine.stats
+        import ray
+
+        engine = self.engine.engine
+        s = engine.stats
         return {
             "replica": self.name,
-            "free_blocks": s.num_free_blocks,
-            "total_blocks": s.num_total_blocks,
-            "running": s.num_running,
-            "waiting": s.num_waiting,
+            "node": ray.get_runtime_context().get_node_id(),
+            "requests": len(engine.requests),
+            "free_blocks": engine.block_manager.num_free_blocks,
+            "total_blocks": engine.block_manager.num_blocks,
             "prefix_queries": s.prefix_cache_queries,
             "prefix_hits": s.prefix_cache_hits,
             **routing_stats(self.server),

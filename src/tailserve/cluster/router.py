@@ -1,8 +1,8 @@
 """Ray Serve's request router for the replicas, as an adapter over routing/'s policy: prefix/session
 affinity bounded by load (`Chooser`), the same rule the gateway applies to its backends.
 
-A replica's load is the requests this router has in flight on it (counted on send, uncounted on
-completion, whatever the outcome) plus the queue the replica reports (`record_routing_stats`, every
+A replica's load is the requests this router has in flight on it (counted when chosen, moved if Ray
+sends it elsewhere, uncounted on completion whatever the outcome) plus the queue the replica reports (`record_routing_stats`, every
 `stats_period` seconds). The router returns every replica ranked, one per rank, so when its pick turns
 out full (Ray's `max_ongoing_requests`) Ray goes down the list rather than waiting on the pick.
 
@@ -21,6 +21,7 @@ from tailserve.routing.backends import Backend
 from tailserve.routing.chooser import Chooser
 
 log = logging.getLogger("tailserve.cluster")
+UNCONFIRMED_HOLD = 5.0  # seconds a choice stays counted without Ray confirming the send
 # The routers of this process by (app, deployment), so the ingress can list the replicas it routes to.
 LIVE: dict[tuple[str, str], AffinityRouter] = {}
 
@@ -36,6 +37,8 @@ class AffinityRouter(RequestRouter):
         self.load_factor = load_factor
         self._backends: dict[str, Backend] = {}
         self._chooser: Chooser | None = None
+        # Request id → (replica it is counted on, whether Ray confirmed it went there, when counted).
+        self._held: dict[str, tuple[str, bool, float]] = {}
         dep = self._deployment_id
         # Ray may have unpickled this class by value: the module imported by name is the process's own.
         from tailserve.cluster import router
@@ -54,6 +57,10 @@ class AffinityRouter(RequestRouter):
         if self._chooser is None or set(names) != set(self._backends):
             self._backends = {n: self._backends.get(n) or Backend.make(n) for n in names}
             self._chooser = Chooser(list(self._backends.values()), self.load_factor)
+        now = time.monotonic()
+        for rid, (_, routed, since) in list(self._held.items()):
+            if not routed and now - since > UNCONFIRMED_HOLD:  # chosen, then never sent (cancelled)
+                self._release(rid)
         for name, r in zip(names, replicas):
             b = self._backends[name]
             b.max_concurrency = r.max_ongoing_requests
@@ -75,16 +82,28 @@ class AffinityRouter(RequestRouter):
             return [[by_name[pin]]] if pin in by_name else []
         chooser = self._sync(list(self.curr_replicas.values()))
         ranked = chooser.rank(kwargs.get("key"), time.monotonic(), kwargs.get("tried", ()))
+        if ranked and pending_request is not None:
+            # Counted at once, not when Ray has sent it: requests routed meanwhile must see it.
+            self._hold(pending_request.metadata.internal_request_id, ranked[0].name, routed=False)
         ranks = [[by_name[b.name]] for b in ranked if b.name in by_name]
         return ranks or [candidate_replicas]
 
-    def on_send_request(self, replica_id: ReplicaID) -> None:
-        super().on_send_request(replica_id)
-        b = self._backends.get(replica_name(replica_id))
+    def _hold(self, request_id: str, name: str, routed: bool) -> None:
+        """Count `request_id` on replica `name` (moving it if it was counted elsewhere)."""
+        self._release(request_id)
+        b = self._backends.get(name)
         if b is not None:
             b.in_flight += 1
+            self._held[request_id] = (name, routed, time.monotonic())
+
+    def _release(self, request_id: str) -> None:
+        held = self._held.pop(request_id, None)
+        if held is not None and held[0] in self._backends:
+            b = self._backends[held[0]]
+            b.in_flight = max(0, b.in_flight - 1)
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        self._hold(pending_request.metadata.internal_request_id, replica_name(replica_id), routed=True)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        b = self._backends.get(replica_name(replica_id))
-        if b is not None:
-            b.in_flight = max(0, b.in_flight - 1)
+        self._release(internal_request_id)
