@@ -170,9 +170,7 @@ def test_burst_scales_up_then_down_when_idle(cluster: LiveCluster) -> None:
             r = await client.post(cluster.base_url + "/completions", json=body)
             statuses[r.status_code] += 1
             if r.status_code == 429:
-                assert (
-                    r.json()["error"]["code"] in ("cluster_full", "queue_full") and r.headers["retry-after"]
-                )
+                assert r.headers["retry-after"]
                 await asyncio.sleep(0.2)
 
     async def main() -> None:

@@ -16,7 +16,7 @@ import dataclasses
 from typing import Any
 
 from ray import serve
-from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+from ray.serve.config import AutoscalingConfig, BackpressureConfig, RequestRouterConfig
 
 from tailserve.cluster.config import REPLICA_DEPLOYMENT, ClusterConfig
 from tailserve.cluster.ingress import Ingress
@@ -32,6 +32,8 @@ def replica_options(cluster: ClusterConfig, engine: EngineConfig, server: Server
         # A replica takes what its engine can run or queue; beyond that Ray tries the next replica.
         "max_ongoing_requests": engine.max_num_seqs + server.max_queue,
         "max_queued_requests": cluster.max_queued,
+        # Past that cap the caller gets 429 + Retry-After, as from one full server (Ray's default: 503).
+        "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=1),
         "ray_actor_options": {"num_cpus": cluster.replica_cpus},
         "request_router_config": RequestRouterConfig(
             request_router_class=AffinityRouter,

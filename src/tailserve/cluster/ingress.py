@@ -101,11 +101,13 @@ class Ingress:
 
     async def _send(self, scope: dict[str, Any], body: bytes, key: str | None) -> Response:
         for attempt in range(ATTEMPTS):
-            gen = self.streams.forward.remote(scope, body, key=key)
+            gen = None
             try:
+                gen = self.streams.forward.remote(scope, body, key=key)
                 start = await gen.__anext__()
             except BackPressureError as e:
-                gen.cancel()
+                if gen is not None:
+                    gen.cancel()
                 self.metrics.rejected.labels("cluster_full").inc()
                 retry = str(max(1, round(e.retry_after_s or 1)))
                 err = ApiError(
@@ -116,12 +118,14 @@ class Ingress:
                 )
                 return error_response(err)
             except LOST as e:
-                gen.cancel()
+                if gen is not None:
+                    gen.cancel()
                 self.metrics.resent.inc()
                 log.warning("replica lost before answering (attempt %d): %s", attempt + 1, e)
                 continue
             except BaseException:
-                gen.cancel()  # the client left (the handler was cancelled): the replica's request ends too
+                if gen is not None:
+                    gen.cancel()  # the client left (handler cancelled): the replica's request ends too
                 raise
             assert isinstance(start, Start)
             return await self._respond(start, gen)
@@ -193,15 +197,12 @@ class Ingress:
         """Every replica's metrics with a `replica` label, then the ingress's own."""
         names = await self.replica_names()
 
-        async def one(name: str) -> tuple[str, bytes]:
-            return await asyncio.wait_for(self.replicas.metrics.remote(pin=name), SCRAPE_TIMEOUT)
-
         texts = []
-        for got in await asyncio.gather(*(one(n) for n in names), return_exceptions=True):
-            if isinstance(got, BaseException):
+        for name in names:  # one at a time: a few ms each, and a stuck replica costs only its timeout
+            try:
+                texts.append(await asyncio.wait_for(self.replicas.metrics.remote(pin=name), SCRAPE_TIMEOUT))
+            except Exception:
                 self.metrics.scrape_errors.inc()
-            else:
-                texts.append(got)
         self.metrics.replicas.set(len(names))
         body = await asyncio.to_thread(merge, texts)
         return Response(body + self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
