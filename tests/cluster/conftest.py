@@ -20,7 +20,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from tailserve.cluster.app import build  # noqa: E402
 from tailserve.cluster.config import REPLICA_DEPLOYMENT, ClusterConfig  # noqa: E402
 from tailserve.config import EngineConfig, ServerConfig  # noqa: E402
-from tests.tiny import write_hf_folder  # noqa: E402
+from tests.tiny_weights import write_hf_folder  # noqa: E402
 
 MODEL = "tiny"
 APP = "tailtest"

@@ -36,10 +36,10 @@ def replica_options(cluster: ClusterConfig, engine: EngineConfig, server: Server
         "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=1),
         "ray_actor_options": {"num_cpus": cluster.replica_cpus},
         "request_router_config": RequestRouterConfig(
-            request_router_class=AffinityRouter,
             request_router_kwargs={"load_factor": cluster.load_factor},
             request_routing_stats_period_s=cluster.stats_period,
             request_routing_stats_timeout_s=max(1.0, 4 * cluster.stats_period),
+            **({"request_router_class": AffinityRouter} if cluster.router == "affinity" else {}),
         ),
         "graceful_shutdown_timeout_s": server.shutdown_grace,
         "graceful_shutdown_wait_loop_s": 0.5,

@@ -25,10 +25,13 @@ class ClusterConfig:
     load_factor: float = 1.25  # affinity's load bound: no replica above this factor of the mean
     stats_period: float = 0.5  # seconds between the replicas' routing-stats reports
     ingress_cpus: float = 0.5  # CPUs Ray reserves for the ingress
+    router: str = "affinity"  # affinity (routing/'s bounded-load affinity) | ray (Ray's power of two)
 
     def __post_init__(self) -> None:
         if self.max_replicas is not None and self.max_replicas < max(self.replicas, 1):
             raise ValueError(f"--max-replicas {self.max_replicas} is below --replicas {self.replicas}")
+        if self.router not in ("affinity", "ray"):
+            raise ValueError(f"--router must be affinity or ray, not {self.router!r}")
         if self.replica_cpus <= 0:
             raise ValueError("--replica-cpus must be > 0")
 
