@@ -56,6 +56,13 @@ def request_key(method: str, body: bytes, session: str | None) -> str | None:
     return affinity_key(obj, session) if isinstance(obj, dict) else None
 
 
+def cancel(gen: Any) -> None:
+    """End a replica call (its replica sees its stream closed); a call that failed may raise again."""
+    if gen is not None:
+        with contextlib.suppress(Exception):
+            gen.cancel()
+
+
 class Ingress:
     """The ingress deployment's user class; Ray Serve serves `__serve_build_asgi_app__`'s app."""
 
@@ -105,9 +112,7 @@ class Ingress:
             try:
                 gen = self.streams.forward.remote(scope, body, key=key)
                 start = await gen.__anext__()
-            except BackPressureError as e:
-                if gen is not None:
-                    gen.cancel()
+            except BackPressureError as e:  # nothing was sent (and cancelling would raise it again)
                 self.metrics.rejected.labels("cluster_full").inc()
                 retry = str(max(1, round(e.retry_after_s or 1)))
                 err = ApiError(
@@ -118,14 +123,12 @@ class Ingress:
                 )
                 return error_response(err)
             except LOST as e:
-                if gen is not None:
-                    gen.cancel()
+                cancel(gen)
                 self.metrics.resent.inc()
                 log.warning("replica lost before answering (attempt %d): %s", attempt + 1, e)
                 continue
             except BaseException:
-                if gen is not None:
-                    gen.cancel()  # the client left (handler cancelled): the replica's request ends too
+                cancel(gen)  # the client left (handler cancelled): the replica's request ends too
                 raise
             assert isinstance(start, Start)
             return await self._respond(start, gen)
@@ -145,7 +148,7 @@ class Ingress:
                 async for item in gen:
                     chunks.append(item)
             finally:
-                gen.cancel()
+                cancel(gen)
             return Response(b"".join(chunks), start.status, headers)
 
         async def relay() -> AsyncIterator[bytes]:
@@ -159,7 +162,7 @@ class Ingress:
                 err = ApiError(502, "the replica serving this stream died", code="replica_lost")
                 yield (sse_error(err) + DONE).encode()
             finally:
-                gen.cancel()
+                cancel(gen)
 
         return StreamingResponse(relay(), start.status, headers)
 
