@@ -175,17 +175,21 @@ def test_burst_scales_up_then_down_when_idle(cluster: LiveCluster) -> None:
                 )
                 await asyncio.sleep(0.2)
 
-    async def main() -> None:
+    async def main() -> float:
         stop = asyncio.Event()
         async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=100)) as client:
             tasks = [asyncio.create_task(worker(client, stop)) for _ in range(48)]
             try:
-                await asyncio.to_thread(cluster.wait_replicas, 3, 90)
+                return await asyncio.to_thread(cluster.wait_replicas, 3, 90)
             finally:
                 stop.set()
                 await asyncio.gather(*tasks)
 
-    asyncio.run(main())
+    scale_up = asyncio.run(main())
+    init = max(s["init_s"] for s in cluster.states())
+    print(
+        f"scale-up: {scale_up:.1f} s from the burst to 3 replicas serving; a replica's own start {init:.2f} s"
+    )
     assert statuses[200] and set(statuses) <= {200, 429}, statuses
     assert statuses[429], statuses  # every replica full and the ingress queue at its cap
     wait_idle(cluster, timeout=10)

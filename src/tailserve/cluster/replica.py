@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -42,12 +43,14 @@ class EngineReplica:
     def __init__(self, engine_config: EngineConfig, server_config: ServerConfig, model_name: str) -> None:
         from ray import serve
 
+        t0 = time.perf_counter()
         self.name = serve.get_replica_context().replica_id.unique_id
         self.grace = server_config.shutdown_grace
         self.engine = AsyncEngine.from_config(engine_config)
         self.app = build_app(self.engine, server_config, model_name)
         self.server = self.app.state.server
-        log.info("replica %s serving %s", self.name, model_name)
+        self.init_s = time.perf_counter() - t0  # model load to ready (the process start is Ray's)
+        log.info("replica %s serving %s (ready in %.2f s)", self.name, model_name, self.init_s)
 
     async def forward(
         self, scope: dict[str, Any], body: bytes, key: str | None = None, tried: tuple[str, ...] = ()
@@ -76,6 +79,7 @@ class EngineReplica:
         s = engine.stats
         return {
             "replica": self.name,
+            "init_s": self.init_s,
             "node": ray.get_runtime_context().get_node_id(),
             "requests": len(engine.requests),
             "free_blocks": engine.block_manager.num_free_blocks,
