@@ -3,7 +3,7 @@
 With `--replicas` alone, a local Ray is started for this process (and stopped with it); with
 `--ray-address`, the app is deployed onto that cluster (`ray start` on every node; the tailserve
 package and the model must be installed on each node). The HTTP front is Ray Serve's proxy on
-`--host:--port`, in front of our ingress.
+`--host:--port`, in front of our ingress. SIGTERM to this process drains the replicas and stops.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from tailserve.config import EngineConfig, ServerConfig
 
 log = logging.getLogger("tailserve.cluster")
 APP_NAME = "tailserve"
+DELETE_SLACK = 10.0  # seconds past the drain grace that deleting the app may take
 
 
 def serve_cluster(cluster: ClusterConfig, engine: EngineConfig, server: ServerConfig, model_name: str) -> int:
@@ -44,7 +45,11 @@ def serve_cluster(cluster: ClusterConfig, engine: EngineConfig, server: ServerCo
             signal.signal(sig, lambda *_: stop.set())
         stop.wait()
         log.info("shutting down: replicas drain (up to %g s)", server.shutdown_grace)
-        serve.delete(APP_NAME)  # Ray stops routing to the replicas, waits for their requests, then __del__
+        # Ray stops routing to the replicas, waits for their requests, then calls __del__. Bounded: a
+        # terminal's Ctrl-C reaches Ray's own processes too, and a delete without them would hang.
+        delete = threading.Thread(target=serve.delete, args=(APP_NAME,), daemon=True)
+        delete.start()
+        delete.join(server.shutdown_grace + DELETE_SLACK)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -53,10 +53,10 @@ class EngineReplica:
         log.info("replica %s serving %s (ready in %.2f s)", self.name, model_name, self.init_s)
 
     async def forward(
-        self, scope: dict[str, Any], body: bytes, key: str | None = None, tried: tuple[str, ...] = ()
+        self, scope: dict[str, Any], body: bytes, key: str | None = None
     ) -> AsyncIterator[Start | bytes]:
-        """One HTTP request through this replica's app: its Start, then its body. `key` and `tried` are
-        for the router (affinity key; replicas that already failed this request)."""
+        """One HTTP request through this replica's app: its Start, then its body. `key` (the affinity
+        key) is for the router."""
         async for item in play(self.app, scope, body):
             if isinstance(item, Start):
                 item.headers.append((b"x-tailserve-replica", self.name.encode()))

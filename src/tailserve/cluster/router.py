@@ -32,7 +32,7 @@ def replica_name(replica_id: ReplicaID) -> str:
 
 
 class AffinityRouter(RequestRouter):
-    """Routes `EngineReplica.forward` calls by their `key` (affinity) and `tried` (replicas that failed)."""
+    """Routes `EngineReplica.forward` calls by their `key` (affinity); other calls may be pinned."""
 
     def initialize_state(self, load_factor: float = 1.25, **kwargs: Any) -> None:
         self.load_factor = load_factor
@@ -82,7 +82,7 @@ class AffinityRouter(RequestRouter):
         if pin is not None:
             return [[by_name[pin]]] if pin in by_name else []
         chooser = self._sync(list(self.curr_replicas.values()))
-        ranked = chooser.rank(kwargs.get("key"), time.monotonic(), kwargs.get("tried", ()))
+        ranked = chooser.rank(kwargs.get("key"), time.monotonic())
         if ranked and pending_request is not None:
             # Counted at once, not when Ray has sent it: requests routed meanwhile must see it.
             self._hold(pending_request.metadata.internal_request_id, ranked[0].name, routed=False)
