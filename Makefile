@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+ARM_STAMP := $(VENV)/.installed-arm-tools
 HOST ?= 127.0.0.1
 PORT ?= 8000
 ARGS ?=
@@ -29,7 +30,17 @@ fetch: $(STAMP)
 serve: fetch
 	$(BIN)/tailserve serve --host $(HOST) --port $(PORT) $(ARGS)
 
-test: fetch $(TEST_STAMP)
+# The AArch64 tier's tests cross-compile its kernels and run them under qemu-user (Debian's packages,
+# installed where apt can; elsewhere those tests skip, saying why).
+$(ARM_STAMP): $(STAMP)
+	@(command -v qemu-aarch64 && command -v aarch64-linux-gnu-g++) >/dev/null || \
+	  ( [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    (apt-get install -y -q qemu-user g++-aarch64-linux-gnu >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q qemu-user g++-aarch64-linux-gnu >/dev/null 2>&1)) ) || \
+	  echo "qemu-user / g++-aarch64-linux-gnu not installable here: the AArch64 tier's tests will skip"
+	touch $(ARM_STAMP)
+
+test: fetch $(TEST_STAMP) $(ARM_STAMP)
 	# The second real model, for the Gemma 3 tests (make serve does not need it).
 	$(BIN)/tailserve fetch --model gemma3-270m
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -65,15 +65,41 @@ WEIGHT_BYTES = {  # bytes of weights one step reads
 }
 PEAK_KEY = {"tailserve": "int8_gop_s", "llamacpp": "int8_gop_s", "vllm": "bf16_gflop_s"}
 
+# The same facts of the other models peers.py runs (--model), by name.
+MODELS = {
+    "smollm2-135m-instruct": {
+        "params": PARAMS,
+        "kv_bytes_per_token": KV_BYTES_PER_TOKEN,
+        "weight_bytes": WEIGHT_BYTES,
+    },
+    "gemma3-270m": {
+        "params": 268.1e6,  # 167.8e6 of them the tied embedding, read whole by the head every step
+        "kv_bytes_per_token": 18 * 1 * 256 * 2 * 2,  # (below the 512-token window every layer reads all)
+        "weight_bytes": {
+            "tailserve": 268.1e6 * 1.125,  # int8 per group of 32 (the GGUF's `auto`: int8) + fp16 scales
+            "llamacpp": 253.1e6,  # the Q4_K_M GGUF (Q5_0, Q4_K, Q6_K, Q8_0 head) as it is
+            "vllm": 2 * 268.1e6,  # bf16
+        },
+    },
+}
 
-def shares(server: str, row: dict, concurrency: int, ceil: dict[str, float], output_tokens: int) -> dict:
+
+def shares(
+    server: str,
+    row: dict,
+    concurrency: int,
+    ceil: dict[str, float],
+    output_tokens: int,
+    model: str = "smollm2-135m-instruct",
+) -> dict:
     """A peers.py row's share of the ceilings: bandwidth, as the bytes a decode step reads (weights and
     each stream's KV at its mean context) over the median inter-token gap; compute, as the decode
     FLOPs of the output tokens per second (a lower bound: prefill and attention left out)."""
+    facts = MODELS[model]
     ctx = row["prompt_tokens_mean"] + output_tokens / 2
-    step_bytes = WEIGHT_BYTES[server] + concurrency * ctx * KV_BYTES_PER_TOKEN
+    step_bytes = facts["weight_bytes"][server] + concurrency * ctx * facts["kv_bytes_per_token"]
     bw = step_bytes / row["itl_p50"] / 1e9 / ceil["read_gb_s"]
-    compute = row["output_tok_s"] * 2 * PARAMS / 1e9 / ceil[PEAK_KEY[server]]
+    compute = row["output_tok_s"] * 2 * facts["params"] / 1e9 / ceil[PEAK_KEY[server]]
     return {"bandwidth_share": bw, "compute_share": compute}
 
 

@@ -10,6 +10,11 @@ machine's bandwidth and compute ceilings (ceilings.py, measured first), and writ
 benchmarks/recorded/peers.json.
 
     .venv/bin/python benchmarks/peers.py [--peers tailserve,llamacpp,vllm] [--concurrency 1,8,16] [--rounds 3]
+        [--model gemma3-270m]
+
+Every server serves the same GGUF (`--model`, a name ceilings.MODELS knows; tailserve gets it as
+`--model`). The default model's results go to peers.json (peers-<tier>.json for a capped tier),
+another model's to peers-<model>.json.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import json
 import os
 import statistics
 
-from ceilings import measure, shares
+from ceilings import MODELS, measure, shares
 from harness import PEERS, RECORDED, RESULTS, closed_loop, header, serving, tailserve_cmd
 
 from tailserve.bench.stats import dist
@@ -28,18 +33,21 @@ from tailserve.layers import kernels
 from tailserve.models.loader import resolve_model
 
 PORTS = {"tailserve": 8100, "llamacpp": 8101, "vllm": 8102}
+DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
-def server_cmd(name: str, gguf: str, extra: list[str]) -> list[str]:
+def server_cmd(name: str, gguf: str, extra: list[str], model: str) -> list[str]:
     port = str(PORTS[name])
     if name == "tailserve":
-        return tailserve_cmd(PORTS[name], *extra)
+        return tailserve_cmd(PORTS[name], "--model", model, *extra)
     if name == "llamacpp":
         return ["bash", str(PEERS / "llama_server.sh"), "serve", gguf, port, "16"]
     return ["bash", str(PEERS / "vllm_cpu.sh"), "serve", gguf, port]
 
 
-def pooled(rounds: list[dict], c: int, name: str, ceil: dict[str, float], output_tokens: int) -> dict:
+def pooled(
+    rounds: list[dict], c: int, name: str, ceil: dict[str, float], output_tokens: int, model: str
+) -> dict:
     """One table row from a server's rounds at concurrency c: percentiles over every completed request
     of every round, throughput the median round's."""
     done = [r for run in rounds for r in run["requests"] if r["status"] == "ok"]
@@ -56,7 +64,7 @@ def pooled(rounds: list[dict], c: int, name: str, ceil: dict[str, float], output
         "output_tok_s": statistics.median(run["summary"]["throughput"]["output_tok_per_s"] for run in rounds),
         "prompt_tokens_mean": statistics.fmean(run["summary"]["tokens"]["prompt"]["mean"] for run in rounds),
     }
-    return row | shares(name, row, c, ceil, output_tokens)
+    return row | shares(name, row, c, ceil, output_tokens, model)
 
 
 def main() -> None:
@@ -69,8 +77,11 @@ def main() -> None:
     ap.add_argument("--output-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3, help="alternated rounds pooled per row")
     ap.add_argument("--tailserve-args", default="", help="extra flags for tailserve serve")
+    ap.add_argument(
+        "--model", default=DEFAULT_MODEL, choices=list(MODELS), help="the GGUF every server serves"
+    )
     args = ap.parse_args()
-    gguf = str(resolve_model("smollm2-135m-instruct"))
+    gguf = str(resolve_model(args.model))
     levels = [int(c) for c in args.concurrency.split(",")]
     ceil = measure()
     print("ceilings", ceil, flush=True)
@@ -80,7 +91,7 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         urls = {}
         for name in names:
-            cmd, log = server_cmd(name, gguf, extra), RESULTS / f"{name}.log"
+            cmd, log = server_cmd(name, gguf, extra, args.model), RESULTS / f"{name}.log"
             urls[name] = stack.enter_context(serving(cmd, PORTS[name], log))
         for c in levels:
             n = max(16, args.requests_per_stream * c)
@@ -92,14 +103,16 @@ def main() -> None:
                     t = run["summary"]["latency"]["ttft_s"]
                     print(f"{name} c={c} r{rnd}: TTFT p50 {t['p50']:.3f}, p99 {t['p99']:.3f} s", flush=True)
     results = {
-        name: {c: pooled(rounds, c, name, ceil, args.output_tokens) for c, rounds in by_c.items()}
+        name: {c: pooled(rounds, c, name, ceil, args.output_tokens, args.model) for c, rounds in by_c.items()}
         for name, by_c in runs.items()
     }
     RECORDED.mkdir(parents=True, exist_ok=True)
     # A capped tier's run goes beside the machine's own (BENCHMARKS.md quotes both).
     out = "peers.json" if ceil["tier"] == kernels.runnable_tiers()[0] else f"peers-{ceil['tier']}.json"
+    if args.model != DEFAULT_MODEL:
+        out = out.replace("peers", f"peers-{args.model}")
     (RECORDED / out).write_text(json.dumps({"ceilings": ceil, **results}, indent=2))
-    cmd = f"python benchmarks/peers.py --peers {args.peers} --rounds {args.rounds}"
+    cmd = f"python benchmarks/peers.py --peers {args.peers} --rounds {args.rounds} --model {args.model}"
     print(header("tailserve vs peers, chat workload", cmd))
     print(
         f"llama.cpp build: {os.environ.get('LLAMA_CPU_TIER', 'native')}. Ceilings (tier {ceil['tier']}): "

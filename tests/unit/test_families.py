@@ -18,7 +18,7 @@ import torch
 
 from tailserve.config import EngineConfig
 from tailserve.engine.engine import LLMEngine
-from tailserve.models.fused import fused_supported
+from tailserve.models.fused import FusedLlama, fused_supported
 from tailserve.models.llama import LlamaModel
 from tailserve.models.loader import ModelLoadError, load_config, load_config_and_weights
 from tailserve.sampling import SamplingParams
@@ -153,7 +153,6 @@ def assert_same(got: tuple[list[int], list[float]], want: tuple[list[int], list[
 
 def engine(folder: Path, **options) -> LLMEngine:
     config, weights = load_config_and_weights(folder)
-    assert not fused_supported(config), "a family the fused step does not implement ran fused"
     model = LlamaModel(config, weights, torch.float32).eval()
     options = {"kv_cache_memory": 0.01, "block_size": 4, **options}
     return LLMEngine(EngineConfig(model=folder.name, **options), model)
@@ -201,9 +200,9 @@ def test_ngram_speculation_keeps_greedy_output(family) -> None:
     assert eng.spec.num_draft_tokens > 0
 
 
-def test_engine_serves_the_family_on_the_pytorch_model(family, tmp_path) -> None:
-    """Where the fused step could run (bf16, CPU, blocks of 16, --fused), a family it does not
-    implement still gets the PyTorch model, and serves."""
+def test_engine_serves_the_family_on_the_fused_step(family, tmp_path) -> None:
+    """Where the fused step runs (bf16, CPU, blocks of 16, --fused, a compiler), every family gets it
+    (test_families_fused.py checks its numbers), and serves."""
     folder, _ = family
     model_dir = shutil.copytree(folder, tmp_path / "model")
     Tokenizer.from_gguf(tiny_bpe_path(tmp_path / "tok.gguf"))._backend.save(str(model_dir / "tokenizer.json"))
@@ -211,7 +210,7 @@ def test_engine_serves_the_family_on_the_pytorch_model(family, tmp_path) -> None
         model=str(model_dir), dtype="bfloat16", device="cpu", block_size=16, kv_cache_memory=0.01, fused=True
     )
     eng = LLMEngine.from_config(config)
-    assert isinstance(eng.model, LlamaModel)
+    assert isinstance(eng.model, FusedLlama if fused_supported(eng.model.config) else LlamaModel)
     eng.add_request("r", prompts()[2], greedy())
     assert len(run(eng)["r"][0]) == NEW_TOKENS
 

@@ -18,8 +18,10 @@ AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"}
         (AVX2 | {"avx_vnni"}, "x86_64", "avx-vnni"),  # Alder Lake and later client chips
         (AVX2, "x86_64", "avx2"),  # Zen 1-3, Haswell to Comet Lake
         (AVX2 - {"f16c"}, "x86_64", "portable"),
-        (frozenset({"asimd", "asimddp"}), "aarch64", "portable"),
+        (frozenset({"fp", "asimd", "asimddp"}), "aarch64", "neon-dotprod"),  # Graviton 2, Apple M1
+        (frozenset({"fp", "asimd"}), "aarch64", "portable"),  # Cortex-A72: no dot product
         (AVX512 | {"avx512_bf16"}, "aarch64", "portable"),  # x86 flags mean nothing elsewhere
+        (frozenset({"asimd", "asimddp"}), "x86_64", "portable"),
     ],
 )
 def test_best_tier_from_flags(flags: frozenset[str], machine: str, best: str) -> None:
@@ -33,6 +35,10 @@ def test_cap_gives_the_best_runnable_tier_at_or_below_it() -> None:
     assert kernels.choose_tier("avx-vnni", flags, "x86_64") == "avx2"  # this CPU lacks AVX-VNNI
     assert kernels.choose_tier("avx512-bf16", AVX2, "x86_64") == "avx2"  # a cap never raises a tier
     assert kernels.choose_tier("portable", flags, "x86_64") == "portable"
+    arm = frozenset({"asimd", "asimddp"})
+    assert kernels.choose_tier("neon-dotprod", arm, "aarch64") == "neon-dotprod"
+    assert kernels.choose_tier("avx2", arm, "aarch64") == "portable"  # another family's tier: portable
+    assert kernels.choose_tier("neon-dotprod", flags, "x86_64") == "portable"
     with pytest.raises(ValueError, match="TAILSERVE_CPU_TIER='avx3'"):
         kernels.choose_tier("avx3", flags, "x86_64")
 
@@ -40,6 +46,12 @@ def test_cap_gives_the_best_runnable_tier_at_or_below_it() -> None:
 def test_each_tier_builds_with_its_own_flags_into_its_own_folder() -> None:
     folders = {kernels.build_dir(t).name for t in kernels.TIER_NAMES}
     assert len(folders) == len(kernels.TIER_NAMES)
-    assert all("-march" not in " ".join(kernels._compile_flags(t)) for t in kernels.TIER_NAMES)
+    assert all("native" not in " ".join(kernels._compile_flags(t)) for t in kernels.TIER_NAMES)
     assert "-mavx512bf16" in kernels._compile_flags("avx512-bf16")
     assert not any(f.startswith("-m") for f in kernels._compile_flags("portable"))
+
+
+def test_tiers_of_a_machine_family_end_with_portable() -> None:
+    assert kernels.tiers_of("x86_64") == ["avx512-bf16", "avx512-vnni", "avx-vnni", "avx2", "portable"]
+    assert kernels.tiers_of("aarch64") == ["neon-dotprod", "portable"]
+    assert kernels.tiers_of("riscv64") == ["portable"]

@@ -233,6 +233,7 @@ struct PairAttentionArgs {
   float scale;
   uint16_t* out;  // [N, out_stride] bf16
   int64_t out_stride;
+  const int64_t* starts = nullptr;  // row → first token attended (a sliding window); null: token 0
 };
 
 // Row n, KV head h: the G query heads of h over the row's context, 16 tokens at a time, with an online
@@ -245,6 +246,8 @@ void pair_attention_item(const PairAttentionArgs& a, int64_t n, int64_t h) {
   using namespace simd;
   constexpr int64_t D = 16 * DC, P = D / 2;
   const int64_t bs = a.bs, ctx = a.lens[n], head_stride = bs * D;
+  // A sliding window starts inside some tile: its tiles from that one, the tokens before it masked.
+  const int64_t first = a.starts ? a.starts[n] : 0, t_begin = first / 16 * 16;
   const int64_t* row = a.table + a.row_seq[n] * a.table_stride;
   alignas(64) uint32_t qp[G][P];  // q as bf16 pairs, what the dot product broadcasts
   alignas(64) uint16_t ep[G][16];  // a tile's probabilities in bf16: pair i = tokens 2i, 2i + 1
@@ -268,12 +271,12 @@ void pair_attention_item(const PairAttentionArgs& a, int64_t n, int64_t h) {
     for (int64_t p = 0; p < P; ++p) __builtin_prefetch(kn + p * bs * 4);
     for (int64_t i = 0; i < D * 32 / 64; ++i) __builtin_prefetch(vn + i * 64);
   };
-  for (int64_t t1 = 16; t1 < std::min<int64_t>(ctx, 16 * kAhead); t1 += 16) prefetch_tile(t1);
-  for (int64_t t0 = 0; t0 < ctx; t0 += 16) {
+  for (int64_t t1 = t_begin + 16; t1 < std::min<int64_t>(ctx, t_begin + 16 * kAhead); t1 += 16) prefetch_tile(t1);
+  for (int64_t t0 = t_begin; t0 < ctx; t0 += 16) {
     const int64_t base = (row[t0 / bs] * a.Hkv + h) * head_stride, o0 = t0 % bs;
     const uint16_t* kb = a.kc + base + o0 * 2;
     const uint16_t* vb = a.vc + base + o0 * D;
-    const int64_t valid = std::min<int64_t>(16, ctx - t0);
+    const int64_t valid = std::min<int64_t>(16, ctx - t0), skip = first - t0;  // skip > 0: lanes before the window
     if (t0 + 16 * kAhead < ctx) prefetch_tile(t0 + 16 * kAhead);
     F s0[G], s1[G];
     for (int g = 0; g < G; ++g) s0[g] = s1[g] = zero();
@@ -285,7 +288,8 @@ void pair_attention_item(const PairAttentionArgs& a, int64_t n, int64_t h) {
       }
     }
     for (int g = 0; g < G; ++g) {
-      const F s = select_first(valid, mul(add(s0[g], s1[g]), scale), ninf);
+      F s = select_first(valid, mul(add(s0[g], s1[g]), scale), ninf);
+      if (skip > 0) s = select_first(skip, ninf, s);
       const float tile_max = reduce_max(s);
       if (tile_max > mx[g]) {  // a new maximum: rescale what was accumulated (0 on the first tile)
         const F av = set1(fast_exp(mx[g] - tile_max));
@@ -293,7 +297,8 @@ void pair_attention_item(const PairAttentionArgs& a, int64_t n, int64_t h) {
         sum[g] = mul(sum[g], av);
         mx[g] = tile_max;
       }
-      const F e = select_first(valid, exp(sub(s, set1(mx[g]))), zero());
+      F e = select_first(valid, exp(sub(s, set1(mx[g]))), zero());
+      if (skip > 0) e = select_first(skip, zero(), e);
       sum[g] = add(sum[g], e);
       store_bf16(ep[g], e);
     }
@@ -325,7 +330,8 @@ void pair_attention_item_g(const PairAttentionArgs& a, int64_t n, int64_t h) {
     case 16: return pair_attention_item<G, 1>(a, n, h);
     case 32: return pair_attention_item<G, 2>(a, n, h);
     case 64: return pair_attention_item<G, 4>(a, n, h);
-    default: return pair_attention_item<G, 8>(a, n, h);  // 128 (the model checks the choices)
+    case 128: return pair_attention_item<G, 8>(a, n, h);
+    default: return pair_attention_item<G, 16>(a, n, h);  // 256 (the model checks the choices)
   }
 }
 

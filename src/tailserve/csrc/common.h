@@ -1,7 +1,10 @@
 // Shared helpers of the CPU kernels: bf16 widening, a vectorizable exp, and the AVX-512 helpers of the
-// PyTorch path's decode attention (the fused step's kernels use simd.h instead).
+// PyTorch path's decode attention (the fused step's kernels use simd.h instead). Only the PyTorch
+// path's bf16 type needs PyTorch: TAILSERVE_KERNELS_ONLY builds the kernels alone (tests/native/).
 #pragma once
+#if !defined(TAILSERVE_KERNELS_ONLY)
 #include <torch/extension.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -17,12 +20,14 @@
 namespace {
 
 inline float load_f(float v) { return v; }
+#if !defined(TAILSERVE_KERNELS_ONLY)
 inline float load_f(c10::BFloat16 v) {
   uint32_t u = static_cast<uint32_t>(v.x) << 16;
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
+#endif
 
 // exp for the softmax, written so loops over it vectorize (Cephes' expf; ~2 ulp on [-87, 0]).
 inline float fast_exp(float x) {

@@ -198,6 +198,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<int64_t, int64_t, int64_t, double, torch::Tensor, torch::Tensor, Linear, torch::Tensor,
                     torch::Tensor>())
       .def("add_layer", &Llama::add_layer)
+      .def("set_family", &Llama::set_family)
+      .def("set_layer_options", &Llama::set_layer_options)
       .def("set_draft_head", &Llama::set_draft_head)
       .def("set_threads", &Llama::set_threads)
       .def("forward", &Llama::forward, nogil)

@@ -128,6 +128,37 @@ struct SwiGlu {
   }
 };
 
+// The same layout with Gemma's GELU (tanh approximation) on the gate: gelu(g) = g · (1 + tanh(u)) / 2
+// with u = √(2/π)·(g + 0.044715·g³), which is g / (1 + exp(−2u)), silu's shape with another argument.
+struct GeluGlu {
+  uint16_t* y;
+  int64_t ld, N;
+  void operator()(int64_t m, int64_t blk, simd::F gate, simd::F up) const {
+    using namespace simd;
+    constexpr float c = 1.5957691216057308f;  // 2·√(2/π)
+    const F z = mul(gate, fmadd(mul(gate, gate), set1(-c * 0.044715f), set1(-c)));  // −2u
+    store_bf16_n(y + m * ld + blk * 16, mul(div(gate, add(set1(1.f), exp(z))), up), N - blk * 16);
+  }
+};
+
+// y[m, n] = cap · tanh(v / cap), fp32: Gemma's final-logit soft-capping on the head's output, with
+// tanh(x) = 1 − 2 / (1 + exp(2x)) (exp saturates, so large |x| give ±1).
+struct CappedF32 {
+  float* y;
+  int64_t ld, N;
+  float cap;
+  simd::F tanh_cap(simd::F v) const {
+    using namespace simd;
+    const F e = exp(mul(v, set1(2.f / cap)));
+    return mul(set1(cap), sub(set1(1.f), div(set1(2.f), add(set1(1.f), e))));
+  }
+  void operator()(int64_t m, int64_t blk, simd::F v0, simd::F v1) const {
+    const int64_t n0 = blk * kBlock;
+    simd::store_n(y + m * ld + n0, tanh_cap(v0), N - n0);
+    simd::store_n(y + m * ld + n0 + 16, tanh_cap(v1), N - n0 - 16);
+  }
+};
+
 // Rows [m0, m0 + MT) of the input × the 32 channels of block `blk`, on bf16 pairs (vdpbf16ps).
 template <int KIND, int MT, class Epi>
 void linear_tile(const PackedWeight& a, const Input& in, int64_t blk, int64_t m0, const Epi& epi) {

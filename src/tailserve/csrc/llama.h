@@ -39,9 +39,21 @@ struct Linear {
   }
 };
 
+// What a layer of another family adds to Llama's (set_layer_options); null pointers: not there.
+struct LayerOptions {
+  torch::Tensor keep[5];                 // the tensors the pointers below read
+  const float* qkv_bias = nullptr;       // [q + 2·kv dims], added after the QKV linear (Qwen2)
+  const float* q_norm = nullptr;         // [head_dim]: RMSNorm over each q head before RoPE (Qwen3, Gemma 3)
+  const float* k_norm = nullptr;         // [head_dim]: the same over each k head
+  const float* attn_out_norm = nullptr;  // [hidden]: the attention's output normalised before the residual add
+  const float* mlp_out_norm = nullptr;   // [hidden]: the MLP's output normalised before the residual add
+  bool sliding = false;                  // attends to the last `window` tokens only, with the local RoPE tables
+};
+
 struct Layer {
-  torch::Tensor in_norm, post_norm;  // fp32 [hidden]
+  torch::Tensor in_norm, post_norm;  // fp32 [hidden]; post_norm: the norm before the MLP
   Linear qkv, o, gate_up, down;      // gate_up interleaved in 16-row halves for the SwiGlu epilogue
+  LayerOptions opt{};
 };
 
 using BF16 = c10::BFloat16;
@@ -59,6 +71,28 @@ inline void rms_norm_row(const float* x, const float* w, int64_t n, float eps, u
   for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
   const float r = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
   for (int64_t i = 0; i < n; ++i) y[i] = bf16_bits(x[i] * r * w[i]);
+}
+
+// Each of `heads` vectors of D scaled to unit RMS, times w, in place (fp32; the per-head q/k norm).
+inline void rms_norm_heads(float* v, int64_t heads, int64_t D, const float* w, float eps) {
+  for (int64_t h = 0; h < heads; ++h, v += D) {
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < D; ++i) ss += v[i] * v[i];
+    const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
+#pragma omp simd
+    for (int64_t i = 0; i < D; ++i) v[i] = v[i] * r * w[i];
+  }
+}
+
+// x += a / rms(a) · w (fp32): a sublayer's output normalised into the residual stream (Gemma 3).
+inline void rms_norm_add(const float* a, const float* w, int64_t n, float eps, float* x) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < n; ++i) ss += a[i] * a[i];
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] += a[i] * r * w[i];
 }
 
 // Rotates each head's halves by the position's angles: x·cos + rotate_half(x)·sin.
@@ -80,16 +114,58 @@ class Llama {
   Llama(int64_t heads, int64_t kv_heads, int64_t head_dim, double eps, torch::Tensor embed, torch::Tensor norm,
         Linear head, torch::Tensor cos, torch::Tensor sin)
       : H_(heads), Hkv_(kv_heads), D_(head_dim), eps_(static_cast<float>(eps)), embed_(embed), norm_(norm),
-        head_(std::move(head)), cos_(cos), sin_(sin) {
+        head_(std::move(head)), cos_(cos), sin_(sin), cos_local_(cos), sin_local_(sin),
+        attn_scale_(1.f / std::sqrt(static_cast<float>(head_dim))) {
     TORCH_CHECK(embed.scalar_type() == at::kBFloat16 && embed.is_contiguous() && embed.dim() == 2, "embed: bf16 [V, h]");
     hidden_ = embed.size(1);
     check_f32(norm, hidden_, "final norm");
     TORCH_CHECK(head_.pw.K == hidden_, "head in_features != hidden size");
     TORCH_CHECK(heads % kv_heads == 0 && heads / kv_heads <= kMaxPairGroup, "at most 8 query heads per KV head");
-    TORCH_CHECK(head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128, "head_dim 16, 32, 64 or 128");
-    TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && cos.dim() == 2 && cos.size(1) == head_dim &&
-                    sin.sizes() == cos.sizes() && sin.is_contiguous() && sin.scalar_type() == at::kFloat,
-                "rope tables: fp32 [positions, head_dim]");
+    TORCH_CHECK(head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128 || head_dim == 256,
+                "head_dim 16, 32, 64, 128 or 256");
+    check_rope(cos, sin);
+  }
+
+  // The options of the families beyond Llama (models/fused.py sets them; a Llama model never calls
+  // this): embeddings × embed_scale, attention scores × attn_scale, the gate's activation (0 SiLU, 1
+  // GELU-tanh), final logits soft-capped at final_cap (0: not), the sliding layers' window (tokens,
+  // itself included) and RoPE tables.
+  void set_family(double embed_scale, double attn_scale, int64_t activation, double final_cap, int64_t window,
+                  torch::Tensor cos_local, torch::Tensor sin_local) {
+    TORCH_CHECK(activation == 0 || activation == 1, "activation: 0 SiLU, 1 GELU-tanh");
+    TORCH_CHECK(final_cap >= 0 && window >= 0 && attn_scale > 0, "bad family options");
+    check_rope(cos_local, sin_local);
+    TORCH_CHECK(cos_local.size(0) == cos_.size(0), "local rope tables: as many positions as the others");
+    embed_scale_ = static_cast<float>(embed_scale);
+    attn_scale_ = static_cast<float>(attn_scale);
+    gelu_ = activation == 1;
+    final_cap_ = static_cast<float>(final_cap);
+    window_ = window;
+    cos_local_ = cos_local;
+    sin_local_ = sin_local;
+  }
+
+  // Layer `l`'s options (after add_layer); an empty tensor is an option the layer does not have.
+  void set_layer_options(int64_t l, torch::Tensor qkv_bias, torch::Tensor q_norm, torch::Tensor k_norm,
+                         torch::Tensor attn_out_norm, torch::Tensor mlp_out_norm, bool sliding) {
+    TORCH_CHECK(l >= 0 && l < static_cast<int64_t>(layers_.size()), "no layer ", l);
+    TORCH_CHECK(!sliding || window_ > 0, "a sliding layer needs set_family's window first");
+    LayerOptions o;
+    const int64_t qkv_dims = (H_ + 2 * Hkv_) * D_;
+    auto opt = [&](torch::Tensor t, int64_t n, const char* what, int slot) -> const float* {
+      if (t.numel() == 0) return nullptr;
+      check_f32(t, n, what);
+      o.keep[slot] = t;
+      return t.data_ptr<float>();
+    };
+    o.qkv_bias = opt(qkv_bias, qkv_dims, "qkv bias", 0);
+    o.q_norm = opt(q_norm, D_, "q norm", 1);
+    o.k_norm = opt(k_norm, D_, "k norm", 2);
+    TORCH_CHECK((o.q_norm == nullptr) == (o.k_norm == nullptr), "q and k norms come together");
+    o.attn_out_norm = opt(attn_out_norm, hidden_, "attention output norm", 3);
+    o.mlp_out_norm = opt(mlp_out_norm, hidden_, "MLP output norm", 4);
+    o.sliding = sliding;
+    layers_[l].opt = std::move(o);
   }
 
   void add_layer(torch::Tensor in_norm, torch::Tensor post_norm, Linear qkv, Linear o, Linear gate_up, Linear down) {
@@ -116,7 +192,7 @@ class Llama {
                 "one K and one V cache per layer");
     TORCH_CHECK(depth >= 1 && depth <= L, "depth must be in [1, layers]");
     const Linear& head = depth < L && draft_head_ ? *draft_head_ : head_;
-    const int64_t QD = H * D, KVD = Hkv * D, QKV = QD + 2 * KVD, V = head.pw.N;
+    const int64_t QD = H * D, KVD = Hkv * D, QKV = QD + 2 * KVD, V = head.pw.N, W = window_;
     for (int64_t l = 0; l < L; ++l) {
       const auto& k = k_caches[l];
       const auto& v = v_caches[l];
@@ -150,7 +226,7 @@ class Llama {
     const int64_t* sr = sample_rows.data_ptr<int64_t>();
     for (int64_t r = 0; r < R; ++r) TORCH_CHECK(sr[r] >= 0 && sr[r] < T, "sample row out of range");
 
-    std::vector<int64_t> pos(T), row_seq(T), blk_base(T), lens(T);
+    std::vector<int64_t> pos(T), row_seq(T), blk_base(T), lens(T), starts(W > 0 ? T : 0);
     for (int64_t s = 0, t = 0; s < S; ++s)
       for (int64_t i = 0; i < sq[2 * s + 1]; ++i, ++t) {
         const int64_t p = sq[2 * s] + i;
@@ -158,26 +234,32 @@ class Llama {
         row_seq[t] = s;
         blk_base[t] = tb[s * nblk + p / bs] * Hkv * bs * D;
         lens[t] = p + 1;
+        if (W > 0) starts[t] = std::max<int64_t>(0, p + 1 - W);  // (p − W, p]: transformers' window
       }
-    std::vector<float> x(T * Hd), qkv(T * QKV);
+    bool sandwich = false;  // any sublayer output norm: the O and down linears store, a norm adds
+    for (const Layer& ly : layers_) sandwich = sandwich || ly.opt.attn_out_norm || ly.opt.mlp_out_norm;
+    std::vector<float> x(T * Hd), qkv(T * QKV), sublayer(sandwich ? T * Hd : 0);
     std::vector<uint16_t> xn(std::max(T, R) * Hd), attn(T * QD), act(T * I);
     auto logits = torch::empty({R, V}, torch::kFloat);
     float* out = logits.data_ptr<float>();
     const int nth = threads_;
     PairAttentionArgs aa{H,       Hkv,     D,  bs, qkv.data(), QKV, nullptr, nullptr, tb, nblk, row_seq.data(),
-                         lens.data(), 1.f / std::sqrt(static_cast<float>(D)), attn.data(), QD};
+                         lens.data(), attn_scale_, attn.data(), QD};
     const auto* emb = embed_.data_ptr<BF16>();
     const float* cs = cos_.data_ptr<float>();
     const float* sn = sin_.data_ptr<float>();
+    const float* cs_local = cos_local_.data_ptr<float>();
+    const float* sn_local = sin_local_.data_ptr<float>();
 
     // The last layer's attention and MLP matter only for the rows whose logits are wanted (the other
     // rows' hidden states are dropped, their K and V already written): they run on those rows alone.
     const bool trim = R < T;
-    std::vector<int64_t> seq_s(R), lens_s(R);
+    std::vector<int64_t> seq_s(R), lens_s(R), starts_s(W > 0 ? R : 0);
     std::vector<float> x_s(trim ? R * Hd : 0), qkv_s(trim ? R * QKV : 0);
     for (int64_t r = 0; r < R; ++r) {
       seq_s[r] = row_seq[sr[r]];
       lens_s[r] = lens[sr[r]];
+      if (W > 0) starts_s[r] = starts[sr[r]];
     }
     PairAttentionArgs aa_s = aa;
     aa_s.q = qkv_s.data();
@@ -219,11 +301,12 @@ class Llama {
 
       rows(T);
       for (int64_t t = b; t < e; ++t)
-        for (int64_t i = 0; i < Hd; ++i) x[t * Hd + i] = load_f(emb[id[t] * Hd + i]);
+        for (int64_t i = 0; i < Hd; ++i) x[t * Hd + i] = load_f(emb[id[t] * Hd + i]) * embed_scale_;
       team.barrier(nt);
       lap(kEmbed);
       for (int64_t l = 0; l < depth; ++l) {
         const Layer& ly = layers_[l];
+        const LayerOptions& op = ly.opt;
         auto* kc = reinterpret_cast<uint16_t*>(k_caches[l].data_ptr());
         auto* vc = reinterpret_cast<uint16_t*>(v_caches[l].data_ptr());
         rows(T);
@@ -237,7 +320,14 @@ class Llama {
         rows(T);
         for (int64_t t = b; t < e; ++t) {
           float* r = &qkv[t * QKV];
-          rope_heads(r, H + Hkv, D, cs + pos[t] * D, sn + pos[t] * D);  // q heads, then k heads
+          if (op.qkv_bias)
+            for (int64_t i = 0; i < QKV; ++i) r[i] += op.qkv_bias[i];
+          if (op.q_norm) {
+            rms_norm_heads(r, H, D, op.q_norm, eps_);
+            rms_norm_heads(r + QD, Hkv, D, op.k_norm, eps_);
+          }
+          const float* c = (op.sliding ? cs_local : cs) + pos[t] * D;
+          rope_heads(r, H + Hkv, D, c, (op.sliding ? sn_local : sn) + pos[t] * D);  // q heads, then k heads
           const int64_t o = pos[t] % bs;
           for (int64_t hh = 0; hh < Hkv; ++hh) {
             uint16_t* kd = kc + blk_base[t] + hh * bs * D;
@@ -268,11 +358,19 @@ class Llama {
         }
         la.kc = kc;
         la.vc = vc;
+        if (op.sliding) la.starts = M == T ? starts.data() : starts_s.data();
         thread_range(M * Hkv, tid, nt, b, e);
         pair_attention_items(la, b, e);
         team.barrier(nt);
         lap(kAttention);
-        linear(ly.o, attn.data(), QD, M, AddF32{xr, Hd, Hd});
+        if (op.attn_out_norm) {
+          linear(ly.o, attn.data(), QD, M, StoreF32{sublayer.data(), Hd, Hd});
+          team.barrier(nt);
+          rows(M);
+          for (int64_t t = b; t < e; ++t) rms_norm_add(&sublayer[t * Hd], op.attn_out_norm, Hd, eps_, &xr[t * Hd]);
+        } else {
+          linear(ly.o, attn.data(), QD, M, AddF32{xr, Hd, Hd});
+        }
         team.barrier(nt);
         lap(kO);
         rows(M);
@@ -280,10 +378,18 @@ class Llama {
           rms_norm_row(&xr[t * Hd], ly.post_norm.data_ptr<float>(), Hd, eps_, &xn[t * Hd]);
         team.barrier(nt);
         lap(kNorm);
-        linear(ly.gate_up, xn.data(), Hd, M, SwiGlu{act.data(), I, I});
+        if (gelu_) linear(ly.gate_up, xn.data(), Hd, M, GeluGlu{act.data(), I, I});
+        else linear(ly.gate_up, xn.data(), Hd, M, SwiGlu{act.data(), I, I});
         team.barrier(nt);
         lap(kGateUp);
-        linear(ly.down, act.data(), I, M, AddF32{xr, Hd, Hd});
+        if (op.mlp_out_norm) {
+          linear(ly.down, act.data(), I, M, StoreF32{sublayer.data(), Hd, Hd});
+          team.barrier(nt);
+          rows(M);
+          for (int64_t t = b; t < e; ++t) rms_norm_add(&sublayer[t * Hd], op.mlp_out_norm, Hd, eps_, &xr[t * Hd]);
+        } else {
+          linear(ly.down, act.data(), I, M, AddF32{xr, Hd, Hd});
+        }
         team.barrier(nt);
         lap(kDown);
       }
@@ -294,7 +400,8 @@ class Llama {
       }
       team.barrier(nt);
       lap(kNorm);
-      linear(head, xn.data(), Hd, R, StoreF32{out, V, V});
+      if (final_cap_ > 0.f) linear(head, xn.data(), Hd, R, CappedF32{out, V, V, final_cap_});
+      else linear(head, xn.data(), Hd, R, StoreF32{out, V, V});
       team.barrier(nt);
       lap(kHead);  // (the barrier only so that the head's time is the slowest thread's)
     });
@@ -325,7 +432,13 @@ class Llama {
 
  private:
   static void check_f32(const torch::Tensor& t, int64_t n, const char* what) {
-    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, what, ": fp32 [hidden]");
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, what, ": fp32 [", n, "]");
+  }
+
+  void check_rope(const torch::Tensor& cos, const torch::Tensor& sin) const {
+    TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && cos.dim() == 2 && cos.size(1) == D_ &&
+                    sin.sizes() == cos.sizes() && sin.is_contiguous() && sin.scalar_type() == at::kFloat,
+                "rope tables: fp32 [positions, head_dim]");
   }
 
   int64_t H_, Hkv_, D_, hidden_ = 0, inter_ = 0;
@@ -334,7 +447,10 @@ class Llama {
   torch::Tensor embed_, norm_;
   Linear head_;
   std::unique_ptr<Linear> draft_head_;
-  torch::Tensor cos_, sin_;
+  torch::Tensor cos_, sin_, cos_local_, sin_local_;
+  float attn_scale_, embed_scale_ = 1.f, final_cap_ = 0.f;
+  bool gelu_ = false;
+  int64_t window_ = 0;
   std::vector<Layer> layers_;
   mutable double phase_seconds_[kPhases] = {};
 };

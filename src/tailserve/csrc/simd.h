@@ -3,11 +3,11 @@
 // The tier is what the compiler was told (layers/kernels.py passes each tier's flags explicitly):
 //   avx512-bf16  zmm, vdpbf16ps and vpdpbusd          avx512-vnni  zmm, vpdpbusd, bf16 pairs widened
 //   avx-vnni     2×ymm, 256-bit vpdpbusd, FMA, F16C   avx2         2×ymm, vpmaddubsw + vpmaddwd
-//   portable     GCC vector extensions the compiler lowers to whatever the target has (ARM too)
+//   neon-dotprod 4×128-bit NEON (AArch64), sdot for the u8 × s8 dot products (ARMv8.2 dot product)
+//   portable     GCC vector extensions the compiler lowers to whatever the target has
 // Everything above this file is tier-free: the kernels name these operations, never an intrinsic.
+// No PyTorch here (nor in linear.h, attention.h' fused kernels): tests build them alone for AArch64.
 #pragma once
-#include <torch/extension.h>
-
 #include <cstdint>
 #include <cstring>
 
@@ -28,6 +28,10 @@
 #else
 #define TAILSERVE_TIER "avx2"
 #endif
+#elif defined(__aarch64__) && defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD)
+#define TAILSERVE_SIMD_NEON 1
+#include <arm_neon.h>
+#define TAILSERVE_TIER "neon-dotprod"
 #else
 #define TAILSERVE_TIER "portable"
 #endif
@@ -303,6 +307,145 @@ inline I dpbusd(I acc, I u, I s) {
   return {half(acc.lo, u.lo, s.lo), half(acc.hi, u.hi, s.hi)};
 }
 #endif
+
+#elif defined(TAILSERVE_SIMD_NEON)
+// ---------------------------------------------------------------- NEON (AArch64): four q registers per vector
+struct F {
+  float32x4_t v[4];
+};
+struct I {
+  int32x4_t v[4];
+};
+// r.v[j] = expr for each of the four quarters.
+#define TAILSERVE_Q4(T, expr) \
+  T r;                        \
+  for (int j = 0; j < 4; ++j) r.v[j] = (expr);  \
+  return r
+
+inline F set1(float x) { TAILSERVE_Q4(F, vdupq_n_f32(x)); }
+inline F zero() { return set1(0.f); }
+inline F loadu(const float* p) { TAILSERVE_Q4(F, vld1q_f32(p + 4 * j)); }
+inline void storeu(float* p, F a) {
+  for (int j = 0; j < 4; ++j) vst1q_f32(p + 4 * j, a.v[j]);
+}
+inline F load_n(const float* p, int64_t n) {
+  if (n >= 16) return loadu(p);
+  alignas(16) float t[16] = {};
+  if (n > 0) std::memcpy(t, p, n * sizeof(float));
+  return loadu(t);
+}
+inline void store_n(float* p, F a, int64_t n) {
+  if (n >= 16) return storeu(p, a);
+  alignas(16) float t[16];
+  storeu(t, a);
+  if (n > 0) std::memcpy(p, t, n * sizeof(float));
+}
+inline F select_first(int64_t n, F a, F fill) {
+  static const int32_t idx[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const int32x4_t nv = vdupq_n_s32(static_cast<int32_t>(n < 0 ? 0 : n > 16 ? 16 : n));
+  TAILSERVE_Q4(F, vbslq_f32(vcltq_s32(vld1q_s32(idx + 4 * j), nv), a.v[j], fill.v[j]));
+}
+inline F add(F a, F b) { TAILSERVE_Q4(F, vaddq_f32(a.v[j], b.v[j])); }
+inline F sub(F a, F b) { TAILSERVE_Q4(F, vsubq_f32(a.v[j], b.v[j])); }
+inline F mul(F a, F b) { TAILSERVE_Q4(F, vmulq_f32(a.v[j], b.v[j])); }
+inline F div(F a, F b) { TAILSERVE_Q4(F, vdivq_f32(a.v[j], b.v[j])); }
+inline F max(F a, F b) { TAILSERVE_Q4(F, vmaxq_f32(a.v[j], b.v[j])); }
+inline F min(F a, F b) { TAILSERVE_Q4(F, vminq_f32(a.v[j], b.v[j])); }
+inline F abs(F a) { TAILSERVE_Q4(F, vabsq_f32(a.v[j])); }
+inline F fmadd(F a, F b, F c) { TAILSERVE_Q4(F, vfmaq_f32(c.v[j], a.v[j], b.v[j])); }   // a·b + c
+inline F fnmadd(F a, F b, F c) { TAILSERVE_Q4(F, vfmsq_f32(c.v[j], a.v[j], b.v[j])); }  // c − a·b
+inline float reduce_add(F a) { return vaddvq_f32(vaddq_f32(vaddq_f32(a.v[0], a.v[1]), vaddq_f32(a.v[2], a.v[3]))); }
+inline float reduce_max(F a) { return vmaxvq_f32(vmaxq_f32(vmaxq_f32(a.v[0], a.v[1]), vmaxq_f32(a.v[2], a.v[3]))); }
+inline F round_nearest(F a) { TAILSERVE_Q4(F, vrndnq_f32(a.v[j])); }
+inline F scale2(F p, F n) {  // p · 2ⁿ for integral n in [-126, 127]
+  TAILSERVE_Q4(F, vmulq_f32(p.v[j], vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtnq_s32_f32(n.v[j]), vdupq_n_s32(127)), 23))));
+}
+inline F load_bf16(const uint16_t* p) {
+  const uint16x8_t a = vld1q_u16(p), b = vld1q_u16(p + 8);
+  F r;
+  r.v[0] = vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(a), 16));
+  r.v[1] = vreinterpretq_f32_u32(vshll_high_n_u16(a, 16));
+  r.v[2] = vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(b), 16));
+  r.v[3] = vreinterpretq_f32_u32(vshll_high_n_u16(b, 16));
+  return r;
+}
+inline F load_f16(const uint16_t* p) {
+  const float16x8_t a = vreinterpretq_f16_u16(vld1q_u16(p)), b = vreinterpretq_f16_u16(vld1q_u16(p + 8));
+  F r;
+  r.v[0] = vcvt_f32_f16(vget_low_f16(a));
+  r.v[1] = vcvt_high_f32_f16(a);
+  r.v[2] = vcvt_f32_f16(vget_low_f16(b));
+  r.v[3] = vcvt_high_f32_f16(b);
+  return r;
+}
+inline uint16x4_t bf16_bits4(float32x4_t v) {  // round to nearest even, as c10::BFloat16
+  const uint32x4_t u = vreinterpretq_u32_f32(v);
+  const uint32x4_t odd = vandq_u32(vshrq_n_u32(u, 16), vdupq_n_u32(1));
+  return vshrn_n_u32(vaddq_u32(u, vaddq_u32(odd, vdupq_n_u32(0x7FFF))), 16);
+}
+inline void store_bf16(uint16_t* p, F a) {
+  vst1q_u16(p, vcombine_u16(bf16_bits4(a.v[0]), bf16_bits4(a.v[1])));
+  vst1q_u16(p + 8, vcombine_u16(bf16_bits4(a.v[2]), bf16_bits4(a.v[3])));
+}
+inline void store_bf16_n(uint16_t* p, F a, int64_t n) {
+  if (n >= 16) return store_bf16(p, a);
+  alignas(16) uint16_t t[16];
+  store_bf16(t, a);
+  if (n > 0) std::memcpy(p, t, n * sizeof(uint16_t));
+}
+
+inline I set1_i(int32_t x) { TAILSERVE_Q4(I, vdupq_n_s32(x)); }
+inline I zero_i() { return set1_i(0); }
+inline I loadu_i(const void* p) { TAILSERVE_Q4(I, vld1q_s32(static_cast<const int32_t*>(p) + 4 * j)); }
+inline I and_i(I a, I b) { TAILSERVE_Q4(I, vandq_s32(a.v[j], b.v[j])); }
+inline I or_i(I a, I b) { TAILSERVE_Q4(I, vorrq_s32(a.v[j], b.v[j])); }
+template <int N>
+inline I srli(I a) { TAILSERVE_Q4(I, vreinterpretq_s32_u32(vshrq_n_u32(vreinterpretq_u32_s32(a.v[j]), N))); }
+template <int N>
+inline I slli(I a) { TAILSERVE_Q4(I, vshlq_n_s32(a.v[j], N)); }
+template <int N>
+inline I srai(I a) { TAILSERVE_Q4(I, vshrq_n_s32(a.v[j], N)); }
+inline I add_i(I a, I b) { TAILSERVE_Q4(I, vaddq_s32(a.v[j], b.v[j])); }
+inline int32_t reduce_add_i(I a) { return vaddvq_s32(vaddq_s32(vaddq_s32(a.v[0], a.v[1]), vaddq_s32(a.v[2], a.v[3]))); }
+inline F to_f(I a) { TAILSERVE_Q4(F, vcvtq_f32_s32(a.v[j])); }
+inline I to_i(F a) { TAILSERVE_Q4(I, vcvtnq_s32_f32(a.v[j])); }  // rounding to nearest even
+inline F as_f(I a) { TAILSERVE_Q4(F, vreinterpretq_f32_s32(a.v[j])); }
+inline I as_i(F a) { TAILSERVE_Q4(I, vreinterpretq_s32_f32(a.v[j])); }
+inline I widen_u8_u16(const uint8_t* p) {
+  const uint8x16_t a = vld1q_u8(p), b = vld1q_u8(p + 16);
+  I r;
+  r.v[0] = vreinterpretq_s32_u16(vmovl_u8(vget_low_u8(a)));
+  r.v[1] = vreinterpretq_s32_u16(vmovl_high_u8(a));
+  r.v[2] = vreinterpretq_s32_u16(vmovl_u8(vget_low_u8(b)));
+  r.v[3] = vreinterpretq_s32_u16(vmovl_high_u8(b));
+  return r;
+}
+inline I widen_s8_s16(const int8_t* p) {
+  const int8x16_t a = vld1q_s8(p), b = vld1q_s8(p + 16);
+  I r;
+  r.v[0] = vreinterpretq_s32_s16(vmovl_s8(vget_low_s8(a)));
+  r.v[1] = vreinterpretq_s32_s16(vmovl_high_s8(a));
+  r.v[2] = vreinterpretq_s32_s16(vmovl_s8(vget_low_s8(b)));
+  r.v[3] = vreinterpretq_s32_s16(vmovl_high_s8(b));
+  return r;
+}
+inline void store_s8(int8_t* p, I a) {  // values already in int8 range
+  const int16x8_t lo = vcombine_s16(vmovn_s32(a.v[0]), vmovn_s32(a.v[1]));
+  const int16x8_t hi = vcombine_s16(vmovn_s32(a.v[2]), vmovn_s32(a.v[3]));
+  vst1q_s8(p, vcombine_s8(vmovn_s16(lo), vmovn_s16(hi)));
+}
+// sdot multiplies signed bytes: u ≤ 15 (int4 nibbles) is one already; any u is u − 128 plus 128·Σ s.
+inline I narrow_begin(I wide) { return wide; }
+inline I narrow_dot(I acc, I u, I s) {
+  TAILSERVE_Q4(I, vdotq_s32(acc.v[j], vreinterpretq_s8_s32(u.v[j]), vreinterpretq_s8_s32(s.v[j])));
+}
+inline I narrow_end(I, I acc) { return acc; }
+inline I dpbusd(I acc, I u, I s) {
+  const int8x16_t flip = vdupq_n_s8(static_cast<int8_t>(0x80)), ones = vdupq_n_s8(1);
+  TAILSERVE_Q4(I, vaddq_s32(vdotq_s32(acc.v[j], veorq_s8(vreinterpretq_s8_s32(u.v[j]), flip), vreinterpretq_s8_s32(s.v[j])),
+                            vshlq_n_s32(vdotq_s32(vdupq_n_s32(0), ones, vreinterpretq_s8_s32(s.v[j])), 7)));
+}
+#undef TAILSERVE_Q4
 
 #else
 // ---------------------------------------------------------------- portable: GCC vector extensions

@@ -20,6 +20,8 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #define TAILSERVE_PAUSE() _mm_pause()
+#elif defined(__aarch64__)
+#define TAILSERVE_PAUSE() asm volatile("yield" ::: "memory")
 #else
 #define TAILSERVE_PAUSE() std::this_thread::yield()
 #endif

@@ -30,60 +30,90 @@ SOURCE = CSRC / "kernels.cpp"  # includes the headers beside it
 
 _X86_BASE = ("avx2", "fma", "f16c")
 _AVX512 = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni")
-# Best first: (tier, CPU flags it needs as /proc/cpuinfo names them, compiler flags).
-TIERS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+_X86 = ("x86_64", "AMD64", "i686")
+_ARM = ("aarch64", "arm64")
+# Best first: (tier, machines it runs on (empty: any), CPU flags it needs as /proc/cpuinfo names them,
+# compiler flags). A cap (TAILSERVE_CPU_TIER) orders the tiers of one machine family, portable last.
+TIERS: tuple[tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...]], ...] = (
     (
         "avx512-bf16",
+        _X86,
         (*_X86_BASE, *_AVX512, "avx512_bf16"),
-        ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni",
-         "-mavx512bf16"),
+        (
+            "-mavx2",
+            "-mfma",
+            "-mf16c",
+            "-mavx512f",
+            "-mavx512bw",
+            "-mavx512dq",
+            "-mavx512vl",
+            "-mavx512vnni",
+            "-mavx512bf16",
+        ),
     ),
     (
         "avx512-vnni",
+        _X86,
         (*_X86_BASE, *_AVX512),
         ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni"),
     ),
-    ("avx-vnni", (*_X86_BASE, "avx_vnni"), ("-mavx2", "-mfma", "-mf16c", "-mavxvnni")),
-    ("avx2", _X86_BASE, ("-mavx2", "-mfma", "-mf16c")),
-    ("portable", (), ()),
+    ("avx-vnni", _X86, (*_X86_BASE, "avx_vnni"), ("-mavx2", "-mfma", "-mf16c", "-mavxvnni")),
+    ("avx2", _X86, _X86_BASE, ("-mavx2", "-mfma", "-mf16c")),
+    # ARMv8.2's dot product (Graviton 2 and later, Ampere Altra, Apple M1 and later): an explicit
+    # architecture level, not -mcpu=native, so one build serves every such CPU.
+    ("neon-dotprod", _ARM, ("asimd", "asimddp"), ("-march=armv8.2-a+dotprod",)),
+    ("portable", (), (), ()),
 )
-TIER_NAMES = tuple(name for name, _, _ in TIERS)
+TIER_NAMES = tuple(name for name, *_ in TIERS)
 
 
 @functools.cache
 def cpu_flags() -> frozenset[str]:
+    """The CPU's feature names: x86's "flags" line, AArch64's "Features"."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return frozenset()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
     return frozenset(line.partition(":")[2].split())
+
+
+def tiers_of(machine: str | None = None) -> list[str]:
+    """The tiers a machine of this family can have, best first (portable last)."""
+    machine = machine or platform.machine()
+    return [name for name, machines, _, _ in TIERS if not machines or machine in machines]
 
 
 def runnable_tiers(flags: frozenset[str] | None = None, machine: str | None = None) -> list[str]:
     """Every tier this CPU can execute, best first (portable always)."""
     flags = cpu_flags() if flags is None else flags
-    machine = machine or platform.machine()
-    x86 = machine in ("x86_64", "AMD64", "i686")
-    return [name for name, needs, _ in TIERS if not needs or (x86 and set(needs) <= flags)]
+    needs = {name: set(n) for name, _, n, _ in TIERS}
+    return [t for t in tiers_of(machine) if needs[t] <= flags]
 
 
 def choose_tier(
     cap: str | None = None, flags: frozenset[str] | None = None, machine: str | None = None
 ) -> str:
-    """The best tier the CPU runs, at most `cap` (default: $TAILSERVE_CPU_TIER)."""
+    """The best tier the CPU runs, at most `cap` (default: $TAILSERVE_CPU_TIER); a cap of another
+    machine family's tier leaves only the portable one."""
     cap = cap if cap is not None else os.environ.get("TAILSERVE_CPU_TIER") or None
     tiers = runnable_tiers(flags, machine)
     if cap is None:
         return tiers[0]
     if cap not in TIER_NAMES:
         raise ValueError(f"TAILSERVE_CPU_TIER={cap!r}: use one of {', '.join(TIER_NAMES)}")
-    below = TIER_NAMES[TIER_NAMES.index(cap) :]
+    family = tiers_of(machine)
+    below = family[family.index(cap) :] if cap in family else ["portable"]
     return next(t for t in tiers if t in below)
 
 
+def tier_flags(tier: str) -> list[str]:
+    """The instruction-set flags a tier is compiled with."""
+    return list(next(f for name, _, _, f in TIERS if name == tier))
+
+
 def _compile_flags(tier: str) -> list[str]:
-    return ["-O3", "-fopenmp", *next(f for name, _, f in TIERS if name == tier)]
+    return ["-O3", "-fopenmp", *tier_flags(tier)]
 
 
 def _build_key(csrc: Path, tier: str) -> str:

@@ -1,10 +1,14 @@
-"""The Llama decoder as one C++ call per step (csrc/llama.h), on every CPU tier (layers/kernels.py).
+"""Every family's decoder as one C++ call per step (csrc/llama.h), on every CPU tier (layers/kernels.py).
 
-The same math as models/llama.py, which stays the reference and the path everywhere else (GPU, fp32,
-no compiler). Eager PyTorch spends most of a small model's decode step dispatching ~600 tiny ops;
-here the step is one call that releases the GIL. Each row's numbers depend only on its own sequence
-(no reduction spans rows), so a sequence gets bitwise the same logits alone, batched, chunked, or
-verified several tokens at a time.
+Llama's step, plus the other families' options (models/llama.py's table) passed to it as flags and
+per-layer tensors: Q/K/V bias, per-head Q/K norms, (1 + w) norms (the 1 folded into the fp32 weights
+here), the embedding scale, Gemma's output norms, GELU-tanh gate, query scale, sliding windows with
+their own RoPE tables, and final-logit soft-capping. A plain Llama model sets none of them, so its
+step is Llama's as it was. The same math as models/llama.py, which stays the reference and the path
+everywhere else (GPU, fp32, no compiler). Eager PyTorch spends most of a small model's decode step
+dispatching ~600 tiny ops; here the step is one call that releases the GIL. Each row's numbers
+depend only on its own sequence (no reduction spans rows), so a sequence gets bitwise the same logits
+alone, batched, chunked, or verified several tokens at a time.
 """
 
 from __future__ import annotations
@@ -36,17 +40,18 @@ from tailserve.models.loader import ModelConfig, cache_home
 
 SWIGLU_HALF = 16  # gate/up rows per half-block of the packed layout (csrc/linear.h: SwiGlu)
 BLOCK_MULTIPLE = 16  # the KV block size must be a multiple of this (csrc/attention.h: pair layout)
+GATE_ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # the gate's activation as Llama::set_family takes it
+NONE = torch.empty(0)  # an option a layer does not have (Llama::set_layer_options)
 
 
 def fused_supported(config: ModelConfig, tier: str | None = None) -> bool:
-    """Whether this machine (at `tier`, default the chosen one) and this model run the fused step: it
-    implements the plain Llama decoder (no sliding window, none of the other families' options)."""
+    """Whether this machine (at `tier`, default the chosen one) and this model's shape run the fused
+    step (every family of models/llama.py does)."""
     return (
-        config.family == "llama"
-        and not any(config.is_sliding(i) for i in range(config.num_layers))
-        and kernels.ops(tier) is not None
+        kernels.ops(tier) is not None
+        and config.activation in GATE_ACTIVATIONS
         and config.intermediate_size % SWIGLU_HALF == 0
-        and config.head_dim in (16, 32, 64, 128)
+        and config.head_dim in (16, 32, 64, 128, 256)
         and config.num_heads % config.num_kv_heads == 0
         and config.num_heads // config.num_kv_heads <= 8
         and config.hidden_size % 2 == 0
@@ -75,20 +80,50 @@ def _packed(layer: Linear, ops: ModuleType):
     return ops.Linear(kind, layer.packed, layer.scales, n, k, layer.group)
 
 
+def norm_weight(config: ModelConfig, w: torch.Tensor) -> torch.Tensor:
+    """An RMSNorm's weight as the C++ step multiplies by it: fp32, with Gemma's 1 + w folded in."""
+    return (w.float() + 1.0 if config.norm_plus_one else w.float()).contiguous()
+
+
 class FusedLayer(nn.Module):
     """One decoder layer's weights, packed; holds the buffers the C++ model reads."""
 
-    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], quantization: str) -> None:
+    def __init__(
+        self, config: ModelConfig, w: dict[str, torch.Tensor], quantization: str, sliding: bool
+    ) -> None:
         super().__init__()
+        c = config
         bf16 = torch.bfloat16
-        self.register_buffer("input_norm", w["input_layernorm"].float().contiguous())
-        self.register_buffer("post_norm", w["post_attention_layernorm"].float().contiguous())
-        qkv = torch.cat([w["self_attn.q_proj"], w["self_attn.k_proj"], w["self_attn.v_proj"]])
+        self.sliding = sliding
+        self.register_buffer("input_norm", norm_weight(c, w["input_layernorm"]))
+        # The norm before the MLP: Gemma 3's pre_feedforward_layernorm; Llama's post_attention_layernorm.
+        pre_mlp = "pre_feedforward_layernorm" if c.sandwich_norms else "post_attention_layernorm"
+        self.register_buffer("post_norm", norm_weight(c, w[pre_mlp]))
+        proj = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+        options = {
+            "qkv_bias": torch.cat([w[p + ".bias"] for p in proj]).float() if c.attention_bias else None,
+            "q_norm": norm_weight(c, w["self_attn.q_norm"]) if c.qk_norm else None,
+            "k_norm": norm_weight(c, w["self_attn.k_norm"]) if c.qk_norm else None,
+            "attn_out_norm": norm_weight(c, w["post_attention_layernorm"]) if c.sandwich_norms else None,
+            "mlp_out_norm": norm_weight(c, w["post_feedforward_layernorm"]) if c.sandwich_norms else None,
+        }
+        self.option_names = [k for k, v in options.items() if v is not None]
+        for name in self.option_names:
+            self.register_buffer(name, options[name].contiguous())
+        qkv = torch.cat([w[p] for p in proj])
         self.qkv = make_linear(qkv, quantization, bf16, vnni=True)
         self.o = make_linear(w["self_attn.o_proj"], quantization, bf16, vnni=True)
         gate_up = interleave_gate_up(w["mlp.gate_proj"], w["mlp.up_proj"])
         self.gate_up = make_linear(gate_up, quantization, bf16, vnni=True)
         self.down = make_linear(w["mlp.down_proj"], quantization, bf16, vnni=True)
+
+    def has_options(self) -> bool:
+        return self.sliding or bool(self.option_names)
+
+    def options(self) -> list:
+        """Llama::set_layer_options' arguments after the layer's index."""
+        names = ("qkv_bias", "q_norm", "k_norm", "attn_out_norm", "mlp_out_norm")
+        return [getattr(self, n) if n in self.option_names else NONE for n in names] + [self.sliding]
 
 
 class FusedLlama(nn.Module):
@@ -120,7 +155,7 @@ class FusedLlama(nn.Module):
         self.embed = nn.Parameter(
             weights["model.embed_tokens.weight"].to(torch.bfloat16), requires_grad=False
         )
-        self.register_buffer("norm", weights["model.norm.weight"].float().contiguous())
+        self.register_buffer("norm", norm_weight(config, weights["model.norm.weight"]))
         tied = config.tie_word_embeddings
         head = weights["model.embed_tokens.weight"] if tied else weights.get("lm_head.weight")
         if head is None:
@@ -133,8 +168,13 @@ class FusedLlama(nn.Module):
         cos, sin = rope_tables(config, config.max_position_embeddings)
         self.register_buffer("cos", cos.contiguous(), persistent=False)
         self.register_buffer("sin", sin.contiguous(), persistent=False)
+        if config.rope_local_theta is not None:
+            cos, sin = rope_tables(config, config.max_position_embeddings, local=True)
+        self.register_buffer("cos_local", cos.contiguous(), persistent=False)
+        self.register_buffer("sin_local", sin.contiguous(), persistent=False)
         self.layers = nn.ModuleList(
-            FusedLayer(config, _layer_weights(weights, i), quantization) for i in range(config.num_layers)
+            FusedLayer(config, _layer_weights(weights, i), quantization, config.is_sliding(i))
+            for i in range(config.num_layers)
         )
         if draft_head:
             self.draft_head = make_linear(head, "int4", torch.bfloat16, vnni=True)
@@ -164,7 +204,17 @@ class FusedLlama(nn.Module):
         impl.set_threads(threads)
         if hasattr(self, "draft_head"):
             impl.set_draft_head(_packed(self.draft_head, ops))
-        for layer in self.layers:
+        if not self.plain_llama():  # (an older revision's kernels, step_ab.py's, run plain Llama only)
+            impl.set_family(
+                c.embed_scale,
+                (c.query_pre_attn_scalar or c.head_dim) ** -0.5,
+                GATE_ACTIVATIONS[c.activation],
+                c.final_logit_softcap or 0.0,
+                c.sliding_window or 0,
+                self.cos_local,
+                self.sin_local,
+            )
+        for i, layer in enumerate(self.layers):
             impl.add_layer(
                 layer.input_norm,
                 layer.post_norm,
@@ -173,7 +223,20 @@ class FusedLlama(nn.Module):
                 _packed(layer.gate_up, ops),
                 _packed(layer.down, ops),
             )
+            if layer.has_options():
+                impl.set_layer_options(i, *layer.options())
         return impl
+
+    def plain_llama(self) -> bool:
+        """Llama's decoder with none of the other families' options: the step's defaults."""
+        c = self.config
+        return (
+            c.embed_scale == 1.0
+            and c.query_pre_attn_scalar is None
+            and c.activation == "silu"
+            and c.final_logit_softcap is None
+            and not any(layer.has_options() for layer in self.layers)
+        )
 
     def on_tier(self, tier: str) -> FusedLlama:
         """This model's packed weights run by another CPU tier's kernels (a shallow copy: the weights

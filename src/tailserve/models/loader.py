@@ -90,7 +90,7 @@ class ModelConfig:
     # GGUF's weights requantize to our int4 exactly, so serving it in int4 loses nothing.
     weight_precision: str = "none"
     # The decoder family (llama | qwen2 | qwen3 | gemma3); the options below are what sets it apart.
-    # The fused C++ step implements the plain llama family only.
+    # Both the PyTorch model and the fused C++ step run every family.
     family: str = "llama"
     attention_bias: bool = False  # Q/K/V projections add a bias (Qwen2)
     qk_norm: bool = False  # an RMSNorm over each head's q and k before RoPE (Qwen3, Gemma 3)
