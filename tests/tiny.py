@@ -9,53 +9,8 @@ from tailserve.config import EngineConfig
 from tailserve.engine.engine import LLMEngine
 from tailserve.models.fused import FusedLlama, fused_supported
 from tailserve.models.llama import LlamaModel
-from tailserve.models.loader import ModelConfig
 from tests.conftest import TIERS
-
-TINY = ModelConfig(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-5,
-    max_position_embeddings=1024,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_ids=[2],
-)
-
-
-def tiny_weights(config: ModelConfig = TINY, seed: int = 0, scale: float = 0.3) -> dict[str, torch.Tensor]:
-    """Random weights large enough that next-token logits are well separated (no near-ties)."""
-    g = torch.Generator().manual_seed(seed)
-    h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
-
-    def rnd(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * scale
-
-    w = {
-        "model.embed_tokens.weight": rnd(config.vocab_size, h) * 3,
-        "model.norm.weight": torch.ones(h),
-        "lm_head.weight": rnd(config.vocab_size, h),
-    }
-    for n in range(config.num_layers):
-        p = f"model.layers.{n}."
-        w |= {
-            p + "input_layernorm.weight": torch.ones(h),
-            p + "post_attention_layernorm.weight": torch.ones(h),
-            p + "self_attn.q_proj.weight": rnd(config.num_heads * d, h),
-            p + "self_attn.k_proj.weight": rnd(config.num_kv_heads * d, h),
-            p + "self_attn.v_proj.weight": rnd(config.num_kv_heads * d, h),
-            p + "self_attn.o_proj.weight": rnd(h, config.num_heads * d),
-            p + "mlp.gate_proj.weight": rnd(i, h),
-            p + "mlp.up_proj.weight": rnd(i, h),
-            p + "mlp.down_proj.weight": rnd(h, i),
-        }
-    return w
+from tests.tiny_weights import TINY, tiny_weights
 
 
 def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaModel:

@@ -155,3 +155,19 @@ def test_property_no_backend_is_given_more_than_the_bound(
         total = len(live)
         for b in backends:
             assert b.in_flight <= load_bound(b, total, total_weight, load_factor)
+
+
+def test_rank_puts_the_choice_first_then_the_least_loaded() -> None:
+    backends = pool(3)
+    chooser = Chooser(backends)
+    first = chooser.choose("prefix:k", now=0.0)
+    ranked = chooser.rank("prefix:k", now=0.0)
+    assert ranked[0] is first and sorted(b.name for b in ranked) == sorted(b.name for b in backends)
+    rest = ranked[1:]
+    rest[0].in_flight, rest[1].in_flight = 3, 0
+    again = chooser.rank("prefix:k", now=0.0)
+    assert again[0] is first and [b.in_flight for b in again[1:]] == [0, 3]
+    # A backend that already failed this request goes last; one that is unavailable is left out.
+    assert chooser.rank("prefix:k", now=0.0, tried=[again[1].name])[-1] is again[1]
+    again[2].max_concurrency = 3
+    assert again[2] not in chooser.rank("prefix:k", now=0.0)

@@ -36,8 +36,8 @@ class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON: 413 past `limit` bytes (declared or streamed), 400 if it does not parse."""
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body: 413 past `limit` bytes (declared or streamed)."""
     declared = request.headers.get("content-length")
     too_big = ApiError(413, f"the request body exceeds the limit of {limit} bytes", code="request_too_large")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -48,10 +48,20 @@ async def read_json(request: Request, limit: int) -> Any:
         if size > limit:
             raise too_big
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(body: bytes) -> Any:
+    """`body` as JSON; 400 if it does not parse."""
     try:
-        return json.loads(b"".join(chunks))
+        return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The body as JSON: 413 past `limit` bytes (declared or streamed), 400 if it does not parse."""
+    return parse_json(await read_body(request, limit))
 
 
 def validate(obj: Any, cls: type[M]) -> M:

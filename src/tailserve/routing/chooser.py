@@ -126,6 +126,17 @@ class Chooser:
                 return b
         return pool[0]
 
+    def rank(self, key: str | None, now: float, tried: Collection[str] = ()) -> list[Backend]:
+        """Every available backend, best first: `choose`'s pick, then the others least loaded first (those
+        in `tried` last). A caller that can be turned away by its pick (it is full after all) goes on
+        down the list instead of asking again."""
+        first = self.choose(key, now, tried)
+        if first is None:
+            return []
+        rest = [b for b in self.backends if b is not first and b.available(now)]
+        rest.sort(key=lambda b: (b.name in tried, (b.load + 1) / b.weight, b.in_flight, b.name))
+        return [first, *rest]
+
     @staticmethod
     def _least_loaded(pool: list[Backend]) -> Backend:
         return min(pool, key=lambda b: ((b.load + 1) / b.weight, b.in_flight, b.name))

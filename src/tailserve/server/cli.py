@@ -7,6 +7,7 @@ import logging
 import os
 from typing import Any
 
+from tailserve.cluster.config import ClusterConfig
 from tailserve.config import EngineConfig, ServerConfig, add_dataclass_args, dataclass_from_args
 
 log = logging.getLogger("tailserve.server")
@@ -26,6 +27,12 @@ def _serve(args: argparse.Namespace) -> int:
     server_config = dataclass_from_args(ServerConfig, args)
     if server_config.api_key is None:  # a key in the environment stays out of `ps`
         server_config.api_key = os.environ.get("TAILSERVE_API_KEY") or None
+    cluster = dataclass_from_args(ClusterConfig, args)
+    if cluster.enabled:  # replicas on Ray Serve (the `ray` extra), each this same server
+        from tailserve.cluster.cli import serve_cluster
+
+        name = server_config.served_model_name or model_name(engine_config.model)
+        return serve_cluster(cluster, engine_config, server_config, name)
     provider = None
     if server_config.otel_exporter:  # before the model loads, so a bad value fails at once
         from tailserve.obs.tracing import make_tracer_provider
@@ -64,5 +71,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     add_dataclass_args(p, EngineConfig)
     add_dataclass_args(p, ServerConfig)
+    add_dataclass_args(p, ClusterConfig)
     p.set_defaults(func=_serve)
     return p

@@ -1,0 +1,254 @@
+"""tailserve on Ray Serve against `tailserve serve`, side by side on this machine (issue 18).
+
+1. Overhead: one replica behind the Ray Serve ingress vs one `tailserve serve`, same engine flags
+   (the default model, 1 engine thread each), streaming completions of 32 tokens at c=1 and c=16;
+   rounds alternate between the two and are pooled: TTFT p50/p99, ITL p50/p99.
+2. Routing: 2 replicas, 8 distinct system prompts (~300 tokens each) in a seeded random order, c=8;
+   our AffinityRouter vs Ray Serve's default (power of two choices): prefix hit rate (cached prompt
+   tokens / prompt tokens, from each response's usage) and TTFT p50/p99. Rounds alternate.
+3. 2 replicas × 1 thread vs 1 replica × 2 threads: output tokens/s at c=16.
+
+    flock /work/bench.lock .venv/bin/python benchmarks/ray_serve.py [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "smollm2-135m-instruct"
+ENGINE = {"num_threads": 1, "max_num_seqs": 32, "kv_cache_memory": 0.5}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, timeout: float = 300) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+async def one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, list[float], float, int]:
+    """(TTFT, ITLs, cached share of the prompt, output chunks) of one streaming completion."""
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    cached = prompt = 0
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        assert r.status_code == 200, r.status_code
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            data = json.loads(line[6:])
+            if data.get("usage"):
+                prompt = data["usage"]["prompt_tokens"]
+                cached = (data["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+            if data["choices"] and data["choices"][0].get("text"):
+                stamps.append(time.perf_counter())
+    itl = [b - a for a, b in itertools.pairwise(stamps)]
+    return stamps[0] - t0, itl, cached / max(prompt, 1), len(stamps)
+
+
+async def load(url: str, bodies: list[dict], concurrency: int) -> dict:
+    queue = list(bodies)
+    out: list[tuple[float, list[float], float, int]] = []
+    t0 = time.perf_counter()
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while queue:
+            out.append(await one(client, url, queue.pop(0)))
+
+    async with httpx.AsyncClient(timeout=300) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    return {
+        "ttft": [o[0] for o in out],
+        "itl": [x for o in out for x in o[1]],
+        "hit": [o[2] for o in out],
+        "tokens": sum(o[3] for o in out),
+        "wall": wall,
+    }
+
+
+def q(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))] * 1000
+
+
+def completion(prompt: str, tokens: int = 32) -> dict:
+    return {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": tokens,
+        "ignore_eos": True,
+        "stream": True,
+        "temperature": 0,
+        "stream_options": {"include_usage": True},
+    }
+
+
+def deploy(serve, cluster_kw: dict, engine_kw: dict, name: str) -> None:
+    from tailserve.cluster.app import build
+    from tailserve.cluster.config import ClusterConfig
+    from tailserve.config import EngineConfig, ServerConfig
+
+    engine = EngineConfig(model=MODEL, **{**ENGINE, **engine_kw})
+    server = ServerConfig(request_log=False)
+    serve.run(build(ClusterConfig(**cluster_kw), engine, server, MODEL), name=name, route_prefix="/")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=32)
+    args = ap.parse_args()
+    import ray
+    from ray import serve
+
+    results: dict = {
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip()
+    }
+    env = {"PYTHONPATH": str(ROOT / "src")}
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
+    ray_port, plain_port = free_port(), free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": ray_port})
+    ray_url, plain_url = f"http://127.0.0.1:{ray_port}", f"http://127.0.0.1:{plain_port}"
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items()]
+    plain = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tailserve.cli",
+            "serve",
+            "--port",
+            str(plain_port),
+            "--no-request-log",
+            *flags,
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        # 1. overhead
+        deploy(serve, {"replicas": 1, "replica_cpus": 1.0, "ingress_cpus": 0.5}, {}, "bench")
+        wait_ready(ray_url)
+        wait_ready(plain_url)
+        for url in (ray_url, plain_url):  # warm both
+            asyncio.run(load(url, [completion("warm up")] * 4, 2))
+        overhead = {}
+        for c in (1, 16):
+            pooled: dict[str, dict[str, list[float]]] = {
+                "ray": {"ttft": [], "itl": []},
+                "serve": {"ttft": [], "itl": []},
+            }
+            for r in range(args.rounds):
+                order = [("ray", ray_url), ("serve", plain_url)]
+                for name, url in order if r % 2 == 0 else order[::-1]:
+                    bodies = [
+                        completion(f"Request {r}-{i}: tell me about the sea.") for i in range(args.requests)
+                    ]
+                    got = asyncio.run(load(url, bodies, c))
+                    pooled[name]["ttft"] += got["ttft"]
+                    pooled[name]["itl"] += got["itl"]
+            overhead[c] = {
+                n: {
+                    "ttft_p50": q(v["ttft"], 0.5),
+                    "ttft_p99": q(v["ttft"], 0.99),
+                    "itl_p50": q(v["itl"], 0.5),
+                    "itl_p99": q(v["itl"], 0.99),
+                }
+                for n, v in pooled.items()
+            }
+            print(f"c={c}", json.dumps(overhead[c]), flush=True)
+        results["overhead"] = overhead
+        serve.delete("bench")
+
+        # 2. routing
+        rng = random.Random(0)
+        systems = [
+            f"System {k}: "
+            + " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "sea", "sky"]) for _ in range(250))
+            for k in range(8)
+        ]
+        routing: dict[str, dict[str, list[float]]] = {}
+        for r in range(args.rounds):
+            for router in ["affinity", "ray"] if r % 2 == 0 else ["ray", "affinity"]:
+                deploy(
+                    serve,
+                    {"replicas": 2, "replica_cpus": 1.0, "ingress_cpus": 0.5, "router": router},
+                    {},
+                    "bench",
+                )
+                wait_ready(ray_url)
+                order = random.Random(r).choices(range(8), k=48)
+                bodies = [completion(systems[k] + f"\nQuestion {i}: why?", 8) for i, k in enumerate(order)]
+                got = asyncio.run(load(ray_url, bodies, 8))
+                into = routing.setdefault(router, {"ttft": [], "hit": []})
+                into["ttft"] += got["ttft"]
+                into["hit"] += got["hit"]
+                serve.delete("bench")
+        results["routing"] = {
+            n: {
+                "hit_rate": statistics.mean(v["hit"]),
+                "ttft_p50": q(v["ttft"], 0.5),
+                "ttft_p99": q(v["ttft"], 0.99),
+            }
+            for n, v in routing.items()
+        }
+        print("routing", json.dumps(results["routing"]), flush=True)
+
+        # 3. 2 replicas x 1 thread vs 1 replica x 2 threads
+        shapes = {
+            "2x1": ({"replicas": 2, "replica_cpus": 1.0}, {"num_threads": 1}),
+            "1x2": ({"replicas": 1, "replica_cpus": 2.0}, {"num_threads": 2}),
+        }
+        tput: dict[str, list[float]] = {}
+        for r in range(args.rounds):
+            for name in ["2x1", "1x2"] if r % 2 == 0 else ["1x2", "2x1"]:
+                ckw, ekw = shapes[name]
+                deploy(serve, {**ckw, "ingress_cpus": 0.5}, ekw, "bench")
+                wait_ready(ray_url)
+                bodies = [completion(f"Shape {r}-{i}: a story") for i in range(args.requests)]
+                got = asyncio.run(load(ray_url, bodies, 16))
+                tput.setdefault(name, []).append(got["tokens"] / got["wall"])
+                serve.delete("bench")
+        results["shapes"] = {n: statistics.median(v) for n, v in tput.items()}
+        print("shapes", json.dumps(results["shapes"]), flush=True)
+    finally:
+        plain.terminate()
+        plain.wait(timeout=30)
+        serve.shutdown()
+        ray.shutdown()
+    out = ROOT / "benchmarks" / "recorded" / "ray_serve.json"
+    out.write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The Ray Serve application: the replica deployment (one AsyncEngine each, our router, autoscaling,
+draining) bound under the ingress deployment.
+
+Autoscaling uses Ray Serve's own policy on ongoing requests per replica (`target_ongoing`), not a
+custom one on predicted TTFT: requests in flight are exactly what fills a replica's running slots and
+queue, Ray measures them at every handle with no extra reporting, and its policy already has the
+up/down delays that keep a burst from flapping replicas. Predicted TTFT would scale on a figure the
+engine only has once it has measured a prefill rate, i.e. never for a fresh replica. Scale-down
+drains: Ray stops routing to the replica, waits for its requests (up to `shutdown_grace`), then calls
+its `__del__`, which drains what is left as `tailserve serve` does on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ray import serve
+from ray.serve.config import AutoscalingConfig, BackpressureConfig, RequestRouterConfig
+
+from tailserve.cluster.config import REPLICA_DEPLOYMENT, ClusterConfig
+from tailserve.cluster.ingress import Ingress
+from tailserve.cluster.replica import EngineReplica
+from tailserve.cluster.router import AffinityRouter
+from tailserve.config import EngineConfig, ServerConfig
+
+
+def replica_options(cluster: ClusterConfig, engine: EngineConfig, server: ServerConfig) -> dict[str, Any]:
+    """`serve.deployment` options of the replicas."""
+    opts: dict[str, Any] = {
+        "name": REPLICA_DEPLOYMENT,
+        # A replica takes what its engine can run or queue; beyond that Ray tries the next replica.
+        "max_ongoing_requests": engine.max_num_seqs + server.max_queue,
+        "max_queued_requests": cluster.max_queued,
+        # Past that cap the caller gets 429 + Retry-After, as from one full server (Ray's default: 503).
+        "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=1),
+        "ray_actor_options": {"num_cpus": cluster.replica_cpus},
+        "request_router_config": RequestRouterConfig(
+            request_router_kwargs={"load_factor": cluster.load_factor},
+            request_routing_stats_period_s=cluster.stats_period,
+            request_routing_stats_timeout_s=max(1.0, 4 * cluster.stats_period),
+            **({"request_router_class": AffinityRouter} if cluster.router == "affinity" else {}),
+        ),
+        "graceful_shutdown_timeout_s": server.shutdown_grace,
+        "graceful_shutdown_wait_loop_s": 0.5,
+        "health_check_period_s": 2.0,
+    }
+    if cluster.max_replicas is None or cluster.max_replicas == cluster.replicas:
+        opts["num_replicas"] = max(cluster.replicas, 1)
+    else:
+        opts["autoscaling_config"] = AutoscalingConfig(
+            min_replicas=max(cluster.replicas, 1),
+            max_replicas=cluster.max_replicas,
+            target_ongoing_requests=cluster.target_ongoing,
+            upscale_delay_s=cluster.upscale_delay,
+            downscale_delay_s=cluster.downscale_delay,
+            metrics_interval_s=0.5,
+            look_back_period_s=2.0,
+        )
+    return opts
+
+
+def build(
+    cluster: ClusterConfig, engine: EngineConfig, server: ServerConfig, model_name: str
+) -> serve.Application:
+    """The application: `serve.run(build(...))` deploys it."""
+    engine = dataclasses.replace(engine, num_threads=engine.num_threads or cluster.threads())
+    replica = serve.deployment(EngineReplica).options(**replica_options(cluster, engine, server))
+    ingress = serve.deployment(serve.ingress()(Ingress)).options(
+        name="ingress",
+        ray_actor_options={"num_cpus": cluster.ingress_cpus},
+        max_ongoing_requests=10_000,  # the replicas and their queue cap decide what waits, not the ingress
+    )
+    return ingress.bind(replica.bind(engine, server, model_name), server)
