@@ -192,7 +192,7 @@ def gateway(config: dict[str, Any], tracer_provider: Any = None) -> Iterator[Liv
     """A gateway for `config`; backends' `kind` defaults to openai (no discovery round trip)."""
     config = {"poll_interval": 0, **config}
     for spec in config["models"].values():
-        for b in spec["backends"]:
+        for b in spec.get("backends", []):
             b.setdefault("kind", "openai")
     cfg = parse_config(config)
     urls = {(m, i): [(b.url, b.kind)] for m, spec in cfg.models.items() for i, b in enumerate(spec.backends)}
