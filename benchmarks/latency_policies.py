@@ -132,7 +132,21 @@ def run_hedge(args: argparse.Namespace, stack: ExitStack) -> dict:
                     ready_path="/health")
         )  # fmt: skip
     rng = random.Random(0)
-    words = "the quick brown fox jumps over a lazy dog while seven cats watch".split()
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "a",
+        "lazy",
+        "dog",
+        "while",
+        "seven",
+        "cats",
+        "watch",
+    ]
     pooled: dict[str, list[dict]] = {"off": [], "on": []}
     for rnd in range(args.rounds + 1):  # round 0 warms both (and the hedger's p95), and is not kept
         for name in ("off", "on") if rnd % 2 == 0 else ("on", "off"):
