@@ -56,12 +56,12 @@ class Hedger:
         """One attempt of `call` on `up` (hedged where `pool` has a policy): its result, or the
         last failure when every attempt raced failed."""
         tokens = prompt_chars(call.body) / CHARS_PER_TOKEN
+        policy = self.policies.get(pool.name)
+        if policy is None:
+            return await self._observed(run_one, pool, up, call, number, False, tokens, is_retry)
         first = asyncio.ensure_future(
             self._observed(run_one, pool, up, call, number, False, tokens, is_retry)
         )
-        policy = self.policies.get(pool.name)
-        if policy is None:
-            return await first
         now = time.monotonic()
         self.budgets[pool.name].on_request(now)
         delay = hedge_delay(policy, self.ttft.get((pool.name, up.name, call.stream)))
