@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import random
+import signal
 import sys
 import time
 from contextlib import ExitStack
@@ -313,6 +314,8 @@ def main() -> None:
         "--slo-factor", type=float, default=3.0, help="without --slo: × the large's unloaded TTFT"
     )
     args = ap.parse_args()
+    # A `timeout` sends SIGTERM: exit through the `finally`s, so every server started here is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parts = args.parts.split(",")
     RESULTS.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"config": vars(args)}
