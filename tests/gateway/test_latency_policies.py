@@ -90,7 +90,8 @@ def test_hedges_stay_within_the_cap_under_a_spike() -> None:
         asyncio.run(spike())
         sent = gw.metric("hedges_total", event="sent")
         assert 1 <= sent <= 0.2 * 30  # every slow request was late; the budget let a fifth hedge
-        assert gw.metric("hedges_total", event="won") == sent  # the fast backend won each hedge
+        assert gw.metric("hedges_total", event="cancelled") == sent  # one of each pair closed
+        assert gw.metric("hedges_total", event="won") >= 1  # hedges onto the fast backend win
         wait_for(lambda: gw.in_flight() == 0)
 
 
