@@ -321,8 +321,9 @@ def main() -> None:
     results: dict[str, Any] = {"config": vars(args)}
     with ExitStack() as stack:
         if "hedge" in parts:
-            results["hedge"] = run_hedge(args, stack)
-            print(json.dumps(results["hedge"], indent=2), flush=True)
+            key = f"hedge_stall_{args.stall_seconds:g}s"  # runs with other stalls keep their own figures
+            results[key] = run_hedge(args, stack)
+            print(json.dumps(results[key], indent=2), flush=True)
         if "tiers" in parts or "degrade" in parts:
             small, large = tier_backends(stack)
             tiers = {"small": "s", "large": "l"}
