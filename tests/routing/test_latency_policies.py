@@ -187,3 +187,15 @@ def test_degrade_switches_when_the_queue_passes_the_threshold_and_back_when_it_d
     for _ in range(5):
         meter.done(prompt)
     assert meter.queued_tokens == 0 and tier() == "large"
+
+
+def test_prefill_meter_separates_overhead_from_rate() -> None:
+    meter = PrefillMeter()
+    for ahead in (10, 100, 400, 50, 800, 200):  # TTFT = 0.2 s + ahead / 1000 tokens/s
+        meter.first_token(ahead, 0.2 + ahead / 1000)
+    overhead, rate = meter.fit()  # type: ignore[misc]
+    assert overhead == pytest.approx(0.2, abs=1e-6) and rate == pytest.approx(1000, rel=1e-6)
+    assert predicted_ttft(meter.signal(True, None), 100) == pytest.approx(0.3)
+    one = PrefillMeter()
+    one.first_token(100, 0.5)  # one size only: all of it on the tokens
+    assert one.fit() == (0.0, 200.0)
