@@ -62,6 +62,8 @@ class ServerConfig:
     otel_exporter: str | None = None  # console | otlp: OpenTelemetry spans per request; off when unset
     request_log: bool = True  # a JSON line per finished request on stderr, written off the hot path
     log_prompts: bool = False  # put the prompt (or messages) in those lines
+    stall_share: float = 0.0  # fault injection (server/faults.py): share of requests held before the engine
+    stall_seconds: float = 0.0  # for that long; benchmarks of hedging use it, serving never should
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:

@@ -3,7 +3,9 @@
 A `Fake` answers each request by the next step of its `script` (then by `mode`): "ok", an HTTP status
 ("500", "429:2" = 429 with Retry-After 2), "hang" (never answers), "hang_mid" (one chunk, then
 nothing), "cut_mid" (one chunk, then the connection drops). It records every request it got, and
-counts the streams whose connection the gateway closed.
+counts the streams whose connection the gateway closed. `first_delay` stalls a stream before its first
+chunk (a slow first token); `answers` maps a request's last message to the (content, finish_reason)
+of its whole answer.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class Fake:
     chunks: int = 3
     gap: float = 0.0  # seconds between stream chunks
     delay: float = 0.0  # seconds before answering
+    first_delay: float = 0.0  # seconds before a stream's first chunk
+    answers: dict[str, tuple[str, str]] = field(default_factory=dict)
     waiting: float = 0.0  # the queue its /metrics reports
     load: str | None = None  # its X-Tailserve-Load header on answers, and (parsed) its /load JSON
     requests: list[tuple[dict[str, Any], dict[str, str]]] = field(default_factory=list)
@@ -90,10 +94,12 @@ class Fake:
                 }
                 return JSONResponse(err, status_code=int(status), headers=headers)
             if not body.get("stream"):
+                last = (body.get("messages") or [{}])[-1].get("content")
+                content, finish = self.answers.get(last, ("hello", "stop"))
                 choice = {
                     "index": 0,
-                    "message": {"role": "assistant", "content": "hello"},
-                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": finish,
                 }
                 return JSONResponse(
                     {"id": "fake", "object": "chat.completion", "model": body["model"], "choices": [choice]}
@@ -112,6 +118,7 @@ class Fake:
 
     async def _stream(self, step: str, body: dict[str, Any]) -> AsyncIterator[str]:
         try:
+            await asyncio.sleep(self.first_delay)
             for i in range(self.chunks):
                 chunk = {
                     "id": "fake",
@@ -199,7 +206,7 @@ def gateway(config: dict[str, Any], tracer_provider: Any = None) -> Iterator[Liv
     """A gateway for `config`; backends' `kind` defaults to openai (no discovery round trip)."""
     config = {"poll_interval": 0, **config}
     for spec in config["models"].values():
-        for b in spec["backends"]:
+        for b in spec.get("backends", []):
             b.setdefault("kind", "openai")
     cfg = parse_config(config)
     urls = {(m, i): [(b.url, b.kind)] for m, spec in cfg.models.items() for i, b in enumerate(spec.backends)}

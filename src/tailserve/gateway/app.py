@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -28,7 +28,10 @@ from tailserve.api.sse import SSEResponse
 from tailserve.gateway.attempts import Answer, Attempts, Call
 from tailserve.gateway.config import GatewayConfig
 from tailserve.gateway.fastpath import FastPath
+from tailserve.gateway.groups import Groups
+from tailserve.gateway.hedge import Hedger
 from tailserve.gateway.metrics import NO_BACKEND, GatewayMetrics
+from tailserve.gateway.policy_metrics import PolicyMetrics
 from tailserve.gateway.relay import Relay
 from tailserve.gateway.tracing import GatewayTracing, end_span, passthrough
 from tailserve.gateway.upstream import Pool, poll_loads
@@ -52,7 +55,11 @@ class Gateway:
         self.created = int(time.time())
         self.metrics = GatewayMetrics(self.backends)
         self.tracing = GatewayTracing(tracer_provider) if tracer_provider is not None else None
-        self.attempts = Attempts(pools, config.retry, self.metrics, self.tracing)
+        policy_metrics = PolicyMetrics(self.metrics.registry)
+        hedges = {m: s.hedge for m, s in config.models.items() if s.hedge is not None}
+        self.hedger = Hedger(hedges, policy_metrics)
+        self.attempts = Attempts(pools, config.retry, self.metrics, self.tracing, hedger=self.hedger)
+        self.groups = Groups(config, pools, self.hedger, policy_metrics)
         self._poller: asyncio.Task[None] | None = None
 
     def backends(self) -> list[tuple[str, str, object]]:
@@ -85,8 +92,14 @@ class Gateway:
     def model_cards(self) -> list[dict[str, Any]]:
         return [
             {"id": m, "object": "model", "created": self.created, "owned_by": "tailserve-gateway"}
-            for m in self.pools
+            for m in [*self.pools, *self.groups.groups]
         ]
+
+    async def serve(self, call: Call, headers: Mapping[str, str]) -> tuple[Answer | Relay, dict[str, str]]:
+        """`call` through its group's tier policies, or straight to the attempt loop."""
+        if call.model in self.groups:
+            return await self.groups.run(call, headers, self.attempts)
+        return await self.attempts.run(call), {}
 
 
 def build_app(gateway: Gateway) -> FastPath:
@@ -166,11 +179,11 @@ async def _handle(gw: Gateway, request: Request, route: str, prefix: str) -> Res
         require_key(request, gw.config.api_key)
         raw_obj = await read_json(request, gw.config.max_body_bytes)
         fields = validate(raw_obj, RoutingFields)
-        if fields.model not in gw.pools:
+        if fields.model not in gw.pools and fields.model not in gw.groups:
             raise ApiError(
                 404,
                 f"the model {fields.model!r} does not exist; this gateway serves "
-                f"{', '.join(map(repr, gw.pools))}",
+                f"{', '.join(map(repr, [*gw.pools, *gw.groups.groups]))}",
                 param="model",
                 code="model_not_found",
             )
@@ -189,7 +202,7 @@ async def _handle(gw: Gateway, request: Request, route: str, prefix: str) -> Res
             headers=headers,
             span=span,
         )
-        result: Answer | Relay = await unless_disconnected(request, gw.attempts.run(call))
+        result, said = await unless_disconnected(request, gw.serve(call, request.headers))
         if isinstance(result, Relay):
             status = 200
             gw.metrics.requests.labels(model, result.upstream.name, "200").inc()
@@ -200,10 +213,10 @@ async def _handle(gw: Gateway, request: Request, route: str, prefix: str) -> Res
                 end_span(span, 200, None if relay.outcome != "failure" else relay.label)
 
             handed_off = True
-            return SSEResponse(relay.body(), {REQUEST_ID: rid}, on_close)
+            return SSEResponse(relay.body(), {**said, REQUEST_ID: rid}, on_close)
         status = result.status
         gw.metrics.requests.labels(model, result.backend, str(status)).inc()
-        return Response(result.body, status_code=status, headers={**result.headers, REQUEST_ID: rid})
+        return Response(result.body, status_code=status, headers={**result.headers, **said, REQUEST_ID: rid})
     except ApiError as e:
         status = e.status
         gw.metrics.requests.labels(model or "unknown", NO_BACKEND, str(status)).inc()

@@ -29,6 +29,7 @@ from opentelemetry.trace import Span
 from tailserve.api.errors import ApiError
 from tailserve.gateway.config import RetrySpec
 from tailserve.gateway.h1client import Response
+from tailserve.gateway.hedge import Hedger
 from tailserve.gateway.metrics import GatewayMetrics
 from tailserve.gateway.relay import Relay
 from tailserve.gateway.tracing import GatewayTracing, end_span
@@ -86,6 +87,7 @@ class Attempts:
         metrics: GatewayMetrics,
         tracing: GatewayTracing | None = None,
         rng: random.Random | None = None,
+        hedger: Hedger | None = None,
     ) -> None:
         self.pools = pools
         self.retry = retry
@@ -93,6 +95,7 @@ class Attempts:
         self.tracing = tracing
         self.rng = rng or random.Random()
         self.budget = RetryBudget(retry.budget_ratio, retry.budget_min)
+        self.hedger = hedger  # observes every attempt; hedges those of models with a policy
 
     async def run(self, call: Call) -> Answer | Relay:
         self.budget.on_request(time.monotonic())
@@ -131,12 +134,23 @@ class Attempts:
             made += 1
             per_model += 1
             tried.add(backend.name)
-            result = await self._attempt(pool.upstreams[backend.name], pool.name, call, remaining, made)
+            result = await self._observed(pool, pool.upstreams[backend.name], call, remaining, made, tried)
             if not isinstance(result, _Retry):
                 return result
             last = result.answer or last
             delay = backoff(made, self.retry.backoff_base, self.retry.backoff_cap, self.rng)
             await asyncio.sleep(min(delay, max(0.0, call.deadline - time.monotonic())))
+
+    async def _observed(
+        self, pool: Pool, up: Upstream, call: Call, remaining: float, made: int, tried: set[str]
+    ) -> Answer | Relay | _Retry:
+        if self.hedger is None:
+            return await self._attempt(up, pool.name, call, remaining, made)
+
+        def run_one(u: Upstream, number: int, hedge: bool) -> Any:
+            return self._attempt(u, pool.name, call, call.deadline - time.monotonic(), number, hedge)
+
+        return await self.hedger.attempt(run_one, pool, up, call, made, tried, _failed)
 
     def _unavailable(self, model: str, hint: float) -> Answer:
         return Answer.error(
@@ -160,13 +174,13 @@ class Attempts:
         return json.dumps({**call.body, **changes}, ensure_ascii=False, separators=(",", ":")).encode()
 
     async def _attempt(
-        self, up: Upstream, model: str, call: Call, remaining: float, number: int
+        self, up: Upstream, model: str, call: Call, remaining: float, number: int, hedge: bool = False
     ) -> Answer | Relay | _Retry:
         start = time.monotonic()
         lease = up.backend.acquire(start)
         span = None
         if self.tracing is not None and call.span is not None:
-            span = self.tracing.attempt_span(call.span, model, up.name, number)
+            span = self.tracing.attempt_span(call.span, model, up.name, number, hedge)
         outcome, label, status = "failure", "connect_error", None
         response: Response | None = None
         committed = False
@@ -229,7 +243,13 @@ class Attempts:
                     await response.aclose()
                 lease.release(time.monotonic(), outcome)
                 self.metrics.attempts.labels(model, up.name, label).inc()
+                if span is not None:
+                    span.set_attribute("tailserve.outcome", label)
                 end_span(span, status, None if outcome != "failure" else label)
+
+
+def _failed(result: object) -> bool:
+    return isinstance(result, _Retry)
 
 
 def _passed(response: Response) -> dict[str, str]:

@@ -15,6 +15,7 @@ models:
     fallback: [chat-small]
   chat-small:
     backends: [{url: http://10.0.0.6:8080}]
+    hedge: {max_share: 0.05}             # latency policies: see gateway/policy_config.py
 retry: {max_attempts: 3, backoff_base: 0.025, backoff_cap: 1.0, budget_ratio: 0.2, budget_min: 10}
 breaker: {failures: 5, window: 10, open_for: 5, probes: 1, successes: 2}
 ```
@@ -29,6 +30,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tailserve.gateway.policy_config import GroupSpec, HedgeSpec
 
 
 class ConfigError(ValueError):
@@ -66,8 +69,18 @@ class BackendSpec(_Strict):
 
 
 class ModelSpec(_Strict):
-    backends: list[BackendSpec] = Field(min_length=1)
+    backends: list[BackendSpec] = Field(default_factory=list)
     fallback: list[str] = Field(default_factory=list)
+    hedge: HedgeSpec | None = None
+    group: GroupSpec | None = None  # tiers behind this name, instead of backends
+
+    @model_validator(mode="after")
+    def _backends_or_group(self) -> ModelSpec:
+        if bool(self.backends) == (self.group is not None):
+            raise ValueError("give either 'backends' (at least one) or 'group', not both")
+        if self.group is not None and (self.fallback or self.hedge):
+            raise ValueError("a group's 'fallback' and 'hedge' belong on its tiers' models")
+        return self
 
 
 class RetrySpec(_Strict):
@@ -110,6 +123,13 @@ class GatewayConfig(_Strict):
                     raise ConfigError(f"models.{name}.fallback[{i}]: no model named {other!r}")
                 if other == name:
                     raise ConfigError(f"models.{name}.fallback[{i}]: a model cannot fall back to itself")
+                if self.models[other].group is not None:
+                    raise ConfigError(f"models.{name}.fallback[{i}]: {other!r} is a group, not a model")
+            for tier, model in (spec.group.tiers if spec.group else {}).items():
+                if model not in self.models or self.models[model].group is not None:
+                    raise ConfigError(
+                        f"models.{name}.group.tiers.{tier}: {model!r} is not a model with backends"
+                    )
         return self
 
 

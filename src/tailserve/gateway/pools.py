@@ -51,6 +51,8 @@ def make_pools(config: GatewayConfig, urls: dict[tuple[str, int], list[tuple[str
     clients: dict[str, Client] = {}
     pools: dict[str, Pool] = {}
     for name, spec in config.models.items():
+        if spec.group is not None:  # tiers of other models: no backends of its own
+            continue
         ups: dict[str, Upstream] = {}
         for i, b in enumerate(spec.backends):
             for url, kind in urls[name, i]:

@@ -28,8 +28,8 @@ class GatewayTracing:
         span.set_attribute("tailserve.request_id", request_id)
         return span
 
-    def attempt_span(self, parent: Span, model: str, backend: str, number: int) -> Span:
-        return self.tracer.start_span(
+    def attempt_span(self, parent: Span, model: str, backend: str, number: int, hedge: bool = False) -> Span:
+        span = self.tracer.start_span(
             "attempt",
             context=trace.set_span_in_context(parent),
             kind=SpanKind.CLIENT,
@@ -39,6 +39,9 @@ class GatewayTracing:
                 "tailserve.attempt": number,
             },
         )
+        if hedge:  # the second of a hedged pair; its twin has the same number
+            span.set_attribute("tailserve.hedge", True)
+        return span
 
     @staticmethod
     def inject(span: Span, headers: dict[str, str]) -> None:

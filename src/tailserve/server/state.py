@@ -16,6 +16,7 @@ from tailserve.config import ServerConfig
 from tailserve.engine.async_engine import AsyncEngine
 from tailserve.obs.observer import Observer
 from tailserve.server.admission import Admission, Limits, Rejected, Ticket, estimate_tokens
+from tailserve.server.faults import Stall
 from tailserve.server.generation import Generation
 from tailserve.structured.grammar import Grammar, GrammarError
 
@@ -59,6 +60,7 @@ class OpenAIServer:
         self.live: dict[str, Generation] = {}  # by engine request id
         self._serial = itertools.count()
         self.obs = Observer(config, model_name, engine, tracer_provider)
+        self.stall = Stall(config.stall_share, config.stall_seconds)
 
     def engine_request_id(self, rid: str, client_chose: bool) -> str:
         """A client's X-Request-ID plus a serial number, so engine ids never repeat: a client retrying
@@ -82,6 +84,8 @@ class OpenAIServer:
             raise ApiError(503, "the engine is not running", code="not_ready")
 
     async def read_json(self, request: Request) -> Any:
+        """The body, after the injected stall when one is configured (a request's first await)."""
+        await self.stall.maybe()
         return await read_json(request, self.config.max_body_bytes)
 
     def parse(self, obj: Any, cls: type[R]) -> R:
