@@ -1,0 +1,63 @@
+"""A request's end-to-end latency budget: one deadline, and a share of it for each stage.
+
+The seeds' rule, "if the total budget is two seconds, assign hard caps to each stage", split in a
+way that stays honest when stages run early or late: a stage's allowance is its weight's share of
+what is *left* when it starts (among the stages still to come on its path), capped by the stage's own
+hard cap, and never more than what is left. The split itself is a pure function of plain numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+
+def split(total_s: float, weights: Mapping[str, float], reserve_s: float = 0.0) -> dict[str, float]:
+    """Seconds for each stage: `total_s` less `reserve_s` (kept for the answer's own overhead),
+    divided in proportion to `weights`. Stages on parallel branches each take their full share of
+    their branch's time, so callers pass the weights of one critical path."""
+    usable = max(0.0, total_s - reserve_s)
+    mass = sum(w for w in weights.values() if w > 0)
+    if mass <= 0:
+        return {name: 0.0 for name in weights}
+    return {name: usable * max(w, 0.0) / mass for name, w in weights.items()}
+
+
+def allowance(remaining_s: float, weight: float, weight_left: float, cap_s: float | None = None) -> float:
+    """A stage's allowance when it starts: its weight's share of the time left among the weights
+    still ahead on its path (its own included), capped by `cap_s`; never negative."""
+    if remaining_s <= 0:
+        return 0.0
+    share = remaining_s if weight_left <= 0 else remaining_s * min(1.0, weight / weight_left)
+    return max(0.0, min(share, cap_s) if cap_s is not None else share)
+
+
+@dataclass
+class Budget:
+    """One request's deadline. `remaining()` is what every LLM and tool call is given as its timeout.
+
+    `clock` is injectable (tests use a fake one); it must be monotonic seconds."""
+
+    total_s: float
+    clock: Callable[[], float] = time.perf_counter
+    start: float = field(default=-1.0)
+
+    def __post_init__(self) -> None:
+        if self.start < 0:
+            self.start = self.clock()
+
+    @property
+    def deadline(self) -> float:
+        return self.start + self.total_s
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def remaining(self) -> float:
+        """Seconds until the deadline (0 once it passed)."""
+        return max(0.0, self.deadline - self.clock())
+
+    @property
+    def expired(self) -> bool:
+        return self.remaining() <= 0.0
