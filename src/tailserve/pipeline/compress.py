@@ -70,18 +70,17 @@ def _numbers(text: str) -> set[str]:
 
 
 def facts(text: str) -> Facts:
-    """The things a summary must keep: numbers, names (capitalised words that do not open a
-    sentence), dates and quoted strings."""
+    """The things a summary must keep: numbers, names (capitalised words, except a lone one opening a
+    sentence, and runs of them), dates and quoted strings."""
     dates = {m.group(0) for m in _DATE.finditer(text)}
     undated = _DATE.sub(" ", text)
     quotes = {(m.group(1) or m.group(2)).strip() for m in _QUOTED.finditer(text)}
     names: set[str] = set()
-    for m in _CAPITALISED.finditer(text):
-        before = text[: m.start()].rstrip()
-        opens_sentence = not before or before[-1] in '.!?:\n"“'
+    for m in _CAPITALISED.finditer(undated):
+        before = undated[: m.start()].rstrip()
         words = m.group(0).split()
-        if opens_sentence:
-            words = words[1:]
+        if len(words) == 1 and (not before or before[-1] in ".!?:\n\"“"):
+            continue  # one capitalised word opening a sentence is usually no name
         words = [w for w in words if w.lower() not in _NOT_NAMES]
         if words:
             names.add(" ".join(words))
