@@ -173,3 +173,12 @@ def test_rates_from_two_scrapes() -> None:
     assert r.prefill_tokens_per_s == pytest.approx(3000.0)
     assert r.s_per_output_token == pytest.approx(0.02)
     assert rates({}, {}).prefill_tokens_per_s is None
+
+
+def test_fit_tokens_trims_max_tokens_to_the_time_left() -> None:
+    from tailserve.pipeline.budget import fit_tokens
+
+    assert fit_tokens(2.0, 0.5, 0.01, 500) == 150
+    assert fit_tokens(2.0, 0.5, 0.01, 100) == 100
+    assert fit_tokens(0.4, 0.5, 0.01, 100) == 0
+    assert fit_tokens(1.0, 0.5, None, 100) == 100

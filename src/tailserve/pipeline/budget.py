@@ -61,3 +61,12 @@ class Budget:
     @property
     def expired(self) -> bool:
         return self.remaining() <= 0.0
+
+
+def fit_tokens(remaining_s: float, first_token_s: float, s_per_token: float | None, wanted: int) -> int:
+    """The most output tokens that still finish before the deadline: what is left after the expected
+    first-token time, at the measured time per token, capped at `wanted` (all of it before any
+    measurement). The "fewer max_tokens" degrade; 0 means not even one token fits."""
+    if s_per_token is None or s_per_token <= 0:
+        return wanted
+    return max(0, min(wanted, int((remaining_s - first_token_s) / s_per_token)))

@@ -79,7 +79,7 @@ def facts(text: str) -> Facts:
     for m in _CAPITALISED.finditer(undated):
         before = undated[: m.start()].rstrip()
         words = m.group(0).split()
-        if len(words) == 1 and (not before or before[-1] in ".!?:\n\"“"):
+        if len(words) == 1 and (not before or before[-1] in '.!?:\n"“'):
             continue  # one capitalised word opening a sentence is usually no name
         words = [w for w in words if w.lower() not in _NOT_NAMES]
         if words:

@@ -123,7 +123,7 @@ class Pipeline:
             else:
                 if isinstance(s.on_overrun, UseCached):
                     s.on_overrun.cache.put(s.on_overrun.key(results), value)
-                return value, StageRecord(s.name, give, start, clock(), "ok", False)
+                return value, StageRecord(s.name, give, start, clock(), "ok", False, notes=tuple(ctx.notes))
         overrun = error in ("timeout", "no_time")
         policy = s.on_overrun
         if isinstance(policy, Degrade):

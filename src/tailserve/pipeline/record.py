@@ -18,6 +18,7 @@ class StageRecord:
     outcome: str  # one of OUTCOMES
     overrun: bool  # the stage hit its allowance (or had too little to start)
     error: str | None = None  # why the stage itself did not answer: "timeout", "no_time" or an exception
+    notes: tuple[str, ...] = ()  # degrades the stage chose itself while answering (fewer tokens, small tier)
 
     @property
     def elapsed_s(self) -> float:
@@ -39,8 +40,8 @@ class RequestRecord:
 
     @property
     def degraded(self) -> bool:
-        """Any stage answered by its policy rather than by itself."""
-        return any(s.outcome != "ok" for s in self.stages)
+        """Any stage answered by its policy rather than by itself, or degraded itself."""
+        return any(s.outcome != "ok" or s.notes for s in self.stages)
 
     def stage(self, name: str) -> StageRecord | None:
         return next((s for s in self.stages if s.name == name), None)

@@ -25,6 +25,7 @@ def request_report(rec: RequestRecord) -> dict[str, Any]:
             "outcome": s.outcome,
             "overrun": s.overrun,
             "error": s.error,
+            "notes": list(s.notes),
         }
         for s in sorted(rec.stages, key=lambda s: s.start)
     ]

@@ -32,6 +32,7 @@ class StageContext:
     started: float
     inputs: Mapping[str, Any]
     degraded: bool = False
+    notes: list[str] = field(default_factory=list)  # degrades a stage chose itself ("fewer_tokens")
 
     def remaining(self) -> float:
         stage_left = self.started + self.allowance_s - self.budget.clock()
