@@ -100,6 +100,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--long-tokens", type=int, default=2048, help="straggler: approx tokens of the long prompt"
     )
     req.add_argument(
+        "--history-tokens",
+        type=int,
+        default=0,
+        help="pipeline: approx tokens of earlier conversation sent before each question (default 0)",
+    )
+    req.add_argument(
         "--read-delay", type=float, default=0.1, help="slowreader: seconds slept after each streamed chunk"
     )
     req.add_argument(

@@ -138,6 +138,7 @@ async def benchmark(args: argparse.Namespace, loads: list[Load], slo: SLO, progr
         straggler_every=args.straggler_every,
         long_tokens=args.long_tokens,
         context_len=args.context_len or (context_len_of(card) if card else None),
+        history_tokens=args.history_tokens,
     )
     try:
         workload = build_workload(args.workload, args.requests, args.seed, params)
