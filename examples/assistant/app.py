@@ -23,6 +23,7 @@ import json
 import sys
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -241,7 +242,7 @@ class Assistant:
         it). Returns the request's report (and its usage)."""
         cfg = self.cfg
         messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
-        user = str(body.get("user") or f"C-{abs(hash(json.dumps(messages[:2]))) % 100000:05d}")
+        user = str(body.get("user") or f"C-{zlib.crc32(json.dumps(messages[:2]).encode()) % 100000:05d}")
         budget = Budget(cfg.slo_s if cfg.budgets else 3600.0)
         inputs = {
             "messages": messages,

@@ -1,7 +1,8 @@
 """The compression stage: decide (compress.decide), summarise the older turns with the small tier,
 validate (compress.validate), fall back to first + last turns when the summary fails. Summaries are
-cached by the older turns' text, so a conversation pays for one once, and a cached one costs nothing
-in the decision. Every decision and validation failure is counted (`stats`)."""
+cached by the older turns' text (rejected ones too: validation is rerun, the model is not), so a
+conversation pays for one once, and a cached one costs nothing in the decision. Every decision and
+validation failure is counted (`stats`)."""
 
 from __future__ import annotations
 
@@ -93,12 +94,12 @@ class Compressor:
                 temperature=0.0,
             )
             summary = reply.content
+            if self.cache is not None:  # kept even when it fails: the same turns would fail again
+                self.cache.put(key, summary)
         check = compress.validate(original, summary, cfg.min_overlap)
         if not check.ok:
             self.stats.validation_failures[check.reason] += 1
             self.stats.results["fallback"] += 1
             return Compressed(compress.fallback(messages, cfg.keep_last), decision, "fallback", check)
-        if self.cache is not None:
-            self.cache.put(key, summary)
         self.stats.results["summary"] += 1
         return Compressed(compress.with_summary(messages, cfg.keep_last, summary), decision, "summary", check)
