@@ -144,6 +144,7 @@ def main() -> None:
     p.add_argument("--stall-s", type=float, default=8.0)
     p.add_argument("--slo", type=float, help="seconds (default: 1.5 x the tools part's parallel p95 e2e)")
     p.add_argument("--port", type=int, default=8710)
+    p.add_argument("--llm-url", help="use this server (or gateway) instead of starting `tailserve serve`")
     a = p.parse_args()
     parts = a.parts.split(",")
     out_dir = RESULTS / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -151,7 +152,12 @@ def main() -> None:
     base = WorkloadParams(output_tokens=a.output_tokens)
     result: dict = {"commit": commit(), "args": vars(a), "parts": {}}
     loose = ["--slo-s", "120"]  # parts other than `slow` measure speed, not budgets: nothing degrades
-    with serving(tailserve_cmd(a.port), a.port, out_dir / "server.log") as llm:
+    server = (
+        contextlib.nullcontext(a.llm_url)
+        if a.llm_url
+        else serving(tailserve_cmd(a.port), a.port, out_dir / "server.log")
+    )
+    with server as llm:
         port = a.port + 1
         if "tools" in parts:
             res = run_part(

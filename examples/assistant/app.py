@@ -133,7 +133,9 @@ class Assistant:
         self.rates = RateReader(cfg.llm_url)
         self.stable = StableCheck()
         caches = [
-            c for c in (self.retrieval_cache, self.policy_cache, self.profile_cache, summary_cache) if c
+            c
+            for c in (self.retrieval_cache, self.policy_cache, self.profile_cache, summary_cache)
+            if c is not None
         ]
         self.metrics = PipelineMetrics(caches, self.compressor.stats, self.stable)
         self.report = RunReport()

@@ -40,7 +40,9 @@ def ask(server: FakeLLM, cfg: AssistantConfig, stream: bool = True) -> tuple[str
         text = "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
         report = next(e["pipeline"] for e in events if "pipeline" in e)
         assert httpx.get(url + "/report").json()["requests"] == 1
-        assert "tailserve:pipeline_stage_seconds_bucket" in httpx.get(url + "/metrics").text
+        metrics = httpx.get(url + "/metrics").text
+        assert "tailserve:pipeline_stage_seconds_bucket" in metrics
+        assert 'tailserve:pipeline_cache_misses_total{cache="retrieval"} 1.0' in metrics
         return text, report, wall
 
 
