@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from tailserve.pipeline import (
     Budget,
     Degrade,
@@ -131,7 +133,7 @@ def test_a_stage_below_its_minimum_does_not_start() -> None:
     ]
     results, rec = run(stages, 0.3)
     assert results["answer"] == "sorry" and not started
-    assert rec.stage("answer").error == "no_time"  # type: ignore[union-attr]
+    assert next(s.error for s in rec.stages if s.name == "answer") == "no_time"
 
 
 def test_independent_stages_take_the_maximum_not_the_sum() -> None:
@@ -162,3 +164,32 @@ def test_where_the_time_went() -> None:
     assert by["tools"]["overruns"] == 3 and by["retrieve"]["overruns"] == 0
     assert by["retrieve"]["p50_ms"] >= 20 and by["answer"]["p99_ms"] >= 30
     assert 0 < by["answer"]["share"] < 1
+
+
+def test_a_span_per_stage_with_its_budget_and_time_used() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from tailserve.pipeline.tracing import PipelineTracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = PipelineTracing(provider)
+    root = tracing.start("pipeline")
+    root_id = root.get_span_context().span_id
+    assert PipelineTracing.headers(root)["traceparent"].split("-")[2] == f"{root_id:016x}"
+    stages = [Stage("fast", sleeper(0.01)), Stage("slow", sleeper(1), cap_s=0.05, after=("fast",))]
+    _, rec = run(stages, 1.0)
+    tracing.finish(root, rec)
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert set(spans) == {"pipeline", "stage fast", "stage slow"}
+    slow = spans["stage slow"]
+    assert slow.parent.span_id == root_id  # type: ignore[union-attr]
+    assert slow.attributes["tailserve.stage.budget_s"] == 0.05
+    assert slow.attributes["tailserve.stage.used_s"] >= 0.05 and slow.attributes["tailserve.stage.overrun"]
+    assert slow.attributes["tailserve.stage.outcome"] == "skipped"
+    assert slow.attributes["error.type"] == "timeout"
+    assert spans["pipeline"].attributes["tailserve.degraded"] is True
+    assert (slow.end_time - slow.start_time) / 1e9 == pytest.approx(rec.stages[1].elapsed_s, abs=1e-6)

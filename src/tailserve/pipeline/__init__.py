@@ -7,7 +7,7 @@ model's parallel tool calls; caches (cache.py), prompt layout (layout.py), valid
 (compress.py, compressor.py) and observability (record.py, report.py, metrics.py, tracing.py).
 """
 
-from tailserve.pipeline.budget import Budget, allowance, split
+from tailserve.pipeline.budget import Budget, allowance
 from tailserve.pipeline.cache import TTLCache, normalise
 from tailserve.pipeline.dag import Pipeline
 from tailserve.pipeline.llm import ChatResult, LLMClient, LLMError
@@ -40,5 +40,4 @@ __all__ = [
     "allowance",
     "normalise",
     "run_loop",
-    "split",
 ]

@@ -9,19 +9,8 @@ hard cap, and never more than what is left. The split itself is a pure function 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-
-
-def split(total_s: float, weights: Mapping[str, float], reserve_s: float = 0.0) -> dict[str, float]:
-    """Seconds for each stage: `total_s` less `reserve_s` (kept for the answer's own overhead),
-    divided in proportion to `weights`. Stages on parallel branches each take their full share of
-    their branch's time, so callers pass the weights of one critical path."""
-    usable = max(0.0, total_s - reserve_s)
-    mass = sum(w for w in weights.values() if w > 0)
-    if mass <= 0:
-        return {name: 0.0 for name in weights}
-    return {name: usable * max(w, 0.0) / mass for name, w in weights.items()}
 
 
 def allowance(remaining_s: float, weight: float, weight_left: float, cap_s: float | None = None) -> float:
@@ -51,16 +40,9 @@ class Budget:
     def deadline(self) -> float:
         return self.start + self.total_s
 
-    def elapsed(self) -> float:
-        return self.clock() - self.start
-
     def remaining(self) -> float:
         """Seconds until the deadline (0 once it passed)."""
         return max(0.0, self.deadline - self.clock())
-
-    @property
-    def expired(self) -> bool:
-        return self.remaining() <= 0.0
 
 
 def fit_tokens(remaining_s: float, first_token_s: float, s_per_token: float | None, wanted: int) -> int:

@@ -32,11 +32,6 @@ class CacheStats:
     expired: int = 0  # misses where an entry was present but too old
     evicted: int = 0  # entries pushed out by the size bound
 
-    @property
-    def hit_rate(self) -> float:
-        n = self.hits + self.misses
-        return self.hits / n if n else 0.0
-
 
 _MISSING = object()
 
@@ -56,9 +51,6 @@ class TTLCache:
         self.clock = clock
         self.stats = CacheStats()
         self._data: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._data)
 
     def get(self, key: Hashable, default: Any = None) -> Any:
         """The stored value (a hit), or `default` (a miss; an expired entry is dropped)."""

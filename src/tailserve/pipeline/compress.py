@@ -61,9 +61,6 @@ class Facts:
     dates: frozenset[str]
     quotes: frozenset[str]
 
-    def all(self) -> list[str]:
-        return sorted(self.numbers | self.names | self.dates | self.quotes)
-
 
 def _numbers(text: str) -> set[str]:
     return {m.group(0).rstrip(".,") for m in _NUMBER.finditer(text)}

@@ -42,6 +42,3 @@ class RequestRecord:
     def degraded(self) -> bool:
         """Any stage answered by its policy rather than by itself, or degraded itself."""
         return any(s.outcome != "ok" or s.notes for s in self.stages)
-
-    def stage(self, name: str) -> StageRecord | None:
-        return next((s for s in self.stages if s.name == name), None)
