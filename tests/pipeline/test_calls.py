@@ -178,3 +178,6 @@ def test_a_stage_answering_past_its_allowance_gets_its_default(llm_server: FakeL
     results, rec = asyncio.run(go())
     assert results["answer"] == "late" and rec.stages[0].overrun
     assert rec.e2e_s < 0.3 + 0.1
+    llm_server.reset([Reply(status=429, code="deadline_unmeetable")])  # shed at once: also an overrun
+    results, rec = asyncio.run(go())
+    assert results["answer"] == "late" and rec.stages[0].overrun and rec.stages[0].error == "deadline"

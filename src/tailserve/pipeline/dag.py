@@ -16,6 +16,7 @@ from typing import Any
 from tailserve.pipeline.budget import Budget, allowance
 from tailserve.pipeline.record import RequestRecord, StageRecord
 from tailserve.pipeline.stage import (
+    DeadlineExceeded,
     Degrade,
     Policy,
     Stage,
@@ -118,13 +119,15 @@ class Pipeline:
                     value = await s.run(ctx)
             except TimeoutError:
                 error = "timeout"
+            except DeadlineExceeded:  # a call inside it was refused or cut for lack of time
+                error = "deadline"
             except Exception as e:  # a failing stage is answered by its policy, like a slow one
                 error = f"{type(e).__name__}: {e}"[:200]
             else:
                 if isinstance(s.on_overrun, UseCached):
                     s.on_overrun.cache.put(s.on_overrun.key(results), value)
                 return value, StageRecord(s.name, give, start, clock(), "ok", False, notes=tuple(ctx.notes))
-        overrun = error in ("timeout", "no_time")
+        overrun = error in ("timeout", "deadline", "no_time")
         policy = s.on_overrun
         if isinstance(policy, Degrade):
             value, outcome = await self._degrade(policy, s.name, budget, results)

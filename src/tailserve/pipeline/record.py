@@ -17,7 +17,9 @@ class StageRecord:
     end: float
     outcome: str  # one of OUTCOMES
     overrun: bool  # the stage hit its allowance (or had too little to start)
-    error: str | None = None  # why the stage itself did not answer: "timeout", "no_time" or an exception
+    # why the stage itself did not answer: "timeout" (its allowance), "deadline" (a call it made was
+    # shed or cut for lack of time), "no_time" (too little left to start) or the exception
+    error: str | None = None
     notes: tuple[str, ...] = ()  # degrades the stage chose itself while answering (fewer tokens, small tier)
 
     @property
