@@ -130,7 +130,7 @@ class Assistant:
             CompressionConfig(cfg.compression, cfg.compress_min_tokens, cfg.keep_last),
             summary_cache,
         )
-        self.rates = RateReader(cfg.llm_url)
+        self.rates = RateReader(cfg.llm_url, llm.http)
         self.stable = StableCheck()
         caches = [
             c
@@ -220,7 +220,7 @@ class Assistant:
         params = {k: inputs[k] for k in ("temperature", "ignore_eos") if inputs.get(k) is not None}
         left = ctx.remaining() if self.cfg.budgets else 3600.0
         if self.cfg.budgets:
-            rates = self.rates.current
+            rates = await self.rates.get()
             prompt = sum(compression.approx_tokens(str(m.get("content") or "")) for m in messages)
             first = prompt / rates.prefill_tokens_per_s if rates.prefill_tokens_per_s else 0.0
             fit = fit_tokens(left, first, rates.s_per_output_token, wanted)

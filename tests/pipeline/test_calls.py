@@ -181,3 +181,22 @@ def test_a_stage_answering_past_its_allowance_gets_its_default(llm_server: FakeL
     llm_server.reset([Reply(status=429, code="deadline_unmeetable")])  # shed at once: also an overrun
     results, rec = asyncio.run(go())
     assert results["answer"] == "late" and rec.stages[0].overrun and rec.stages[0].error == "deadline"
+
+
+def test_the_rate_reader_scrapes_the_servers_metrics(llm_server: FakeLLM) -> None:
+    from tailserve.pipeline.rates import RateReader
+
+    llm_server.metrics_text = (
+        'tailserve:prompt_tokens_total{model="m"} 3000\n'
+        'tailserve:prefix_cache_hits_total{model="m"} 1000\n'
+        'tailserve:request_prefill_time_seconds_sum{model="m",prompt_len_bucket="<128"} 0.5\n'
+    )
+
+    async def go() -> float | None:
+        llm = LLMClient(llm_server.url, "m")
+        try:
+            return (await RateReader(llm_server.url, llm.http).get()).prefill_tokens_per_s
+        finally:
+            await llm.aclose()
+
+    assert asyncio.run(go()) == 4000.0

@@ -12,7 +12,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from tailserve.bench.prom import Samples, scrape
+import httpx
+
+from tailserve.bench.prom import Samples, parse
 
 
 def _total(samples: Samples, suffix: str) -> float:
@@ -44,8 +46,9 @@ class RateReader:
     """Scrapes a server at most every `refresh_s` and keeps the last known rates (a window of two
     scrapes; the first window starts at the server's start)."""
 
-    def __init__(self, base_url: str, refresh_s: float = 5.0) -> None:
+    def __init__(self, base_url: str, http: httpx.AsyncClient, refresh_s: float = 5.0) -> None:
         self.base_url = base_url.rstrip("/")
+        self.http = http  # shared with the LLM client: no new connection (or TLS context) per scrape
         self.refresh_s = refresh_s
         self._prev: Samples = {}
         self._at = -float("inf")
@@ -55,7 +58,7 @@ class RateReader:
         now = time.monotonic()
         if now - self._at >= self.refresh_s:
             self._at = now
-            samples = await scrape(self.base_url)
+            samples = await self._scrape()
             if samples is not None:
                 fresh = rates(self._prev, samples)
                 self.current = Rates(
@@ -64,3 +67,10 @@ class RateReader:
                 )
                 self._prev = samples
         return self.current
+
+    async def _scrape(self) -> Samples | None:
+        try:
+            resp = await self.http.get(self.base_url + "/metrics", timeout=2.0)
+            return parse(resp.text) if resp.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
