@@ -22,6 +22,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -133,6 +134,74 @@ def agreement(a: list[RequestRecord], b: list[RequestRecord]) -> dict[str, float
     }
 
 
+@dataclass
+class Ctx:
+    llm: str
+    args: argparse.Namespace
+    base: WorkloadParams
+    port: int
+    out_dir: Path
+    result: dict
+
+    def run(self, configs: dict[str, list[str]], n: int, params: WorkloadParams | None = None) -> dict:
+        a = self.args
+        return run_part(
+            self.llm, configs, a.rounds, n, a.concurrency, params or self.base, self.port, self.out_dir
+        )
+
+    def save(self, name: str, part: dict) -> None:
+        self.result["parts"][name] = part
+        print(name, json.dumps(part, indent=1), flush=True)
+
+
+LOOSE = ["--slo-s", "120"]  # parts other than `slow` measure speed, not budgets: nothing degrades
+
+
+def part_tools(c: Ctx) -> None:
+    res = c.run({"parallel": LOOSE, "sequential": [*LOOSE, "--parallel-tools", "off"]}, c.args.requests)
+    c.save("tools", {k: summary(v) for k, v in res.items()})
+
+
+def part_caches(c: Ctx) -> None:
+    res = c.run({"on": LOOSE, "off": [*LOOSE, "--caches", "off"]}, c.args.requests)
+    c.save("caches", {k: summary(v) | {"caches": cache_counts(v["metrics"])} for k, v in res.items()})
+
+
+def part_compression(c: Ctx) -> None:
+    for hist in (2000, 4000):
+        params = WorkloadParams(output_tokens=c.args.output_tokens, history_tokens=hist)
+        configs = {"on": [*LOOSE, "--compression", "on"], "off": [*LOOSE, "--compression", "off"]}
+        res = c.run(configs, max(2, c.args.requests // 2), params)
+        part = {k: summary(v) for k, v in res.items()}
+        part["agreement"] = agreement(res["on"]["records"], res["off"]["records"])
+        part["compression_counters"] = [
+            ln
+            for ln in res["on"]["metrics"].splitlines()
+            if ln.startswith("tailserve:pipeline_compression") and not ln.startswith("#")
+        ]
+        c.save(f"compression_{hist}", part)
+
+
+def part_slow(c: Ctx) -> None:
+    a = c.args
+    slo = a.slo
+    if slo is None:
+        tools = c.result["parts"].get("tools", {}).get("parallel", {}).get("e2e_s", {})
+        slo = round(1.5 * tools["p95"], 1) if tools else 10.0
+    stall = ["--stall-share", str(a.stall_share), "--stall-s", str(a.stall_s)]
+    configs = {"budgets_on": [*stall, "--slo-s", str(slo)], "budgets_off": [*stall, "--budgets", "off"]}
+    res = c.run(configs, 2 * a.requests)
+    part = {k: summary(v) for k, v in res.items()}
+    part["slo_s"] = slo
+    for k, v in res.items():
+        e2e = [r.e2e for r in v["records"] if r.e2e is not None]
+        part[k]["within_slo"] = round(sum(x <= slo for x in e2e) / len(e2e), 3) if e2e else None
+    c.save("slow", part)
+
+
+PART_FNS = {"tools": part_tools, "caches": part_caches, "compression": part_compression, "slow": part_slow}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--parts", default=",".join(PARTS))
@@ -151,88 +220,16 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     base = WorkloadParams(output_tokens=a.output_tokens)
     result: dict = {"commit": commit(), "args": vars(a), "parts": {}}
-    loose = ["--slo-s", "120"]  # parts other than `slow` measure speed, not budgets: nothing degrades
     server = (
         contextlib.nullcontext(a.llm_url)
         if a.llm_url
         else serving(tailserve_cmd(a.port), a.port, out_dir / "server.log")
     )
     with server as llm:
-        port = a.port + 1
-        if "tools" in parts:
-            res = run_part(
-                llm,
-                {"parallel": [*loose], "sequential": [*loose, "--parallel-tools", "off"]},
-                a.rounds,
-                a.requests,
-                a.concurrency,
-                base,
-                port,
-                out_dir,
-            )
-            result["parts"]["tools"] = {k: summary(v) for k, v in res.items()}
-            print(json.dumps(result["parts"]["tools"], indent=1), flush=True)
-        if "caches" in parts:
-            res = run_part(
-                llm,
-                {"on": [*loose], "off": [*loose, "--caches", "off"]},
-                a.rounds,
-                a.requests,
-                a.concurrency,
-                base,
-                port,
-                out_dir,
-            )
-            result["parts"]["caches"] = {
-                k: summary(v) | {"caches": cache_counts(v["metrics"])} for k, v in res.items()
-            }
-            print(json.dumps(result["parts"]["caches"], indent=1), flush=True)
-        if "compression" in parts:
-            for hist in (2000, 4000):
-                params = WorkloadParams(output_tokens=a.output_tokens, history_tokens=hist)
-                res = run_part(
-                    llm,
-                    {"on": [*loose, "--compression", "on"], "off": [*loose, "--compression", "off"]},
-                    a.rounds,
-                    max(2, a.requests // 2),
-                    a.concurrency,
-                    params,
-                    port,
-                    out_dir,
-                )
-                part = {k: summary(v) for k, v in res.items()}
-                part["agreement"] = agreement(res["on"]["records"], res["off"]["records"])
-                part["compression_counters"] = [
-                    ln
-                    for ln in res["on"]["metrics"].splitlines()
-                    if ln.startswith("tailserve:pipeline_compression") and not ln.startswith("#")
-                ]
-                result["parts"][f"compression_{hist}"] = part
-                print(json.dumps(part, indent=1), flush=True)
-        if "slow" in parts:
-            slo = a.slo
-            if slo is None:
-                tools = result["parts"].get("tools", {}).get("parallel", {}).get("e2e_s", {})
-                slo = round(1.5 * tools["p95"], 1) if tools else 10.0
-            stall = ["--stall-share", str(a.stall_share), "--stall-s", str(a.stall_s)]
-            res = run_part(
-                llm,
-                {"budgets_on": [*stall, "--slo-s", str(slo)], "budgets_off": [*stall, "--budgets", "off"]},
-                a.rounds,
-                2 * a.requests,
-                a.concurrency,
-                base,
-                port,
-                out_dir,
-            )
-            part = {k: summary(v) for k, v in res.items()}
-            part["slo_s"] = slo
-            for k, v in res.items():
-                e2e = [r.e2e for r in v["records"] if r.e2e is not None]
-                part[k]["within_slo"] = round(sum(x <= slo for x in e2e) / len(e2e), 3) if e2e else None
-            result["parts"]["slow"] = part
-            print(json.dumps(part, indent=1), flush=True)
-    (out_dir / "pipeline.json").write_text(json.dumps(result, indent=1))
+        ctx = Ctx(llm, a, base, a.port + 1, out_dir, result)
+        for name in parts:  # in the order given: the first parts finish even if the run is cut short
+            PART_FNS[name](ctx)
+            (out_dir / "pipeline.json").write_text(json.dumps(result, indent=1))
     print(header("Pipeline", "python benchmarks/pipeline.py " + " ".join(sys.argv[1:])))
     print("wrote", out_dir / "pipeline.json")
 
