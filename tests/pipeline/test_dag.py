@@ -193,3 +193,32 @@ def test_a_span_per_stage_with_its_budget_and_time_used() -> None:
     assert slow.attributes["error.type"] == "timeout"
     assert spans["pipeline"].attributes["tailserve.degraded"] is True
     assert (slow.end_time - slow.start_time) / 1e9 == pytest.approx(rec.stages[1].elapsed_s, abs=1e-6)
+
+
+def test_learned_weights_split_by_what_the_stages_take() -> None:
+    from tailserve.pipeline.dag import learn
+    from tailserve.pipeline.record import RequestRecord, StageRecord
+
+    typical: dict[str, float] = {}
+    rec = RequestRecord(
+        1.0, 0.0, 1.0, [StageRecord("a", 1, 0, 0.2, "ok", False), StageRecord("b", 1, 0, 0.5, "ok", False)]
+    )
+    learn(typical, rec, 0.5)
+    rec.stages[0] = StageRecord("a", 1, 0, 0.4, "skipped", True, "timeout")
+    rec.stages.append(StageRecord("c", 0, 0, 0, "skipped", True, "no_time"))  # never ran: not learned
+    learn(typical, rec, 0.5)
+    assert typical == pytest.approx({"a": 0.3, "b": 0.5})
+
+    stages = [
+        Stage("tools", sleeper(0.01), weight=1),
+        Stage("answer", sleeper(0.03), weight=1, after=("tools",)),
+    ]
+    p = Pipeline(stages, learn_rate=0.5)
+    assert p.current_weights() == ({"tools": 1, "answer": 1}, {"tools": 2, "answer": 1})  # the prior
+    _, first = asyncio.run(p.run(Budget(2.0)))
+    assert first.stages[0].allowance_s == pytest.approx(1.0, abs=0.02)  # half, by the configured weights
+    _, second = asyncio.run(p.run(Budget(2.0)))
+    tools, answer = p.typical["tools"], p.typical["answer"]
+    assert answer > tools
+    # now the answer, which takes longer, keeps the larger share
+    assert second.stages[0].allowance_s < 1.0

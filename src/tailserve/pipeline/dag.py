@@ -26,8 +26,9 @@ from tailserve.pipeline.stage import (
 )
 
 
-def path_weights(stages: Sequence[Stage]) -> dict[str, float]:
-    """Each stage's weight plus the heaviest chain of stages after it (the share it competes with)."""
+def path_weights(stages: Sequence[Stage], weight: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Each stage's weight plus the heaviest chain of stages after it (the share it competes with).
+    `weight` overrides the stages' own (the learned ones)."""
     by_name = {s.name: s for s in stages}
     if len(by_name) != len(stages):
         raise ValueError("stage names must be unique")
@@ -46,7 +47,8 @@ def path_weights(stages: Sequence[Stage]) -> dict[str, float]:
         if name in visiting:
             raise ValueError(f"the stages form a cycle through {name!r}")
         visiting.add(name)
-        out[name] = by_name[name].weight + max((visit(c) for c in children[name]), default=0.0)
+        own = weight[name] if weight is not None else by_name[name].weight
+        out[name] = own + max((visit(c) for c in children[name]), default=0.0)
         visiting.discard(name)
         return out[name]
 
@@ -68,12 +70,34 @@ def _answer(policy: Policy, inputs: Mapping[str, Any]) -> tuple[Any, str]:
 _NONE = object()
 
 
-class Pipeline:
-    """A fixed DAG of stages; `run` may be called for many requests, concurrently."""
+def learn(typical: dict[str, float], rec: RequestRecord, rate: float) -> None:
+    """Fold a request's stage times into `typical` (an exponential average of seconds per stage):
+    every stage that ran counts, an overrun with the time it was cut at (a lower bound)."""
+    for s in rec.stages:
+        if s.error == "no_time":
+            continue
+        old = typical.get(s.name)
+        typical[s.name] = s.elapsed_s if old is None else old + rate * (s.elapsed_s - old)
 
-    def __init__(self, stages: Sequence[Stage]) -> None:
+
+class Pipeline:
+    """A fixed DAG of stages; `run` may be called for many requests, concurrently.
+
+    With `learn_rate`, once every stage has run, the budget is split by each stage's typical time (an
+    exponential average of what it took) instead of its configured weight, so the shares follow what
+    the stages really cost on this machine and load; the weights are the prior until then."""
+
+    def __init__(self, stages: Sequence[Stage], learn_rate: float | None = None) -> None:
         self.stages = list(stages)
         self.weights = path_weights(self.stages)
+        self.learn_rate = learn_rate
+        self.typical: dict[str, float] = {}
+
+    def current_weights(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(each stage's own weight, its path weight) for a request starting now."""
+        if self.learn_rate is None or len(self.typical) < len(self.stages):
+            return {s.name: s.weight for s in self.stages}, self.weights
+        return dict(self.typical), path_weights(self.stages, self.typical)
 
     async def run(
         self, budget: Budget, inputs: Mapping[str, Any] | None = None
@@ -83,10 +107,13 @@ class Pipeline:
         rec = RequestRecord(budget.total_s, budget.start)
         results: dict[str, Any] = dict(inputs or {})
         done = {s.name: asyncio.Event() for s in self.stages}
+        own, path = self.current_weights()
         async with asyncio.TaskGroup() as tg:
             for s in self.stages:
-                tg.create_task(self._stage(s, budget, results, done, rec))
+                tg.create_task(self._stage(s, budget, results, done, rec, (own[s.name], path[s.name])))
         rec.end = budget.clock()
+        if self.learn_rate is not None:
+            learn(self.typical, rec, self.learn_rate)
         return results, rec
 
     async def _stage(
@@ -96,19 +123,22 @@ class Pipeline:
         results: dict[str, Any],
         done: dict[str, asyncio.Event],
         rec: RequestRecord,
+        weights: tuple[float, float],
     ) -> None:
         try:
             for dep in s.after:
                 await done[dep].wait()
-            results[s.name], record = await self._attempt(s, budget, results)
+            results[s.name], record = await self._attempt(s, budget, results, *weights)
             rec.stages.append(record)
         finally:
             done[s.name].set()
 
-    async def _attempt(self, s: Stage, budget: Budget, results: Mapping[str, Any]) -> tuple[Any, StageRecord]:
+    async def _attempt(
+        self, s: Stage, budget: Budget, results: Mapping[str, Any], weight: float, weight_left: float
+    ) -> tuple[Any, StageRecord]:
         clock = budget.clock
         start = clock()
-        give = allowance(budget.remaining(), s.weight, self.weights[s.name], s.cap_s)
+        give = allowance(budget.remaining(), weight, weight_left, s.cap_s)
         ctx = StageContext(s.name, budget, give, start, results)
         error: str | None
         if give <= 0 or give < s.min_s:
