@@ -93,13 +93,9 @@ class AssistantConfig:
     tool_choice: str = "required"  # the first round's: the model must pick its calls
     tool_max_tokens: int = 96
     min_answer_tokens: int = 24  # below this many fitting tokens, the small tier answers
-    weights: tuple[float, float, float, float, float] = (
-        1,
-        1,
-        1,
-        3,
-        4,
-    )  # retrieve profile compress tools answer
+    # the prior split of retrieve, profile, compress, tools, answer
+    weights: tuple[float, float, float, float, float] = (1, 1, 1, 3, 4)
+    learn_rate: float = 0.2  # split by the stages' measured typical times once known (0: by weights only)
     latency: ToolLatency = field(default_factory=ToolLatency)
     seed: int = 0
 
@@ -153,7 +149,8 @@ class Assistant:
                       on_overrun=Skip()),
                 Stage("answer", self._answer, after=("tools",), weight=w[4],
                       on_overrun=UseDefault(None)),
-            ]
+            ],
+            learn_rate=cfg.learn_rate or None,
         )  # fmt: skip
 
     # --- stages -------------------------------------------------------------------------------------
