@@ -35,17 +35,8 @@ TIERS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     (
         "avx512-bf16",
         (*_X86_BASE, *_AVX512, "avx512_bf16"),
-        (
-            "-mavx2",
-            "-mfma",
-            "-mf16c",
-            "-mavx512f",
-            "-mavx512bw",
-            "-mavx512dq",
-            "-mavx512vl",
-            "-mavx512vnni",
-            "-mavx512bf16",
-        ),
+        ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni",
+         "-mavx512bf16"),
     ),
     (
         "avx512-vnni",
