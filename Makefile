@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 # Tests also cover the optional extras; `make serve` stays without them.
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e '.[dev,structured,ray]'
+	$(BIN)/python -m pip install -q -e '.[dev,structured,ray,pipeline]'
 	touch $(TEST_STAMP)
 
 fetch: $(STAMP)

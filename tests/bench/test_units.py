@@ -30,6 +30,15 @@ def test_workloads_are_seeded_and_sized(name: str) -> None:
     assert build_workload(name, 30, 1, WorkloadParams(context_len=1000)).num_requests == 30
 
 
+def test_pipeline_workload_histories() -> None:
+    w = build_workload("pipeline", 4, 0, WorkloadParams(history_tokens=2000))
+    for s in w.sessions:
+        assert s.turns[0].tag == "pipeline" and "?" in s.turns[0].user
+        assert [m["role"] for m in s.history[:2]] == ["user", "assistant"]
+        assert 2000 <= sum(est_tokens(m["content"]) for m in s.history) < 2400
+    assert build_workload("pipeline", 2, 0).sessions[0].history == ()
+
+
 def test_workload_shapes() -> None:
     chat = build_workload("chat", 5, 0)
     assert len({s.system for s in chat.sessions}) == 1

@@ -112,6 +112,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="chat: share of requests on the first system prompt (the rest spread evenly); default: all even",
     )
     req.add_argument(
+        "--history-tokens",
+        type=int,
+        default=0,
+        help="pipeline: approx tokens of earlier conversation sent before each question (default 0)",
+    )
+    req.add_argument(
         "--read-delay", type=float, default=0.1, help="slowreader: seconds slept after each streamed chunk"
     )
     req.add_argument(

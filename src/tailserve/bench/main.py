@@ -140,6 +140,7 @@ async def benchmark(args: argparse.Namespace, loads: list[Load], slo: SLO, progr
         system_prompts=args.system_prompts,
         hot_share=args.hot_share,
         context_len=args.context_len or (context_len_of(card) if card else None),
+        history_tokens=args.history_tokens,
     )
     try:
         workload = build_workload(args.workload, args.requests, args.seed, params)

@@ -105,6 +105,7 @@ class Runner:
     async def _session(self, index: int, session: Session, first_id: int, out: list[RequestRecord]) -> None:
         """Send a session's turns in order, each with the history so far (real replies included)."""
         history = [{"role": "system", "content": session.system}] if session.system else []
+        history += session.history
         for k, turn in enumerate(session.turns):
             messages = [*history, {"role": "user", "content": turn.user}]
             approx = sum(est_tokens(m["content"]) for m in messages)

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 # Calibrated on SmolLM2's BPE over this word list (about 1.1 tokens per word with punctuation).
 TOKENS_PER_WORD = 1.1
 
-WORKLOADS = ("chat", "straggler", "multiturn", "burst", "copy", "disconnect", "oversized", "slowreader")
+WORKLOADS = (
+    "chat", "straggler", "multiturn", "burst", "copy", "disconnect", "oversized", "slowreader", "pipeline",
+)  # fmt: skip
 
 _WORD_TEXT = (
     "the of and to in is that for it as was with be by on not he this are or his from at which but "
@@ -71,6 +73,29 @@ _PROSE = (
     "He wrote a letter to his grandmother every month while he was studying abroad.",
     "The restaurant is closed for renovation and will open again in the spring.",
 )
+
+# The pipeline workload: questions for the example assistant (examples/assistant), about its articles.
+_SUPPORT_QUESTIONS = (
+    "How long does a refund take for order {order}?",
+    "Where is my order {order} right now?",
+    "Can I exchange the boots from order {order} for a bigger size?",
+    "How much does Express shipping cost, and when would order {order} arrive?",
+    "Is my tent from order {order} still under warranty?",
+    "How many reward points do I have, and what are they worth?",
+    "Can I still cancel order {order}?",
+    "What do I do if order {order} shows delivered but never came?",
+    "Do I pay import duties on an international order?",
+    "Which payment methods can I use, and can I pay in instalments?",
+    "How do I return a jacket from order {order}?",
+    "What are the opening hours of the York store?",
+    "How do I wash my waterproof jacket?",
+    "Can I rent a tent for a weekend, and is there a deposit?",
+    "Does the price match apply to order {order}?",
+    "Who should I ask about a refund over 200 dollars?",
+)
+_PRODUCTS = ("Ridge Pro tent", "trail boots", "rain jacket", "sleeping bag", "camp stove", "backpack")
+_PEOPLE = ("Maria Lopez", "Tom Baker", "Priya Shah", "Jonas Berg")
+_MONTHS = ("March", "April", "May", "June", "July", "August")
 
 _QUESTIONS = (
     "Explain the following in simple terms.",
@@ -126,6 +151,7 @@ class Turn:
 class Session:
     turns: tuple[Turn, ...]
     system: str | None = None
+    history: tuple[dict[str, str], ...] = ()  # earlier turns sent before the first (pipeline)
 
 
 @dataclass
@@ -155,6 +181,7 @@ class WorkloadParams:
     oversized_share: float = 0.25
     slowreader_every: int = 8
     context_len: int | None = None  # oversized: the server's context length
+    history_tokens: int = 0  # pipeline: approx tokens of earlier conversation before each question
 
 
 def _user_turn(rng: random.Random, lo: int, hi: int) -> str:
@@ -170,6 +197,30 @@ def _pick_system(rng: random.Random, systems: list[str | None], hot_share: float
     if hot_share is None:
         return rng.choice(systems)
     return systems[0] if rng.random() < hot_share else rng.choice(systems[1:])
+
+
+def support_history(rng: random.Random, approx_tokens: int) -> tuple[dict[str, str], ...]:
+    """An earlier support conversation of about `approx_tokens` tokens, each turn carrying facts (order
+    numbers, names, dates, amounts) a faithful summary must keep."""
+    turns: list[dict[str, str]] = []
+    total = 0
+    while total < approx_tokens:
+        order = f"TO-{rng.randint(10000, 99999)}"
+        fact = (
+            f"My order {order} with the {rng.choice(_PRODUCTS)} was placed on {rng.choice(_MONTHS)} "
+            f"{rng.randint(1, 28)} and cost {rng.randint(20, 400)} dollars. {rng.choice(_PEOPLE)} from "
+            f"support said it would be sorted."
+        )
+        user = f"{fact} {prose_text(rng, 60)}"
+        reply = f"Thank you, I have noted order {order}. {prose_text(rng, 90)}"
+        turns += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        total += est_tokens(user) + est_tokens(reply)
+    return tuple(turns)
+
+
+def _support_turn(rng: random.Random, out: int) -> Turn:
+    question = rng.choice(_SUPPORT_QUESTIONS).format(order=f"TO-{rng.randint(10000, 99999)}")
+    return Turn(question, out, tag="pipeline")
 
 
 def build_workload(name: str, num_requests: int, seed: int, params: WorkloadParams | None = None) -> Workload:
@@ -191,6 +242,11 @@ def build_workload(name: str, num_requests: int, seed: int, params: WorkloadPara
             sessions.append(Session(turns, system))
             left -= k
         return Workload(name, sessions, params={"turns_min": p.turns[0], "turns_max": p.turns[1]})
+    if name == "pipeline":
+        for _ in range(num_requests):
+            history = support_history(rng, p.history_tokens) if p.history_tokens else ()
+            sessions.append(Session((_support_turn(rng, out),), None, history))
+        return Workload(name, sessions, params={"history_tokens": p.history_tokens})
     if name == "oversized" and not p.context_len:
         raise ValueError("the oversized workload needs the context length (--context-len)")
     system = synth_text(rng, p.system_tokens) if name == "chat" else None
