@@ -13,13 +13,23 @@ log = logging.getLogger("tailserve.server")
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from tailserve.obs.startup import StartupTimer
+
+    timer = StartupTimer()
     import uvicorn
 
+    timer.lap("imports")
+    import torch  # noqa: F401  (timed on its own: the largest import)
+
+    timer.lap("import_torch")
     from tailserve.engine.async_engine import AsyncEngine
+    from tailserve.engine.load import load_engine
     from tailserve.models.loader import model_name
     from tailserve.obs.observer import log_requests_to_stderr
     from tailserve.server.app import build_app
     from tailserve.server.shutdown import DrainingServer
+
+    timer.lap("engine_imports")
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine_config = dataclass_from_args(EngineConfig, args)
@@ -37,9 +47,14 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
     if server_config.request_log:
         log_requests_to_stderr()
-    engine = AsyncEngine.from_config(engine_config)
+    timer.skip()
+    engine = AsyncEngine(load_engine(engine_config, timer))
     name = server_config.served_model_name or model_name(engine_config.model)
     app = build_app(engine, server_config, name, tracer_provider=provider)
+    if app.state.server.obs.metrics is not None:
+        app.state.server.obs.metrics.registry.register(timer.collector(name))
+    timer.ready()
+    log.info("%s", timer.summary())
     config = uvicorn.Config(
         app,
         host=server_config.host,
