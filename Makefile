@@ -15,11 +15,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The CPU build that lies on this machine's disk; pyproject accepts a range it satisfies.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	# Only what serving needs: test and lint tools come with `make test` (the dev extra).
+	$(BIN)/python -m pip install -q -e .
 	touch $(STAMP)
 
 # Tests also cover the optional extras; `make serve` stays without them.
-$(TEST_STAMP): $(STAMP)
+$(TEST_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,structured]'
 	touch $(TEST_STAMP)
 
@@ -34,7 +35,7 @@ test: fetch $(TEST_STAMP)
 	$(BIN)/tailserve fetch --model gemma3-270m
 	$(BIN)/python -m pytest -q $(ARGS)
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
 bench-offline: fetch
