@@ -1,5 +1,6 @@
 """An engine from its config: find the model, choose the step (fused C++ or PyTorch), load the kernels,
-the weights and the tokenizer — each from its cache when it can be — and time each phase.
+the weights (models/fused.py's packed cache) and the config and tokenizer (models/meta_cache.py), each
+from its cache when it can be, and time each phase.
 
 The phases land in a `StartupTimer` (obs/startup.py), which the server logs in one line and exports
 on /metrics; whoever starts engines (the server, a Ray Serve replica) passes its own timer.
@@ -19,6 +20,7 @@ from tailserve.models.fused import BLOCK_MULTIPLE as FUSED_BLOCK_MULTIPLE
 from tailserve.models.fused import FusedLlama, cached_fused, fused_supported
 from tailserve.models.llama import LlamaModel
 from tailserve.models.loader import load_config, load_config_and_weights, resolve_model
+from tailserve.models.meta_cache import cached_config, cached_tokenizer
 from tailserve.obs.startup import StartupTimer
 from tailserve.tokenizer import Tokenizer
 
@@ -61,7 +63,7 @@ def load_engine(config: EngineConfig, timer: StartupTimer | None = None) -> LLME
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     path = resolve_model(config.model)
-    model_config = load_config(path)
+    model_config = cached_config(path)
     timer.lap("model_config", next_phase="kernels")
     device = resolve_device(config.device)
     fused_shape = (
@@ -104,7 +106,7 @@ def load_engine(config: EngineConfig, timer: StartupTimer | None = None) -> LLME
         quantization,
         model_config.weight_precision,
     )
-    tokenizer = Tokenizer.load(path)
+    tokenizer = cached_tokenizer(path)
     timer.lap("tokenizer", next_phase="engine")
     engine = LLMEngine(config, model, tokenizer, draft)
     timer.lap("engine")
