@@ -206,11 +206,6 @@ def resolve_model(model: str) -> Path:
     )
 
 
-def model_name(model: str) -> str:
-    """The name a model is served under: the default name, or the file/folder name."""
-    return model if model in DEFAULT_MODELS else Path(model).expanduser().name.removesuffix(".gguf")
-
-
 # --- GGUF ----------------------------------------------------------------------------------------
 
 _GGUF_LAYER_NAMES = {
