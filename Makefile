@@ -24,8 +24,9 @@ $(TEST_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,structured]'
 	touch $(TEST_STAMP)
 
+# The model, this CPU's kernels (built while it downloads) and its caches: `serve` then starts warm.
 fetch: $(STAMP)
-	$(BIN)/tailserve fetch
+	$(BIN)/tailserve fetch --prepare
 
 serve: fetch
 	$(BIN)/tailserve serve --host $(HOST) --port $(PORT) $(ARGS)
