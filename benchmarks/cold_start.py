@@ -168,7 +168,7 @@ def fresh(logs: Path) -> dict:
         subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
         subprocess.run(["git", "-C", str(clone), "checkout", "-q", head.strip()], check=True)
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-        env |= {"TAILSERVE_HOME": str(home), "PATH": "/usr/local/bin:/usr/bin:/bin"}
+        env["TAILSERVE_HOME"] = str(home)
         url = f"http://127.0.0.1:{PORT}"
         marks: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -198,7 +198,7 @@ def fresh(logs: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=5, help="warm rounds, (b) and (c); 0: (a) alone")
     p.add_argument("--fresh", action="store_true", help="also (a): a fresh clone and cache, make serve")
     args = p.parse_args()
     logs = ROOT / "benchmarks" / "results" / "cold_start"
@@ -207,9 +207,13 @@ def main() -> None:
     if args.fresh:
         result["fresh"] = fresh(logs)
         print(json.dumps(result["fresh"], indent=1), flush=True)
-    result |= warm_rounds(args.rounds, logs)
     RECORDED.mkdir(parents=True, exist_ok=True)
-    (RECORDED / "cold_start.json").write_text(json.dumps(result, indent=1) + "\n")
+    out = RECORDED / ("cold_start.json" if args.rounds else "cold_start_fresh.json")
+    if args.rounds:
+        result |= warm_rounds(args.rounds, logs)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    if not args.rounds:
+        return
     s = result["summary"]
     print(json.dumps(s, indent=1))
     print("| server | start → ready, median (s) | first TTFT (s) | next 20 TTFT p50 (s) | first / p50 |")
