@@ -214,6 +214,7 @@ def main() -> None:
     logs = ROOT / "benchmarks" / "results" / "cold_start"
     command = "PYTHONPATH=src flock /work/bench.lock .venv/bin/python benchmarks/cold_start.py"
     result: dict = {"header": header("Cold start", command + (" --fresh" if args.fresh else ""))}
+    result["load_average_at_start"] = os.getloadavg()  # other workers share the cores
     if args.fresh:
         result["fresh"] = fresh(logs)
         print(json.dumps(result["fresh"], indent=1), flush=True)
@@ -221,6 +222,7 @@ def main() -> None:
     out = RECORDED / ("cold_start.json" if args.rounds else "cold_start_fresh.json")
     if args.rounds:
         result |= warm_rounds(args.rounds, logs)
+    result["load_average_at_end"] = os.getloadavg()
     out.write_text(json.dumps(result, indent=1) + "\n")
     if not args.rounds:
         return
