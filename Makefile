@@ -16,16 +16,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The CPU build that lies on this machine's disk; pyproject accepts a range it satisfies.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	# Only what serving needs: test and lint tools come with `make test` (the dev extra).
+	$(BIN)/python -m pip install -q -e .
 	touch $(STAMP)
 
 # Tests also cover the optional extras; `make serve` stays without them.
-$(TEST_STAMP): $(STAMP)
+$(TEST_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,structured,ray,pipeline]'
 	touch $(TEST_STAMP)
 
+# The model, this CPU's kernels (built while it downloads) and its caches: `serve` then starts warm.
 fetch: $(STAMP)
-	$(BIN)/tailserve fetch
+	$(BIN)/tailserve fetch --prepare
 
 serve: fetch
 	$(BIN)/tailserve serve --host $(HOST) --port $(PORT) $(ARGS)
@@ -45,7 +47,7 @@ test: fetch $(TEST_STAMP) $(ARM_STAMP)
 	$(BIN)/tailserve fetch --model gemma3-270m
 	$(BIN)/python -m pytest -q $(ARGS)
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
 bench-offline: fetch

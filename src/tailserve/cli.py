@@ -14,7 +14,22 @@ from tailserve.server.cli import add_parser as add_serve_parser
 def _fetch(args: argparse.Namespace) -> int:
     from tailserve.models.loader import resolve_model
 
+    if not args.prepare:
+        print(resolve_model(args.model))
+        return 0
+    import threading
+
+    from tailserve.layers import kernels
+
+    # The kernels compile (CPU) while the model downloads (network): a fresh machine waits for the
+    # longer of the two, not their sum.
+    build = threading.Thread(target=kernels.ops, name="tailserve-kernels", daemon=True)
+    build.start()
     print(resolve_model(args.model))
+    build.join()
+    from tailserve.engine.load import load_engine
+
+    load_engine(EngineConfig(model=args.model))  # fills the metadata and packed-weight caches
     return 0
 
 
@@ -62,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("fetch", help="download a named model into the cache (offline once cached)")
     p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument(
+        "--prepare",
+        action="store_true",
+        help="also build this CPU's kernels (during the download) and the model's caches: a fast first start",
+    )
     p.set_defaults(func=_fetch)
     add_bench_parser(sub)
     add_serve_parser(sub)

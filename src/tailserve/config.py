@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def model_name(model: str) -> str:
+    """The name a model is served under: a default model's name, or the file/folder name (here, not in
+    models/loader.py, so the server can name its model before importing torch)."""
+    return Path(model).expanduser().name.removesuffix(".gguf")
 
 
 @dataclass

@@ -114,6 +114,8 @@ class Tokenizer:
                 raise ValueError(f"special token id {tid} is outside the vocabulary (size {self.vocab_size})")
         self.bos_token_id = bos_token_id
         self.add_bos_token = add_bos_token and bos_token_id is not None
+        self.eos_token_id = eos_token_id
+        self._extra_eos_token_ids = extra_eos_token_ids
         self.eos_token_ids: set[int] = self._end_of_generation(eos_token_id, extra_eos_token_ids)
         self.bos_token = "" if bos_token_id is None else backend.id_to_token(bos_token_id) or ""
         self.eos_token = "" if eos_token_id is None else backend.id_to_token(eos_token_id) or ""
@@ -161,52 +163,21 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
-        """Rebuild the tokenizer from llama.cpp's `tokenizer.ggml.*` metadata (gpt2 and llama models)."""
-        from tailserve.models.loader import gguf_field, open_gguf
+        """Rebuild the tokenizer from llama.cpp's `tokenizer.ggml.*` metadata (gpt2 and llama models).
+        models/meta_cache.py keeps the result in a fast form, so a start skips this vocabulary walk."""
+        backend, settings = gguf_tokenizer_parts(Path(path))
+        return cls(backend, **settings)
 
-        path = Path(path)
-        reader = open_gguf(path)
-
-        def field(key: str, default: Any = None) -> Any:
-            return gguf_field(reader, f"tokenizer.ggml.{key}", default)
-
-        kind, tokens = field("model"), field("tokens")
-        if not kind or not tokens:
-            raise ValueError(f"{path}: the GGUF has no tokenizer (tokenizer.ggml.model/tokens missing)")
-        types = field("token_type") or [NORMAL] * len(tokens)
-        if len(types) != len(tokens):
-            raise ValueError(f"{path}: {len(types)} token types for {len(tokens)} tokens")
-        merges = _parse_merges(path, field("merges") or [])
-        if kind == "gpt2":
-            backend = _byte_level_bpe(path, tokens, merges, field("pre"))
-        elif kind == "llama":
-            scores = field("scores")
-            if scores is None or len(scores) != len(tokens):
-                raise ValueError(f"{path}: a llama (SentencePiece) tokenizer needs one score per token")
-            backend = _sentencepiece_bpe(
-                tokens, types, scores, merges, field("unknown_token_id"), field("add_space_prefix", True)
-            )
-        else:
-            raise ValueError(f"{path}: tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
-        # Matched whole in text: control tokens as special (skippable on decode), user-defined as plain.
-        typed = list(zip(tokens, types, strict=True))
-        backend.add_tokens(
-            [AddedToken(t, special=False, normalized=False) for t, ty in typed if ty == USER_DEFINED]
-        )
-        backend.add_special_tokens(
-            [AddedToken(t, special=True, normalized=False) for t, ty in typed if ty in (CONTROL, UNKNOWN)]
-        )
-        extra = [t for t in (field("eot_token_id"), field("eom_token_id")) if t is not None]
-        return cls(
-            backend,
-            bos_token_id=field("bos_token_id"),
-            eos_token_id=field("eos_token_id"),
-            extra_eos_token_ids=extra,
-            # llama.cpp adds BOS to SentencePiece vocabularies unless told otherwise, never to gpt2 ones.
-            add_bos_token=bool(field("add_bos_token", kind == "llama")),
-            chat_template=gguf_field(reader, "tokenizer.chat_template") or _default_template(reader),
-            vocab_size=len(tokens),
-        )
+    def to_parts(self) -> tuple[Backend, dict[str, Any]]:
+        """The backend and the settings `Tokenizer(backend, **settings)` rebuilds this tokenizer from."""
+        return self._backend, {
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "extra_eos_token_ids": list(self._extra_eos_token_ids),
+            "add_bos_token": self.add_bos_token,
+            "chat_template": self.chat_template,
+            "vocab_size": self.vocab_size,
+        }
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> Tokenizer:
@@ -423,6 +394,53 @@ class IncrementalDetokenizer:
 
 
 # --- GGUF backends ------------------------------------------------------------------------------------
+
+
+def gguf_tokenizer_parts(path: Path) -> tuple[Backend, dict[str, Any]]:
+    """The backend and `Tokenizer` settings llama.cpp's `tokenizer.ggml.*` metadata describe."""
+    from tailserve.models.loader import gguf_field, open_gguf
+
+    reader = open_gguf(path)
+
+    def field(key: str, default: Any = None) -> Any:
+        return gguf_field(reader, f"tokenizer.ggml.{key}", default)
+
+    kind, tokens = field("model"), field("tokens")
+    if not kind or not tokens:
+        raise ValueError(f"{path}: the GGUF has no tokenizer (tokenizer.ggml.model/tokens missing)")
+    types = field("token_type") or [NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+        raise ValueError(f"{path}: {len(types)} token types for {len(tokens)} tokens")
+    merges = _parse_merges(path, field("merges") or [])
+    if kind == "gpt2":
+        backend = _byte_level_bpe(path, tokens, merges, field("pre"))
+    elif kind == "llama":
+        scores = field("scores")
+        if scores is None or len(scores) != len(tokens):
+            raise ValueError(f"{path}: a llama (SentencePiece) tokenizer needs one score per token")
+        backend = _sentencepiece_bpe(
+            tokens, types, scores, merges, field("unknown_token_id"), field("add_space_prefix", True)
+        )
+    else:
+        raise ValueError(f"{path}: tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
+    # Matched whole in text: control tokens as special (skippable on decode), user-defined as plain.
+    typed = list(zip(tokens, types, strict=True))
+    backend.add_tokens(
+        [AddedToken(t, special=False, normalized=False) for t, ty in typed if ty == USER_DEFINED]
+    )
+    backend.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, ty in typed if ty in (CONTROL, UNKNOWN)]
+    )
+    extra = [t for t in (field("eot_token_id"), field("eom_token_id")) if t is not None]
+    return backend, {
+        "bos_token_id": field("bos_token_id"),
+        "eos_token_id": field("eos_token_id"),
+        "extra_eos_token_ids": extra,
+        # llama.cpp adds BOS to SentencePiece vocabularies unless told otherwise, never to gpt2 ones.
+        "add_bos_token": bool(field("add_bos_token", kind == "llama")),
+        "chat_template": gguf_field(reader, "tokenizer.chat_template") or _default_template(reader),
+        "vocab_size": len(tokens),
+    }
 
 
 @functools.cache

@@ -29,8 +29,7 @@ from tailserve.engine.spec_decode import (
 from tailserve.engine.step_time import StepTimeModel
 from tailserve.layers import kernels
 from tailserve.layers.sampler import Sampler, SampleRow
-from tailserve.models.fused import BLOCK_MULTIPLE as FUSED_BLOCK_MULTIPLE
-from tailserve.models.fused import FusedLlama, cached_fused, fused_supported
+from tailserve.models.fused import FusedLlama
 from tailserve.models.llama import LlamaModel
 from tailserve.sampling import SamplingParams
 from tailserve.structured.bitmask import allocate, apply_bitmask
@@ -114,37 +113,6 @@ def _cpu_has_bf16() -> bool:
         return "avx512_bf16" in flags or "amx_bf16" in flags
     except OSError:
         return False
-
-
-def _load_fused(path, quantization: str, draft_head: bool, threads: int, weight_cache: bool) -> FusedLlama:
-    """The fused model of a checkpoint, from the packed-weight cache when it can be."""
-    from tailserve.models.loader import load_config_and_weights
-
-    def build() -> FusedLlama:
-        mc, weights = load_config_and_weights(path)
-        return FusedLlama(mc, weights, quantization, draft_head, num_threads=threads).eval()
-
-    if weight_cache and path.is_file():
-        return cached_fused(path, quantization, draft_head, threads, build)
-    return build()
-
-
-def _load_draft(name: str, target_path, threads: int, weight_cache: bool) -> FusedLlama:
-    """A separate draft model (name or path) in its checkpoint's own precision; it must tokenize as the
-    target does, or its guesses would be other tokens' ids."""
-    from tailserve.models.loader import load_config, resolve_model
-    from tailserve.tokenizer import Tokenizer
-
-    path = resolve_model(name)
-    mc = load_config(path)
-    if not fused_supported(mc):
-        raise ValueError(f"draft model {name!r}: its shape does not run on the fused step")
-    if not Tokenizer.load(path).same_vocabulary(Tokenizer.load(target_path)):
-        raise ValueError(f"draft model {name!r} does not share the target's tokenizer")
-    quantization = resolve_quantization("auto", mc.weight_precision, True)
-    draft = _load_fused(path, quantization, False, threads, weight_cache)
-    log.info("draft model %s: %s weights", path.name, mc.weight_precision)
-    return draft
 
 
 class LLMEngine:
@@ -248,51 +216,10 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
-        from tailserve.models.loader import load_config, load_config_and_weights, resolve_model
-        from tailserve.tokenizer import Tokenizer
+        """Load the model `config` names (engine/load.py: the start's phases, caches, and path choice)."""
+        from tailserve.engine.load import load_engine
 
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        path = resolve_model(config.model)
-        model_config = load_config(path)
-        device = resolve_device(config.device)
-        fused_shape = (
-            config.fused
-            and config.block_size % FUSED_BLOCK_MULTIPLE == 0
-            and device == "cpu"
-            and fused_supported(model_config)
-        )
-        dtype = resolve_dtype(config.dtype, device, fused_shape)
-        fused = fused_shape and dtype == torch.bfloat16
-        quantization = resolve_quantization(config.quantization, model_config.weight_precision, fused)
-        # A draft model is named, or "layers:N" (the default) takes the target's own first layers.
-        draft_name = config.draft_model or ""
-        separate = config.speculative == "draft" and draft_name != "" and not draft_name.startswith("layers:")
-        model: LlamaModel | FusedLlama
-        draft: FusedLlama | None = None
-        if fused:
-            threads = config.num_threads or torch.get_num_threads()
-            self_draft = config.speculative == "draft" and not separate  # needs the target's draft head
-            model = _load_fused(path, quantization, self_draft, threads, config.weight_cache)
-            if separate:
-                draft = _load_draft(draft_name, path, threads, config.weight_cache)
-            # The step runs on its own thread team; PyTorch's (OpenMP) team, woken by the few torch
-            # ops around a step, would spin against it for the cores.
-            torch.set_num_threads(1)
-        else:
-            model_config, weights = load_config_and_weights(path)
-            weights = {k: v.to(device) for k, v in weights.items()}
-            model = LlamaModel(model_config, weights, dtype, quantization).to(device).eval()
-            del weights
-        log.info(
-            "model %s: %s step, %s activations, weights %s (checkpoint: %s)",
-            path.name,
-            f"fused C++ (CPU tier {kernels.active_tier()})" if fused else "PyTorch",
-            str(dtype).removeprefix("torch."),
-            quantization,
-            model_config.weight_precision,
-        )
-        return cls(config, model, Tokenizer.load(path), draft)
+        return load_engine(config)
 
     # --- requests ---------------------------------------------------------------------------------
 

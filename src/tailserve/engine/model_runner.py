@@ -8,6 +8,8 @@ tables; the PyTorch model (models/llama.py) takes the AttentionMetadata built he
 from __future__ import annotations
 
 import itertools
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +40,15 @@ def kv_bytes_per_block(model: LlamaModel | FusedLlama, block_size: int, dtype: t
     )
 
 
+def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
+    """A zero tensor. On a CPU it lives in an anonymous memory map: the kernel's zero pages, touched
+    only as blocks are first written, where torch.zeros writes the whole pool at start (1.2 s for the
+    default 1 GiB, measured: BENCHMARKS.md, cold start). Page-aligned, as the kernels' vector loads like."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.frombuffer(mmap.mmap(-1, math.prod(shape) * dtype.itemsize), dtype=dtype).view(shape)
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -53,7 +64,7 @@ class ModelRunner:
         self.device = torch.device(device)
         shape = model.kv_cache_shape(num_blocks, block_size)
         self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            (zeroed(shape, dtype, device), zeroed(shape, dtype, device))
             for _ in range(model.config.num_layers)
         ]
         self._k_caches = [k for k, _ in self.kv_caches]

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -142,6 +144,9 @@ def build(csrc: Path = CSRC, name: str = "tailserve_kernels", tier: str | None =
     tier = tier or choose_tier()
     module = f"{name}_{tier.replace('-', '_')}"
     folder = build_dir(tier, csrc, name)
+    built = _import_built(module, folder / f"{module}.so")
+    if built is not None:
+        return built
     folder.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name=module,
@@ -151,6 +156,24 @@ def build(csrc: Path = CSRC, name: str = "tailserve_kernels", tier: str | None =
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )
+
+
+def _import_built(module: str, library: Path) -> ModuleType | None:
+    """The library built before, imported directly: its folder's key already names its sources, flags
+    and torch, so it is current. This skips cpp_extension's checks (a ninja run and a lock the folder
+    shares with any other process loading it: up to a second at start). None: build (or wait) as usual."""
+    if not library.is_file():
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(module, library)
+        if spec is None or spec.loader is None:
+            return None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    except ImportError:  # half-written by a build in progress, or foreign: the usual path decides
+        return None
+    sys.modules[module] = mod
+    return mod
 
 
 def ops(tier: str | None = None) -> ModuleType | None:

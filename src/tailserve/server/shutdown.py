@@ -11,12 +11,14 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
-from fastapi import FastAPI
 
-from tailserve.server.state import SHUTDOWN_MESSAGE, OpenAIServer
+if TYPE_CHECKING:  # the server module needs torch: not imported before the socket is bound
+    from fastapi import FastAPI
 
 log = logging.getLogger("tailserve.server")
 
@@ -24,6 +26,8 @@ log = logging.getLogger("tailserve.server")
 async def drain(app: FastAPI, grace: float, poll: float = 0.05) -> None:
     """Graceful shutdown: refuse new work (503), let in-flight requests finish for up to `grace` seconds,
     then abort the rest (their clients get finish_reason "abort" and an error), and wait for them to end."""
+    from tailserve.server.state import SHUTDOWN_MESSAGE, OpenAIServer
+
     server: OpenAIServer = app.state.server
     server.admission.draining = True
     end = time.monotonic() + grace
@@ -44,21 +48,32 @@ async def drain(app: FastAPI, grace: float, poll: float = 0.05) -> None:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, with a drain before its own shutdown."""
+    """uvicorn, with a drain before its own shutdown. `get_app` gives the app to drain (None while the
+    model still loads: a signal then exits at once). `on_listening` runs once the socket is bound."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI, grace: float) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        get_app: Callable[[], FastAPI | None],
+        grace: float,
+        on_listening: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(config)
-        self.app = app
+        self.get_app = get_app
         self.grace = grace
+        self.on_listening = on_listening
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain: asyncio.Future[None] | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
+        if self.on_listening is not None and self.started:
+            self.on_listening()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._drain is not None or self._loop is None:  # a second signal, or not serving yet: leave now
+        if self._drain is not None or self._loop is None or self.get_app() is None:  # a second signal, or
+            # not serving yet: leave now
             self.force_exit = self._drain is not None
             self.should_exit = True
             return
@@ -66,8 +81,11 @@ class DrainingServer(uvicorn.Server):
         self._loop.call_soon_threadsafe(self._start_drain)
 
     def _start_drain(self) -> None:
+        app = self.get_app()
+        assert app is not None  # handle_exit leaves at once while none is loaded
+
         async def run() -> None:
-            await drain(self.app, self.grace)
+            await drain(app, self.grace)
             self.should_exit = True
 
         if self._drain is None:
