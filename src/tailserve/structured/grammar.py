@@ -39,9 +39,15 @@ class GrammarError(ValueError):
 
 @dataclass(frozen=True)
 class GrammarSpec:
-    """What to constrain the output to; `key` (the schema's JSON text) is the compile cache's key."""
+    """What to constrain the output to: a JSON schema (its JSON text) or an llguidance lark grammar;
+    `key` is the compile cache's key."""
 
     key: str
+    kind: str = "json"  # json | lark
+
+    @classmethod
+    def lark(cls, grammar: str) -> GrammarSpec:
+        return cls("lark:" + grammar, "lark")
 
     @classmethod
     def json_schema(cls, schema: Any) -> GrammarSpec:
@@ -248,7 +254,10 @@ class GrammarCompiler:
         ll = self._ll
         tokenizer = self._tokenizer.result()
         try:
-            grammar = ll.LLMatcher.grammar_from_json_schema(spec.key, defaults=JSON_OPTIONS)
+            if spec.kind == "lark":
+                grammar = ll.LLMatcher.grammar_from_lark(spec.key.removeprefix("lark:"))
+            else:
+                grammar = ll.LLMatcher.grammar_from_json_schema(spec.key, defaults=JSON_OPTIONS)
         except ValueError as e:
             raise GrammarError(f"invalid JSON schema: {e}") from None
         matcher = ll.LLMatcher(tokenizer, grammar, log_level=0)
