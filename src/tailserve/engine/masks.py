@@ -110,10 +110,11 @@ class GrammarMasks:
                 continue
             targets, sources = zip(*live)
             bias = f.bias if list(sources) == list(range(len(f.bias))) else f.bias[list(sources)]
+            bias = bias.to(device=logits.device, dtype=logits.dtype)  # a no-op on CPU in fp32
             if list(targets) == list(range(len(logits))):
                 logits.add_(bias)
             else:
-                logits.index_add_(0, torch.tensor(targets), bias)
+                logits.index_add_(0, torch.tensor(targets, device=logits.device), bias)
         self.stats.apply_seconds += time.perf_counter() - t1
 
     def _submit(self, seqs: list[Sequence]) -> Batch:
