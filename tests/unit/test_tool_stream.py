@@ -33,7 +33,18 @@ def outputs(parts: list[str]) -> list[tuple[int, RequestOutput]]:
         (
             0,
             RequestOutput(
-                "r", [1], p, i == last, "stop" if i == last else None, None, None, 5, 0, i + 1, [], None
+                request_id="r",
+                new_token_ids=[1],
+                new_text=p,
+                finished=i == last,
+                finish_reason="stop" if i == last else None,
+                stop_reason=None,
+                error=None,
+                num_prompt_tokens=5,
+                num_cached_tokens=0,
+                num_output_tokens=i + 1,
+                logprobs=[],
+                times=None,
             ),
         )
         for i, p in enumerate(parts)
