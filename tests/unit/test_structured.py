@@ -194,22 +194,25 @@ def repeating_model() -> LlamaModel:
 
 
 def test_tool_choice_auto_gives_text_or_a_constrained_call(compiler: GrammarCompiler) -> None:
-    city = {"type": "string", "maxLength": 5}
+    short = {"type": "string", "maxLength": 3}
     weather = {
         "type": "function",
         "function": {
-            "name": "get_weather",
-            "parameters": {"type": "object", "properties": {"city": city}, "required": ["city"], **CLOSED},
+            "name": "w",
+            "parameters": {"type": "object", "properties": {"c": short}, "required": ["c"], **CLOSED},
         },
     }
     p = tools.plan([weather], "auto", False)
     grammar = compiler.compile(GrammarSpec.lark(tools.auto_grammar(p)))
     engine = tiny_engine(repeating_model())
-    params = SamplingParams(max_tokens=80, temperature=0.0)
-    engine.add_request("call", list(b"Weather? {"), params, grammar=grammar)
-    engine.add_request("text", list(b"Weather? a"), params, grammar=grammar)
+    engine.add_request(
+        "call", list(b"Weather? {"), SamplingParams(max_tokens=80, temperature=0.0), grammar=grammar
+    )
+    engine.add_request(
+        "text", list(b"Weather? a"), SamplingParams(max_tokens=8, temperature=0.0), grammar=grammar
+    )
     got = {rid: text_of(tokens) for rid, tokens in run_all(engine).items()}
     calls = tools.parse_calls(got["call"], p)
-    assert calls is not None and [c["function"]["name"] for c in calls] == ["get_weather"]
+    assert calls is not None and [c["function"]["name"] for c in calls] == ["w"]
     jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), weather["function"]["parameters"])
     assert got["text"].startswith("a") and tools.parse_calls(got["text"], p) is None
