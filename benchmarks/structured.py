@@ -17,6 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tailserve.tokenizer import Tokenizer
@@ -211,18 +212,30 @@ def main() -> None:
                 f"  {name:<16}{1e3 * min(compile_s):>11.1f}{len(tokens):>7}{1e6 * pct(steps, 0.5):>13.0f}"
                 f"{1e6 * pct(steps, 0.99):>13.0f}{1e6 * statistics.fmean(steps):>9.0f}"
             )
-    from tailserve.structured.bitmask import apply_bitmask
+    from tailserve.structured.bitmask import to_bias
 
     mask = torch.zeros(16, (vocab + 31) // 32, dtype=torch.int32)
     mask[:, :10] = -1
     batch = torch.randn(16, vocab)
+
+    def unpack_and_fill(rows: int) -> None:  # the engine's way before engine/masks.py
+        bits = np.unpackbits(mask[:rows].numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+        batch[:rows].masked_fill_(~torch.from_numpy(bits).bool(), float("-inf"))
+
     for rows in (1, 16):
-        times = []
-        for _ in range(200):
-            t0 = time.perf_counter()
-            apply_bitmask(batch[:rows], mask[:rows])
-            times.append(time.perf_counter() - t0)
-        print(f"\napply a bitmask to {rows} rows of logits: p50 {1e6 * pct(times, 0.5):.0f} us")
+        bias = to_bias(mask[:rows], vocab, vocab)
+        ways = {
+            "unpack bits + masked_fill_": lambda r=rows: unpack_and_fill(r),
+            "to_bias (mask thread)": lambda r=rows: to_bias(mask[:r], vocab, vocab),
+            "add the bias (engine thread)": lambda r=rows, b=bias: batch[:r].add_(b),
+        }
+        for what, fn in ways.items():
+            times = []
+            for _ in range(200):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            print(f"{rows:>2} rows, {what:<30} p50 {1e6 * pct(times, 0.5):6.0f} us")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,25 @@
-"""What the grammar costs the engine: decode tok/s with every row constrained vs none, at c=1 and c=16.
+"""What the grammar costs the engine: decode tok/s with every row constrained vs none at c=1 and c=16,
+mask time per step, and the TTFT added by a cold and a warm schema.
 
-The default model (fused step) decodes `--tokens` tokens per request; the constrained requests follow
-a schema that cannot end before then (an array of at least 200 integers), so both modes run the same
-number of steps at the same batch size. Prefill (the first step) is left out of the rate. Rounds
-alternate the modes; the figure is the median over rounds. Run under `flock /work/bench.lock`.
+Decode: the default model (fused step) decodes `--tokens` tokens per request; the constrained requests
+follow a schema that cannot end before then (an array of at least 200 integers), so both modes run
+the same number of steps at the same batch size. Prefill (the first step) is left out of the rate.
+Rounds alternate the modes; the figure is the median over rounds. Mask time per step is read from the
+engine's own counters (engine/masks.py): what the engine thread waits for and spends applying masks,
+and what the mask thread spends filling them (overlapped with the engine thread's work).
 
-    python benchmarks/structured_cost.py [--rounds 3] [--tokens 64]
+TTFT: one request at a time, each with a prompt of its own, from "the request arrives" (the grammar's
+compile, if any, is inside) to its first token; modes alternate: no grammar, a warm schema (compiled
+before, a cache hit), a cold one (a schema never seen: compiled, first mask included). Run under
+`flock /work/bench.lock`.
+
+    python benchmarks/structured_cost.py [--rounds 5] [--tokens 64] [--ttft-samples 30]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -22,38 +31,75 @@ from tailserve.structured.grammar import GrammarCompiler, GrammarSpec, Vocabular
 SCHEMA = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}, "minItems": 200}
 
 
-def decode_rate(engine: LLMEngine, grammar, concurrency: int, tokens: int) -> tuple[float, float]:
-    """(decode tok/s, mean ms per step waiting for and applying masks) for one batch of `concurrency`
-    requests; the masks are filled on the mask thread while the model runs."""
+def order_schema(n: int) -> dict:
+    """A realistic schema (nested object, enum, array of objects); `n` makes it one never seen."""
+    item = {
+        "type": "object",
+        "properties": {"sku": {"type": "string"}, "qty": {"type": "integer"}, "price": {"type": "number"}},
+        "required": ["sku", "qty", "price"],
+    }
+    return {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer"},
+            "status": {"enum": ["open", "paid", "shipped"]},
+            "customer": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]},
+            "items": {"type": "array", "items": item, "maxItems": 3},
+            f"note{n}": {"type": "string"},
+        },
+        "required": ["id", "status", "customer", "items"],
+        "additionalProperties": False,
+    }
+
+
+def decode_rate(engine: LLMEngine, grammar, concurrency: int, tokens: int) -> tuple[float, float, float]:
+    """(decode tok/s, engine-thread ms per step waiting for and applying masks, mask-thread ms per
+    step filling them) for one batch of `concurrency` requests."""
     prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": "List 200 numbers as JSON."}])
     for i in range(concurrency):
         params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
         engine.add_request(f"r{i}", prompt, params, grammar=grammar)
     engine.step()  # prefill and the first token
-    masked = 0.0
-    constrain = engine._constrain
-
-    def timed(*args) -> None:
-        nonlocal masked
-        t = time.perf_counter()
-        constrain(*args)
-        masked += time.perf_counter() - t
-
-    engine._constrain = timed
+    st = engine.masks.stats
+    before = (st.wait_seconds + st.apply_seconds, st.fill_seconds)
     steps, produced = 0, 0
     t0 = time.perf_counter()
     while engine.has_unfinished():
         produced += sum(len(o.new_token_ids) for o in engine.step())
         steps += 1
     elapsed = time.perf_counter() - t0
-    del engine._constrain
-    return produced / elapsed, 1e3 * masked / max(steps, 1)
+    on_path = st.wait_seconds + st.apply_seconds - before[0]
+    filling = st.fill_seconds - before[1]
+    return produced / elapsed, 1e3 * on_path / max(steps, 1), 1e3 * filling / max(steps, 1)
+
+
+def ttft(engine: LLMEngine, compiler: GrammarCompiler, spec: GrammarSpec | None, n: int) -> float:
+    """Seconds from arrival (compile included) to the first token of one request."""
+    prompt = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"Order number {n}: write it as JSON."}]
+    )
+    t0 = time.perf_counter()
+    grammar = compiler.compile(spec) if spec is not None else None
+    engine.add_request(f"t{n}", prompt, SamplingParams(max_tokens=2, temperature=0), grammar=grammar)
+    first = None
+    while engine.has_unfinished():
+        outs = engine.step()
+        if first is None and any(o.new_token_ids for o in outs):
+            first = time.perf_counter() - t0
+    assert first is not None
+    return first
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--ttft-samples", type=int, default=30)
     args = ap.parse_args()
     engine = LLMEngine.from_config(EngineConfig(kv_cache_memory=1.0, max_num_seqs=32))
     compiler = GrammarCompiler(Vocabulary.of_tokenizer(engine.tokenizer))
@@ -62,21 +108,41 @@ def main() -> None:
     t0 = time.perf_counter()
     decode_rate(engine, grammar, 1, 2)
     print(f"first constrained request: {time.perf_counter() - t0:.2f} s")
-    t0 = time.perf_counter()
-    decode_rate(engine, compiler.compile(GrammarSpec.json_schema({**SCHEMA, "minItems": 201})), 1, 2)
-    print(f"a second schema's first request: {time.perf_counter() - t0:.2f} s")
     for c in (1, 16):
-        free, bound, mask_ms = [], [], []
+        free, bound, on_path, filling = [], [], [], []
         for _ in range(args.rounds):
             free.append(decode_rate(engine, None, c, args.tokens)[0])
-            rate, ms = decode_rate(engine, grammar, c, args.tokens)
+            rate, ms, fill_ms = decode_rate(engine, grammar, c, args.tokens)
             bound.append(rate)
-            mask_ms.append(ms)
+            on_path.append(ms)
+            filling.append(fill_ms)
         f, b = statistics.median(free), statistics.median(bound)
         print(
             f"c={c:<3} decode tok/s unconstrained {f:7.1f}  constrained {b:7.1f}  ratio {b / f:.3f}  "
-            f"mask+apply {statistics.median(mask_ms):.2f} ms/step"
+            f"mask wait+apply {statistics.median(on_path):.2f} ms/step  "
+            f"fill (mask thread) {statistics.median(filling):.2f} ms/step"
         )
+    warm = GrammarSpec.json_schema(order_schema(0))
+    compiler.compile(warm)
+    fresh = itertools.count(1)
+    times: dict[str, list[float]] = {"none": [], "warm": [], "cold": []}
+    n = itertools.count()
+    for _ in range(args.ttft_samples):
+        times["none"].append(ttft(engine, compiler, None, next(n)))
+        times["warm"].append(ttft(engine, compiler, warm, next(n)))
+        cold = GrammarSpec.json_schema(order_schema(next(fresh)))
+        times["cold"].append(ttft(engine, compiler, cold, next(n)))
+    base50, base99 = pct(times["none"], 0.5), pct(times["none"], 0.99)
+    for mode, xs in times.items():
+        p50, p99 = pct(xs, 0.5), pct(xs, 0.99)
+        print(
+            f"TTFT {mode:<5} p50 {1e3 * p50:6.1f} ms  p99 {1e3 * p99:6.1f} ms  "
+            f"added p50 {1e3 * (p50 - base50):+6.1f} ms  p99 {1e3 * (p99 - base99):+6.1f} ms"
+        )
+    st = engine.masks.stats
+    print(
+        f"mask rows {st.rows}: prefetched {st.prefetched_rows}, unrestricted (no bias) {st.unrestricted_rows}"
+    )
     compiler.shutdown()
 
 

@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from jinja2 import meta as jinja2_meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
+
+from tailserve.structured.tools import TemplateTools
 
 # llama.cpp's token types (llama_token_type in GGUF metadata).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -274,6 +277,24 @@ class Tokenizer:
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
 
     # --- chat ---------------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def template_tools(self) -> TemplateTools:
+        """What the chat template does with tools: native if it reads `tools` and writes
+        `tool_calls`; a `tool` role if a tool message survives rendering (Gemma 3's raises)."""
+        env = ImmutableSandboxedEnvironment()
+        native = "tools" in jinja2_meta.find_undeclared_variables(env.parse(self.chat_template))
+        probe = "tool-result-probe"
+        conversation = [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a"},
+            {"role": "tool", "content": probe},
+        ]
+        try:
+            tool_role = probe in self.apply_chat_template(conversation)
+        except ValueError:
+            tool_role = False
+        return TemplateTools(native=native and "tool_calls" in self.chat_template, tool_role=tool_role)
 
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any

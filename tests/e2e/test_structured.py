@@ -313,3 +313,21 @@ def test_explosive_schema_is_refused_quickly_while_others_are_served(server: Liv
         ok = good.result()
     assert ok.status_code == 200
     jsonschema.validate(json.loads(ok.json()["choices"][0]["message"]["content"]), SCHEMAS["person"])
+
+
+def test_tool_choice_auto_streams_as_it_answers(client: openai.OpenAI) -> None:
+    """Text or a call, whichever the model picks, streamed the same as not streamed."""
+    kw = {"model": MODEL, "messages": ASK, "tools": [WEATHER, TIME], "tool_choice": "auto"}
+    kw |= {"max_tokens": 48, "temperature": 0, "parallel_tool_calls": False}  # room for one whole call
+    r = client.chat.completions.create(**kw)
+    msg = r.choices[0].message
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    calls, finish = reassemble(chunks)
+    if msg.tool_calls:
+        assert r.choices[0].finish_reason == finish == "tool_calls"
+        assert [(c["name"], c["arguments"]) for c in calls.values()] == [
+            (c.function.name, c.function.arguments) for c in msg.tool_calls
+        ]
+    else:
+        assert not calls and not msg.content.lstrip().startswith("{")
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == msg.content

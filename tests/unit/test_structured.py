@@ -7,13 +7,16 @@ import json
 import threading
 
 import pytest
+import torch
 
 pytest.importorskip("llguidance", reason="structured outputs need the 'structured' extra")
 jsonschema = pytest.importorskip("jsonschema")
 
+from tailserve.models.llama import LlamaModel  # noqa: E402
 from tailserve.sampling import SamplingParams  # noqa: E402
+from tailserve.structured import tools  # noqa: E402
 from tailserve.structured.grammar import GrammarCompiler, GrammarError, GrammarSpec, Vocabulary  # noqa: E402
-from tests.tiny import MODEL_KINDS, TINY, run_all, tiny_engine, tiny_model_of  # noqa: E402
+from tests.tiny import MODEL_KINDS, TINY, run_all, tiny_engine, tiny_model_of, tiny_weights  # noqa: E402
 
 NAME = {"type": "string", "maxLength": 6}
 SMALL_INT = {"type": "integer", "minimum": -50, "maximum": 500}
@@ -107,6 +110,8 @@ def test_unconstrained_rows_are_untouched(compiler: GrammarCompiler) -> None:
     for rid in ("a", "b"):
         jsonschema.validate(json.loads(text_of(got[rid])), SCHEMAS[0])
     assert engine.block_manager.prefix_hits > 0
+    # Decoding rows' masks were filled while the previous step finished (engine/masks.py).
+    assert engine.masks.stats.prefetched_rows > 0
 
 
 def test_json_object_starts_an_object_and_never_errs(compiler: GrammarCompiler) -> None:
@@ -173,3 +178,41 @@ def test_constrained_requests_do_not_speculate(compiler: GrammarCompiler) -> Non
     engine.add_request("free", prompt, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
     run_all(engine)
     assert engine.spec.num_draft_tokens > 0  # the same prompt unconstrained does guess
+
+
+def repeating_model() -> LlamaModel:
+    """A tiny random model that prefers to repeat its last token: no layer writes to the residual
+    stream and the head is the embedding, so each token's logit is its embedding's match with the last
+    one. Under a grammar it takes the allowed token most like its last: a prompt ending in `{` leads
+    it into a tool call, one ending in a letter into text."""
+    w = tiny_weights()
+    for name, t in w.items():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            t.zero_()
+    w["lm_head.weight"] = w["model.embed_tokens.weight"].clone()
+    return LlamaModel(TINY, w, torch.float32).eval()
+
+
+def test_tool_choice_auto_gives_text_or_a_constrained_call(compiler: GrammarCompiler) -> None:
+    short = {"type": "string", "maxLength": 3}
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "w",
+            "parameters": {"type": "object", "properties": {"c": short}, "required": ["c"], **CLOSED},
+        },
+    }
+    p = tools.plan([weather], "auto", False)
+    grammar = compiler.compile(GrammarSpec.lark(tools.auto_grammar(p)))
+    engine = tiny_engine(repeating_model())
+    engine.add_request(
+        "call", list(b"Weather? {"), SamplingParams(max_tokens=80, temperature=0.0), grammar=grammar
+    )
+    engine.add_request(
+        "text", list(b"Weather? a"), SamplingParams(max_tokens=8, temperature=0.0), grammar=grammar
+    )
+    got = {rid: text_of(tokens) for rid, tokens in run_all(engine).items()}
+    calls = tools.parse_calls(got["call"], p)
+    assert calls is not None and [c["function"]["name"] for c in calls] == ["w"]
+    jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), weather["function"]["parameters"])
+    assert got["text"].startswith("a") and tools.parse_calls(got["text"], p) is None

@@ -139,8 +139,11 @@ class ChatCompletionRequest(_Common):
             raise ApiError(400, str(e), param=e.param, code="invalid_value") from None
 
     def grammar_spec(self) -> GrammarSpec | None:
-        """A required or named tool call constrains the output to the call's JSON."""
+        """A required or named tool call constrains the output to the call's JSON; `auto` (without a
+        response_format, which then wins) to free text or the call's JSON (tools.auto_grammar)."""
         plan = self.tool_plan()
+        if plan is not None and plan.choice == "auto" and super().grammar_spec() is None:
+            return GrammarSpec.lark(tool_calls.auto_grammar(plan))
         if plan is None or not plan.constrained:
             return super().grammar_spec()
         if super().grammar_spec() is not None:
@@ -155,9 +158,12 @@ class ChatCompletionRequest(_Common):
         except GrammarError as e:
             raise ApiError(400, str(e), param="tools", code="invalid_value") from None
 
-    def prompt_messages(self) -> list[dict[str, Any]]:
-        """The messages to render, tools and earlier calls written in the generic format (tools.py)."""
-        return tool_calls.render(self.messages, self.tool_plan())
+    def prompt_messages(
+        self, template: tool_calls.TemplateTools
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The messages to render and extra template variables: tools and earlier calls as the
+        template takes them (tools.render)."""
+        return tool_calls.render(self.messages, self.tool_plan(), template)
 
     def unsupported(self) -> ApiError | None:
         if self.top_logprobs is not None and not self.logprobs:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from tailserve.config import EngineConfig
 from tailserve.engine.block_manager import BlockManager
+from tailserve.engine.masks import GrammarMasks
 from tailserve.engine.model_runner import ModelRunner, kv_bytes_per_block
 from tailserve.engine.outputs import RequestOutput, TokenLogprob
 from tailserve.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
@@ -32,19 +32,9 @@ from tailserve.layers.sampler import Sampler, SampleRow
 from tailserve.models.fused import FusedLlama
 from tailserve.models.llama import LlamaModel
 from tailserve.sampling import SamplingParams
-from tailserve.structured.bitmask import allocate, apply_bitmask
 from tailserve.structured.grammar import Grammar
 
 log = logging.getLogger("tailserve.engine")
-
-
-@dataclass
-class PendingMasks:
-    """A step's token masks, being filled while the model runs: row of the mask per sequence."""
-
-    rows: dict[Sequence, int]
-    mask: torch.Tensor
-    filled: Future[None]
 
 
 @dataclass
@@ -165,7 +155,7 @@ class LLMEngine:
         self.step_times = StepTimeModel()
         self.decode_step_times = StepTimeModel()  # steps with no prompt work: what a guess costs
         self.spec = self._make_spec_decoder(config, draft, num_blocks)
-        self._mask_thread: ThreadPoolExecutor | None = None  # started by the first constrained request
+        self.masks = GrammarMasks(self.num_sampleable)  # constrained rows' token masks (masks.py)
         self.stats = EngineStats(
             num_free_blocks=num_blocks,
             num_total_blocks=num_blocks,
@@ -332,7 +322,7 @@ class LLMEngine:
             planned = time.perf_counter()
             self._plan_guesses(sched)
             drafting = time.perf_counter() - planned
-        masks = self._start_masks(sched.scheduled)
+        masks = self.masks.start(sched.scheduled)
         result = self.runner.run(sched.scheduled)
         logits = result.logits[:, : self.num_sampleable]
         plain = [j for j, s in enumerate(result.sampled) if not s.draft]
@@ -343,7 +333,8 @@ class LLMEngine:
         plain_rows = [result.rows[j] for j in plain]
         # Guesses' rows lie in between only when some request guessed: then gather the others.
         logits_plain = logits if plain_rows == list(range(len(logits))) else logits[plain_rows]
-        self._constrain(logits_plain, [result.sampled[j].seq for j in plain], masks)
+        plain_seqs = [result.sampled[j].seq for j in plain]
+        self.masks.apply(logits_plain, plain_seqs, masks)
         sample = self.sampler(logits_plain, rows) if rows else None
         now = time.perf_counter()
         for s in sched.scheduled:
@@ -353,46 +344,13 @@ class LLMEngine:
         for i, j in enumerate(plain):
             assert sample is not None
             self._append(result.sampled[j].seq, sample.token_ids[i], sample.logprobs[i], now)
+        self.masks.prefetch(plain_seqs)
         for j, s in enumerate(result.sampled):
             if s.draft:
                 self._check_guesses(s, logits[result.rows[j] : result.rows[j] + 1 + len(s.draft)], now)
         self.step_times.observe(sched.num_tokens, now - t0)
         if all(s.num_new_tokens == 1 for s in sched.scheduled):
             self.decode_step_times.observe(sched.num_tokens, now - t0 - drafting)
-
-    def _start_masks(self, scheduled: list[ScheduledSeq]) -> PendingMasks | None:
-        """Fill the token masks of the constrained rows this step samples on the mask thread, while the
-        model runs: a mask depends only on the tokens so far."""
-        seqs = [
-            s.seq
-            for s in scheduled
-            if s.seq.grammar is not None and s.seq.num_computed + s.num_new_tokens == s.seq.num_tokens
-        ]
-        if not seqs:
-            return None
-        mask = allocate(len(seqs), max(self.num_sampleable, *(q.grammar.vocab_size for q in seqs)))
-
-        def fill() -> None:
-            for k, q in enumerate(seqs):
-                try:
-                    q.grammar.fill(mask, k)
-                except Exception:  # one broken matcher must not fail the batch: its accept() ends it
-                    log.exception("request %s: token mask failed", q.request_id)
-
-        if self._mask_thread is None:
-            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="tailserve-masks")
-        return PendingMasks({q: k for k, q in enumerate(seqs)}, mask, self._mask_thread.submit(fill))
-
-    @staticmethod
-    def _constrain(logits: torch.Tensor, seqs: list[Sequence], pending: PendingMasks | None) -> None:
-        """Mask, in place, the rows of constrained sequences to the tokens their grammars allow next."""
-        if pending is None:
-            return
-        pending.filled.result()
-        rows = [i for i, q in enumerate(seqs) if q in pending.rows]
-        masked = logits[rows]
-        apply_bitmask(masked, pending.mask[[pending.rows[seqs[i]] for i in rows]])
-        logits[rows] = masked
 
     def _plan_guesses(self, sched: SchedulerOutput) -> None:
         """Let decoding requests guess tokens to verify in this step, where guessing pays (spec_decode.py)."""

@@ -150,9 +150,9 @@ async def _handle(server: OpenAIServer, request: Request, cls: type[R], prefix: 
 
         if isinstance(req, ChatCompletionRequest):
             try:
-                text = server.engine.tokenizer.apply_chat_template(
-                    req.prompt_messages(), add_generation_prompt=True
-                )
+                tok = server.engine.tokenizer
+                messages, extra = req.prompt_messages(tok.template_tools)
+                text = tok.apply_chat_template(messages, add_generation_prompt=True, **extra)
             except ValueError as e:
                 raise ApiError(400, str(e), param="messages", code="invalid_value") from None
             prompt_ids = [await server.tokenize(text)]

@@ -115,21 +115,31 @@ def _active_plan(req: ChatCompletionRequest | CompletionRequest) -> tool_calls.T
     return plan if plan is not None and plan.choice != "none" else None
 
 
-def _tool_chunks(head: dict[str, Any], i: int, calls: list[dict[str, Any]]) -> str:
-    """A choice's calls as OpenAI streams them: index, id and name first, then the arguments."""
-    events = []
+def _tool_events(head: dict[str, Any], i: int, deltas: list[dict[str, Any]]) -> str:
+    """Tool-call deltas (tools.CallScanner's) as SSE chunks of choice `i`."""
+    return "".join(
+        sse(
+            {
+                **head,
+                "choices": [
+                    {"index": i, "delta": {"tool_calls": [d]}, "logprobs": None, "finish_reason": None}
+                ],
+            }
+        )
+        for d in deltas
+    )
+
+
+def _whole_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Calls found only at the end (output the scanner could not follow), as opening + arguments deltas."""
+    deltas: list[dict[str, Any]] = []
     for j, c in enumerate(calls):
         fn = c["function"]
-        opening = {
-            "index": j,
-            "id": c["id"],
-            "type": "function",
-            "function": {"name": fn["name"], "arguments": ""},
-        }
-        for part in (opening, {"index": j, "function": {"arguments": fn["arguments"]}}):
-            choice = {"index": i, "delta": {"tool_calls": [part]}, "logprobs": None, "finish_reason": None}
-            events.append(sse({**head, "choices": [choice]}))
-    return "".join(events)
+        deltas.append(
+            {"index": j, "id": c["id"], "type": "function", "function": {"name": fn["name"], "arguments": ""}}
+        )
+        deltas.append({"index": j, "function": {"arguments": fn["arguments"]}})
+    return deltas
 
 
 def _usage(finals: list[RequestOutput], n: int) -> dict[str, Any]:
@@ -167,20 +177,31 @@ async def stream(
     finals: list[RequestOutput | None] = [None] * k
     want_logprobs = bool(req.logprobs) if chat else req.logprobs is not None
     plan = _active_plan(req)
-    held = [""] * k  # with tools, each choice's text until it ends: a call or plain content
+    # With tools, each choice's output is followed as it streams: a call's deltas go out as they
+    # form; output that turns out to be text is released from then on.
+    scanners = [tool_calls.CallScanner(plan) for _ in range(k)] if plan is not None else []
 
     def chunk(i: int, out: RequestOutput) -> str | None:
-        if plan is not None:
-            held[i] += out.new_text
-            if not out.finished:
-                return None
-            calls = tool_calls.parse_calls(held[i], plan)
-            if calls:
-                finals[i] = out
-                end = {"index": i, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}
-                end["stop_reason"] = out.stop_reason
-                return _tool_chunks(head, i, calls) + sse({**head, "choices": [end]})
-            out = dataclasses.replace(out, new_text=held[i])
+        if scanners and scanners[i].state != "text":
+            scan = scanners[i]
+            events = _tool_events(head, i, scan.feed(out.new_text))
+            if scan.state == "text":
+                out = dataclasses.replace(out, new_text=scan.buf)
+            elif not out.finished:
+                pending[i].extend(out.logprobs or [])
+                return events or None
+            else:
+                whole = None if scan.calls else tool_calls.parse_calls(scan.buf, plan)  # type: ignore[arg-type]
+                if not scan.calls and not whole:
+                    out = dataclasses.replace(out, new_text=scan.buf)
+                else:
+                    finals[i] = out
+                    if whole:
+                        events += _tool_events(head, i, _whole_calls(whole))
+                    done = whole or scan.finish()
+                    reason = "tool_calls" if done else out.finish_reason
+                    end = {"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}
+                    return events + sse({**head, "choices": [end | {"stop_reason": out.stop_reason}]})
         if out.logprobs:
             pending[i].extend(out.logprobs)
         if not out.new_text and not out.finished:

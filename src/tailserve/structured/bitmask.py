@@ -1,10 +1,19 @@
-"""Token bitmasks (bit t of word t // 32 set ⇔ token t allowed, llguidance's layout) and applying them
-to rows of logits before sampling."""
+"""Token bitmasks (bit t of word t // 32 set ⇔ token t allowed, llguidance's layout), turned into
+additive logit biases (0 allowed, -inf not) that one in-place add applies to every constrained row.
+
+Why a bias and not `masked_fill`: on one torch thread, adding a precomputed bias to 16 rows is about
+ten times cheaper than unpacking the bits and `masked_fill_` (benchmarks/structured.py prints both),
+and the bias is built on the mask thread, off the step's critical path. x + 0 is x, so allowed logits are
+unchanged (bit for bit, but for the sign of a zero).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+# BYTE_BIAS[b, k] = 0 if bit k of byte b is set else -inf: one lookup expands 8 tokens.
+BYTE_BIAS = np.where((np.arange(256)[:, None] >> np.arange(8)) & 1, 0.0, -np.inf).astype(np.float32)
 
 
 def words(vocab_size: int) -> int:
@@ -16,13 +25,31 @@ def allocate(rows: int, vocab_size: int) -> torch.Tensor:
     return torch.full((rows, words(vocab_size)), -1, dtype=torch.int32)
 
 
-def allowed(mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[rows, vocab_size] bool: which tokens each row's mask allows."""
-    # numpy's unpackbits is ~2x faster here than shifting in torch (benchmarks/structured.py).
-    bits = np.unpackbits(mask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab_size]
-    return torch.from_numpy(bits).bool()
+def restricted_rows(mask: torch.Tensor, vocab_size: int) -> np.ndarray:
+    """Which rows forbid at least one of the first `vocab_size` tokens (the others need no bias)."""
+    bits = mask.numpy().view(np.uint32)
+    full, rest = divmod(vocab_size, 32)
+    out = (bits[:, :full] != 0xFFFFFFFF).any(axis=1)
+    if rest:
+        low = (1 << rest) - 1
+        out |= (bits[:, full] & low) != low
+    return out
 
 
-def apply_bitmask(logits: torch.Tensor, mask: torch.Tensor) -> None:
-    """Set disallowed tokens' logits to -inf in place; logits [rows, V], mask [rows, words(V')], V <= V'."""
-    logits.masked_fill_(~allowed(mask, logits.shape[-1]), float("-inf"))
+def to_bias(mask: torch.Tensor, vocab_size: int, width: int) -> torch.Tensor:
+    """[rows, width] float32: 0 where the first `vocab_size` tokens are allowed, -inf elsewhere
+    (tokens at or past `vocab_size`, e.g. a model's padding rows, are never allowed)."""
+    rows = mask.shape[0]
+    expanded = np.take(BYTE_BIAS, mask.numpy().view(np.uint8), axis=0).reshape(rows, -1)
+    keep = min(vocab_size, width)
+    if expanded.shape[1] >= width and keep == width:
+        return torch.from_numpy(expanded[:, :width])
+    out = np.full((rows, width), -np.inf, dtype=np.float32)
+    out[:, :keep] = expanded[:, :keep]
+    return torch.from_numpy(out)
+
+
+def apply_bitmask(logits: torch.Tensor, mask: torch.Tensor, vocab_size: int | None = None) -> None:
+    """Set disallowed tokens' logits to -inf in place; logits [rows, V], mask [rows, words(V')]."""
+    width = logits.shape[-1]
+    logits.add_(to_bias(mask, width if vocab_size is None else vocab_size, width))

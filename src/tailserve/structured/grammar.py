@@ -13,7 +13,9 @@ advances by the token sampled.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -22,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+log = logging.getLogger("tailserve.structured")
 
 # Compact, single-line JSON with the spacing models saw in training; free whitespace lets a small model
 # wander into endless blank lines.
@@ -35,9 +39,15 @@ class GrammarError(ValueError):
 
 @dataclass(frozen=True)
 class GrammarSpec:
-    """What to constrain the output to; `key` (the schema's JSON text) is the compile cache's key."""
+    """What to constrain the output to: a JSON schema (its JSON text) or an llguidance lark grammar;
+    `key` is the compile cache's key."""
 
     key: str
+    kind: str = "json"  # json | lark
+
+    @classmethod
+    def lark(cls, grammar: str) -> GrammarSpec:
+        return cls("lark:" + grammar, "lark")
 
     @classmethod
     def json_schema(cls, schema: Any) -> GrammarSpec:
@@ -126,6 +136,39 @@ class Matcher:
         return self._m.get_error() if self._m.is_error() else ""
 
 
+def fill_masks(matchers: list[Matcher], mask: torch.Tensor) -> None:
+    """Row k of `mask` ([len(matchers), words(vocab)] int32, contiguous) ← what matcher k allows next.
+
+    One llguidance call for the batch, so the GIL is dropped and retaken once: a loop retakes it after
+    every row, and while the engine thread runs Python each retake may wait out the interpreter's
+    switch interval (5 ms). A batch that fails (one broken matcher) is redone row by row, so that only
+    the broken row is left all-allowed; its accept() then ends its request."""
+    if not matchers:
+        return
+    if mask.dtype != torch.int32 or not mask.is_contiguous() or mask.device.type != "cpu":
+        raise ValueError("the token bitmask must be a contiguous int32 CPU tensor")
+    try:
+        _executor().unsafe_compute_mask_ptr(
+            [(m._m, k) for k, m in enumerate(matchers)], mask.data_ptr(), mask.shape[1] * 4, mask.shape[0]
+        )
+    except Exception:
+        for k, m in enumerate(matchers):
+            try:
+                m.fill(mask, k)
+            except Exception:
+                mask[k] = -1
+                log.exception("token mask of row %d failed", k)
+
+
+@functools.cache
+def _executor() -> Any:
+    """llguidance's batch mask filler, one thread: the masks are filled beside the engine thread, not
+    across the cores the model's step uses (two threads measured slower on 2 cores)."""
+    import llguidance
+
+    return llguidance.LLExecutor(num_threads=1)
+
+
 class Grammar:
     """A compiled grammar: a fresh matcher per sequence."""
 
@@ -211,7 +254,10 @@ class GrammarCompiler:
         ll = self._ll
         tokenizer = self._tokenizer.result()
         try:
-            grammar = ll.LLMatcher.grammar_from_json_schema(spec.key, defaults=JSON_OPTIONS)
+            if spec.kind == "lark":
+                grammar = ll.LLMatcher.grammar_from_lark(spec.key.removeprefix("lark:"))
+            else:
+                grammar = ll.LLMatcher.grammar_from_json_schema(spec.key, defaults=JSON_OPTIONS)
         except ValueError as e:
             raise GrammarError(f"invalid JSON schema: {e}") from None
         matcher = ll.LLMatcher(tokenizer, grammar, log_level=0)

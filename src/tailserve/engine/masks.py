@@ -1,0 +1,140 @@
+"""The token masks of grammar-constrained rows, kept off the step's critical path.
+
+A sequence's next mask depends only on the tokens it has so far, so it is filled as soon as its last
+token is accepted (`prefetch`), on the mask thread, while the engine thread finishes the step, hands
+out its deltas and schedules the next one: on a 2-core machine that is the time a core is free (the
+model's step keeps both busy). A constrained row the prefetch did not cover (a prompt's first token,
+a sequence that skipped a step) is filled at the start of the step that samples it, beside the model.
+Each fill is one llguidance call for the batch (`grammar.fill_masks`), turned into an additive bias
+on the same thread; applying it is one in-place `index_add_` for all rows that need it, and a row
+whose grammar allows every token (free text) gets none.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tailserve.engine.scheduler import ScheduledSeq
+from tailserve.engine.sequence import Sequence
+from tailserve.structured.bitmask import allocate, restricted_rows, to_bias
+from tailserve.structured.grammar import fill_masks
+
+
+@dataclass
+class Filled:
+    """One batch's biases: row of `bias` per sequence, only for rows that forbid some token."""
+
+    rows: dict[Sequence, int]
+    bias: torch.Tensor | None
+
+
+@dataclass
+class Batch:
+    """A fill in flight: each sequence's token count when it was filled (the mask is stale after)."""
+
+    at: dict[Sequence, int]
+    filled: Future[Filled]
+
+
+@dataclass
+class MaskStats:
+    """Seconds the engine thread spent waiting for and applying masks, over `steps` steps, and the
+    mask thread's time filling them (its own clock: it overlaps the engine thread's work)."""
+
+    wait_seconds: float = 0.0
+    fill_seconds: float = 0.0
+    apply_seconds: float = 0.0
+    steps: int = 0
+    rows: int = 0
+    unrestricted_rows: int = 0  # rows whose grammar allowed every token: no bias applied
+    prefetched_rows: int = 0  # rows whose mask was ready from the previous step's prefetch
+
+
+@dataclass
+class GrammarMasks:
+    """Fills (on one thread) and applies the masks of constrained rows; see the module docstring."""
+
+    width: int  # the logits' sampleable width
+    stats: MaskStats = field(default_factory=MaskStats)
+    _thread: ThreadPoolExecutor | None = None
+    _prefetched: Batch | None = None
+
+    def prefetch(self, seqs: list[Sequence]) -> None:
+        """Start filling the next masks of these sequences (constrained, still running)."""
+        seqs = [q for q in seqs if q.grammar is not None and not q.finished]
+        self._prefetched = self._submit(seqs) if seqs else None
+
+    def start(self, scheduled: list[ScheduledSeq]) -> list[Batch]:
+        """The fills covering the constrained rows this step samples: prefetched, else started now."""
+        seqs = [
+            s.seq
+            for s in scheduled
+            if s.seq.grammar is not None and s.seq.num_computed + s.num_new_tokens == s.seq.num_tokens
+        ]
+        if not seqs:
+            return []
+        ready = self._prefetched
+        self._prefetched = None
+        batches = []
+        if ready is not None:
+            missing = [q for q in seqs if ready.at.get(q) != q.num_tokens]
+            if len(missing) < len(seqs):
+                batches.append(ready)
+                self.stats.prefetched_rows += len(seqs) - len(missing)
+            seqs = missing
+        if seqs:
+            batches.append(self._submit(seqs))
+        return batches
+
+    def apply(self, logits: torch.Tensor, seqs: list[Sequence], batches: list[Batch]) -> None:
+        """Mask, in place, row i of `logits` (sequence seqs[i]) to what its grammar allows next."""
+        if not batches:
+            return
+        t0 = time.perf_counter()
+        done = [b.filled.result() for b in batches]
+        t1 = time.perf_counter()
+        self.stats.wait_seconds += t1 - t0
+        self.stats.steps += 1
+        position = {q: i for i, q in enumerate(seqs)}
+        for b, f in zip(batches, done):
+            covered = [q for q, n in b.at.items() if q in position and n == q.num_tokens]
+            live = [(position[q], f.rows[q]) for q in covered if q in f.rows]
+            self.stats.rows += len(covered)
+            self.stats.unrestricted_rows += len(covered) - len(live)
+            if not live or f.bias is None:
+                continue
+            targets, sources = zip(*live)
+            bias = f.bias if list(sources) == list(range(len(f.bias))) else f.bias[list(sources)]
+            bias = bias.to(device=logits.device, dtype=logits.dtype)  # a no-op on CPU in fp32
+            if list(targets) == list(range(len(logits))):
+                logits.add_(bias)
+            else:
+                logits.index_add_(0, torch.tensor(targets, device=logits.device), bias)
+        self.stats.apply_seconds += time.perf_counter() - t1
+
+    def _submit(self, seqs: list[Sequence]) -> Batch:
+        matchers = [q.grammar for q in seqs]
+
+        def fill() -> Filled:
+            t0 = time.perf_counter()
+            mask = allocate(len(matchers), matchers[0].vocab_size)
+            fill_masks(matchers, mask)
+            keep = np.flatnonzero(restricted_rows(mask, matchers[0].vocab_size)).tolist()
+            if len(keep) < len(seqs):
+                mask = mask[keep].contiguous()
+            bias = to_bias(mask, matchers[0].vocab_size, self.width) if keep else None
+            self.stats.fill_seconds += time.perf_counter() - t0
+            return Filled({seqs[k]: j for j, k in enumerate(keep)}, bias)
+
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="tailserve-masks")
+        return Batch({q: q.num_tokens for q in seqs}, self._thread.submit(fill))
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.shutdown(wait=False, cancel_futures=True)
