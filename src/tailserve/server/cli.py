@@ -5,21 +5,22 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tailserve.config import EngineConfig, ServerConfig, add_dataclass_args, dataclass_from_args
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from tailserve.engine.async_engine import AsyncEngine
 
 log = logging.getLogger("tailserve.server")
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from tailserve.engine.async_engine import AsyncEngine
     from tailserve.models.loader import model_name
     from tailserve.obs.observer import log_requests_to_stderr
-    from tailserve.server.app import build_app
-    from tailserve.server.shutdown import DrainingServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine_config = dataclass_from_args(EngineConfig, args)
@@ -39,6 +40,19 @@ def _serve(args: argparse.Namespace) -> int:
         log_requests_to_stderr()
     engine = AsyncEngine.from_config(engine_config)
     name = server_config.served_model_name or model_name(engine_config.model)
+    return serve(engine, server_config, name, provider)
+
+
+def serve(
+    engine: AsyncEngine, server_config: ServerConfig, name: str, provider: TracerProvider | None = None
+) -> int:
+    """Serve `engine` until a signal (0) or until its engine thread dies (supervise.ENGINE_DIED)."""
+    import uvicorn
+
+    from tailserve.server.app import build_app
+    from tailserve.server.shutdown import DrainingServer
+    from tailserve.server.supervise import exit_status
+
     app = build_app(engine, server_config, name, tracer_provider=provider)
     config = uvicorn.Config(
         app,
@@ -54,7 +68,7 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
         app.state.server.obs.close()
-    return 0
+    return exit_status(engine)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from tailserve.server.state import SHUTDOWN_MESSAGE, OpenAIServer
+from tailserve.server.supervise import watch_engine
 
 log = logging.getLogger("tailserve.server")
 
@@ -52,9 +53,11 @@ class DrainingServer(uvicorn.Server):
         self.grace = grace
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain: asyncio.Future[None] | None = None
+        self._watch: asyncio.Future[None] | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
+        self._watch = asyncio.ensure_future(watch_engine(self.app.state.server.engine, self))
         await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
