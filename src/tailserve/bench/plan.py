@@ -171,12 +171,14 @@ def write_worksheet(out: Path, sweep: Sweep, demand: Demand, result: Plan, sourc
         "|---|---|---|---|---|---|---|",
         *(
             f"| {r['load']} | {r['req_per_s']:g} | {r['req_per_s_planned_length']:g} "
-            f"| {r['output_tok_per_s']:g} | {r['ttft_p99_ms']:g} | {r['tpot_p99_ms']:g} | {'yes' if r['meets_slo'] else 'no'} |"
+            f"| {r['output_tok_per_s']:g} | {r['ttft_p99_ms']:g} | {r['tpot_p99_ms']:g} "
+            f"| {'yes' if r['meets_slo'] else 'no'} |"
             for r in rows
         ),
         "",
         f"- capacity of one replica at the SLO: **{result.capacity_rps:.3g} req/s** "
-        f"({result.capacity_point}, scaled by output length {sweep.output_tokens:.0f}/{demand.output_tokens:g})",
+        f"({result.capacity_point}, scaled by output length "
+        f"{sweep.output_tokens:.0f}/{demand.output_tokens:g})",
         f"- replicas: **{result.replicas}** = ceil({demand.peak_rps:g} / ({result.capacity_rps:.3g} × "
         f"{demand.utilization:g}))",
         f"- operating point: {result.per_replica_rps:.3g} req/s per replica, predicted p99 TTFT "
