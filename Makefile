@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 # Tests also cover the optional extras; `make serve` stays without them.
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e '.[dev,structured]'
+	$(BIN)/python -m pip install -q -e '.[dev,structured,fuzz]'
 	touch $(TEST_STAMP)
 
 fetch: $(STAMP)
