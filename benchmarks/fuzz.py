@@ -11,44 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import Counter
 
-import schemathesis
 from harness import RECORDED, ROOT, header
-from hypothesis import HealthCheck, given, settings
 from reliability import server_and_gateway, settled
 
 sys.path.insert(0, str(ROOT))
-from tests.e2e.fuzz_checks import problems
+from tests.e2e.fuzz_checks import fuzz
 
 PORT = 8194
-HANG_S = 30.0
 
 
-def fuzz(url: str, examples: int) -> dict:
-    schema = schemathesis.openapi.from_url(url + "/openapi.json")
-    statuses: Counter[str] = Counter()
-    failures: list[str] = []
-    for result in schema.get_all_operations():
-        op = result.ok()
-
-        @settings(
-            max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None
-        )
-        @given(case=op.as_strategy())
-        def run(case) -> None:
-            try:
-                r = case.call(base_url=url, timeout=HANG_S)
-            except Exception as e:  # a hang (timeout) or a dropped connection
-                failures.append(f"{case.operation.label}: {type(e).__name__}: {e}")
-                return
-            statuses[str(r.status_code)] += 1
-            failures.extend(
-                f"{case.operation.label}: {p}"
-                for p in problems(r.status_code, r.headers.get("content-type", ""), r.content)
-            )
-
-        run()
+def summarize(url: str, examples: int) -> dict:
+    statuses, failures = fuzz(url, examples)
     return {
         "cases": sum(statuses.values()),
         "statuses": dict(statuses),
@@ -62,7 +36,9 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=200, help="generated cases per operation")
     args = ap.parse_args()
     with server_and_gateway(PORT, "--request-timeout", "2") as (server, gateway):
-        summary = {name: fuzz(p.url, args.examples) for name, p in (("server", server), ("gateway", gateway))}
+        summary = {
+            name: summarize(p.url, args.examples) for name, p in (("server", server), ("gateway", gateway))
+        }
         summary["idle_gauges_after"] = settled(server)
     (RECORDED / "fuzz.json").write_text(json.dumps(summary, indent=2))
     print(header("API fuzzing", f"python benchmarks/fuzz.py --examples {args.examples}"))

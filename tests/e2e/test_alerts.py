@@ -28,7 +28,7 @@ def exported(text: str) -> dict[str, set[str]]:
     """Every series name a scrape can hold → its label names (families, even those with no sample yet)."""
     names: dict[str, set[str]] = {}
     for fam in text_string_to_metric_families(text):
-        labels = {k for s in fam.samples for k in s.labels} - {"le"}
+        labels = {k for s in fam.samples for k in s.labels}
         for suffix in SUFFIXES.get(fam.type, ("",)):
             names[fam.name + suffix] = labels
     return names

@@ -7,8 +7,6 @@ import contextlib
 from collections.abc import Iterator
 
 import pytest
-import schemathesis
-from hypothesis import HealthCheck, settings
 
 from tailserve.config import ServerConfig
 from tailserve.gateway.app import Gateway
@@ -18,12 +16,12 @@ from tailserve.gateway.pools import make_pools, resolve_urls
 from tailserve.gateway.spawn import Spawned
 from tailserve.server.app import build_app
 from tests.e2e.conftest import MODEL, LiveServer
-from tests.e2e.fuzz_checks import problems
+from tests.e2e.fuzz_checks import fuzz
 from tests.gateway.conftest import serve
 
 pytestmark = pytest.mark.model
 
-HANG_S = 30.0  # an answer slower than this is a hang (the fuzz server's deadline is 2 s)
+EXAMPLES = 12  # generated cases per operation (7 operations)
 
 
 @pytest.fixture(scope="module", params=["server", "gateway"])
@@ -44,16 +42,6 @@ def fuzz_url(request, server: LiveServer) -> Iterator[str]:
         app.state.server.obs.close()
 
 
-@pytest.fixture
-def api(fuzz_url: str):
-    return schemathesis.openapi.from_url(fuzz_url + "/openapi.json")
-
-
-schema = schemathesis.pytest.from_fixture("api")
-
-
-@schema.parametrize()
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-def test_fuzz(case, fuzz_url: str) -> None:
-    response = case.call(base_url=fuzz_url, timeout=HANG_S)
-    assert not problems(response.status_code, response.headers.get("content-type", ""), response.content)
+def test_fuzz(fuzz_url: str) -> None:
+    statuses, failures = fuzz(fuzz_url, EXAMPLES)
+    assert sum(statuses.values()) >= 7 * 5 and not failures, failures[:5]
