@@ -57,7 +57,8 @@ def fuzz(url: str, examples: int, hang_s: float = 30.0) -> tuple[Counter[str], l
                 failures.append(f"{where}: {type(e).__name__}: {e}")
                 return
             statuses[str(r.status_code)] += 1
-            found = problems(r.status_code, r.headers.get("content-type", ""), r.content)
+            kind = r.headers.get("content-type") or [""]  # schemathesis: each header's list of values
+            found = problems(r.status_code, kind[0], r.content)
             failures.extend(f"{where}: {p}" for p in found)
 
         run()
