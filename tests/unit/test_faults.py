@@ -140,13 +140,21 @@ def test_the_engine_thread_dying_ends_every_stream_and_refuses_new_ones() -> Non
 
 def test_a_reader_that_falls_behind_loses_its_stream_and_nobody_waits_for_it() -> None:
     engine = tiny_engine(kv_cache_memory=0.05)
-    aengine = AsyncEngine(engine, max_buffered=8)
+    step = engine.step
+
+    def paced_step():  # steps of at least 5 ms, so a reader that keeps up never holds 32 deltas
+        time.sleep(0.005)
+        return step()
+
+    engine.step = paced_step
+    aengine = AsyncEngine(engine, max_buffered=32)
     long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    short = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
 
     async def main() -> tuple[list, list]:
         slow = aengine.generate([5, 6, 7], long, "slow")
         first = await slow.__anext__()  # then it stops reading
-        fast = [o async for o in aengine.generate([8, 9], long, "fast")]  # a full answer meanwhile
+        fast = [o async for o in aengine.generate([8, 9], short, "fast")]  # a full answer meanwhile
         assert "slow" not in engine.requests  # aborted long before its 400 tokens
         rest = [o async for o in slow]
         return [first, *rest], fast
@@ -154,10 +162,10 @@ def test_a_reader_that_falls_behind_loses_its_stream_and_nobody_waits_for_it() -
     try:
         t0 = time.perf_counter()
         slow, fast = asyncio.run(asyncio.wait_for(main(), 20))
-        assert fast[-1].finish_reason == "length" and sum(len(o.new_token_ids) for o in fast) == 400
+        assert fast[-1].finish_reason == "length" and sum(len(o.new_token_ids) for o in fast) == 100
         end = slow[-1]
         assert end.finish_reason == "abort" and end.error.startswith(SLOW_READER)
-        assert len(slow) <= 8 + 2  # what was buffered, the first delta and the end: bounded
+        assert len(slow) <= 32 + 2  # what was buffered, the first delta and the end: bounded
         assert aengine.slow_reader_aborts == 1
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
         assert time.perf_counter() - t0 < 20
