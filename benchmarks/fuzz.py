@@ -18,8 +18,6 @@ from reliability import server_and_gateway, settled
 sys.path.insert(0, str(ROOT))
 from tests.e2e.fuzz_checks import fuzz
 
-PORT = 8194
-
 
 def summarize(url: str, examples: int) -> dict:
     statuses, failures = fuzz(url, examples)
@@ -35,7 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=200, help="generated cases per operation")
     args = ap.parse_args()
-    with server_and_gateway(PORT, "--request-timeout", "2") as (server, gateway):
+    with server_and_gateway("--request-timeout", "2") as (server, gateway):
         summary = {
             name: summarize(p.url, args.examples) for name, p in (("server", server), ("gateway", gateway))
         }

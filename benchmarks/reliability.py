@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -65,17 +66,26 @@ def _process(cmd: list[str], port: int, log: Path, ready: str) -> Iterator[Proc]
             proc.wait()
 
 
+def free_port() -> int:
+    """A port nobody listens on now: fixed ports collide with other benchmarks on a shared machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
-def server_and_gateway(port: int, *flags: str) -> Iterator[tuple[Proc, Proc]]:
-    """`tailserve serve` on `port`, `tailserve gateway` (model "chat" → it) on `port + 1`."""
+def server_and_gateway(*flags: str) -> Iterator[tuple[Proc, Proc]]:
+    """`tailserve serve` and `tailserve gateway` (model "chat" → it), each on a free port."""
+    port = free_port()
     cmd = [sys.executable, "-m", "tailserve.cli", "serve", "--port", str(port), *SERVER_FLAGS, *flags]
     with _process(cmd, port, RESULTS / f"reliability-server-{port}.log", "/ready") as server:
         config = RESULTS / f"reliability-gateway-{port}.yaml"
         backends = [{"url": server.url, "kind": "tailserve", "model": MODEL}]
         config.write_text(json.dumps({"models": {"chat": {"backends": backends}}}))
         gw_cmd = [sys.executable, "-m", "tailserve.cli", "gateway", "--config", str(config)]
-        gw_cmd += ["--port", str(port + 1)]
-        with _process(gw_cmd, port + 1, RESULTS / f"reliability-gateway-{port}.log", "/ready") as gateway:
+        gw_port = free_port()
+        gw_cmd += ["--port", str(gw_port)]
+        with _process(gw_cmd, gw_port, RESULTS / f"reliability-gateway-{port}.log", "/ready") as gateway:
             yield server, gateway
 
 

@@ -25,7 +25,6 @@ import numpy as np
 from harness import RECORDED, header
 from reliability import MODEL, server_and_gateway, settled
 
-PORT = 8190
 WORDS = [
     "the",
     "sea",
@@ -163,7 +162,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     seconds = args.minutes * 60
-    with server_and_gateway(PORT) as (server, gateway):
+    with server_and_gateway() as (server, gateway):
         rss: list[tuple[float, float, float]] = []
         direct, via = Tally(), Tally()
 

@@ -16,8 +16,6 @@ from reliability import MODEL, served, server_and_gateway, settled
 
 from tailserve.bench.storm import storm
 
-PORT = 8192
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,7 +25,7 @@ def main() -> None:
     args = ap.parse_args()
     body = {"prompt": "Write about the sea and the river.", "max_tokens": 48, "ignore_eos": True}
     summary: dict[str, dict] = {}
-    with server_and_gateway(PORT) as (server, gateway):
+    with server_and_gateway() as (server, gateway):
         for name, url, model in (("server", server.url, MODEL), ("gateway", gateway.url, "chat")):
             req = {**body, "model": model}
             r = asyncio.run(storm(url, "/v1/completions", req, args.streams, args.concurrency, args.seed))
