@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 
 # Tests also cover the optional extras; `make serve` stays without them.
 $(TEST_STAMP): $(STAMP) pyproject.toml
-	$(BIN)/python -m pip install -q -e '.[dev,structured,ray,pipeline]'
+	$(BIN)/python -m pip install -q -e '.[dev,structured,ray,pipeline,fuzz]'
 	touch $(TEST_STAMP)
 
 # The model, this CPU's kernels (built while it downloads) and its caches: `serve` then starts warm.

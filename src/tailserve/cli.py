@@ -1,4 +1,4 @@
-"""`tailserve fetch | serve | gateway | generate | chat | bench`."""
+"""`tailserve fetch | serve | gateway | generate | chat | bench | plan`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from tailserve.bench.cli import add_parser as add_bench_parser
+from tailserve.bench.plan_cli import add_parser as add_plan_parser
 from tailserve.config import DEFAULT_MODEL, EngineConfig, add_dataclass_args, dataclass_from_args
 from tailserve.gateway.cli import add_parser as add_gateway_parser
 from tailserve.server.cli import add_parser as add_serve_parser
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_fetch)
     add_bench_parser(sub)
+    add_plan_parser(sub)
     add_serve_parser(sub)
     add_gateway_parser(sub)
     for name, text in (("generate", "complete a prompt"), ("chat", "answer one chat message")):

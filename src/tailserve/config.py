@@ -64,6 +64,9 @@ class ServerConfig:
     request_timeout: float | None = None  # seconds; abort requests running longer
     max_body_bytes: int = 4 << 20
     shutdown_grace: float = 30.0
+    # Deltas a stream may hold for a client reading slower than the engine writes (one a step, ~8 s at
+    # 30 steps/s), beyond what the sockets buffer; a client further behind has its request aborted.
+    stream_buffer: int = 256
     access_log: bool = False  # a log line per request costs the event loop time
     metrics: bool = True  # GET /metrics (Prometheus)
     otel_exporter: str | None = None  # console | otlp: OpenTelemetry spans per request; off when unset

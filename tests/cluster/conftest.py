@@ -58,7 +58,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+# Package scope: the cluster (two raylets, a controller, a proxy, replicas) stops once this folder's
+# tests are done, instead of idling beside the rest of the suite.
+@pytest.fixture(scope="package")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
     folder = write_hf_folder(tmp_path_factory.mktemp("cluster") / "tiny")
     nodes = Cluster(

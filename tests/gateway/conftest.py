@@ -144,9 +144,12 @@ def _free_socket() -> socket.socket:
 
 
 @contextlib.contextmanager
-def serve(app: Any, lifespan: str = "off") -> Iterator[str]:
-    """`app` on a thread of this process; its URL. Stopped on exit (bounded in time)."""
+def serve(app: Any, lifespan: str = "off", send_buffer: int | None = None) -> Iterator[str]:
+    """`app` on a thread of this process; its URL. Stopped on exit (bounded in time). `send_buffer`: the
+    kernel's send buffer of every connection, in bytes (accepted sockets inherit the listener's)."""
     sock = _free_socket()
+    if send_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     server = uvicorn.Server(
         uvicorn.Config(app, log_level="error", lifespan=lifespan, timeout_graceful_shutdown=1)
     )

@@ -1,17 +1,26 @@
 """AsyncEngine: the LLMEngine's step loop on its own thread, with async streams of deltas and aborts, so
-HTTP never waits on a model step nor the other way."""
+HTTP never waits on a model step nor the other way.
+
+Faults: a request that fails inside a step ends alone (engine/faults.py). Anything else escaping a step
+leaves the engine's state unknown, so the thread ends: every open stream gets a final "error" delta at
+once (no client waits forever), `alive` turns false (`/ready` answers 503) and the server exits for its
+supervisor to restart it (server/supervise.py). A stream whose reader falls `max_buffered` deltas
+behind is aborted (`SLOW_READER`): the engine never waits for a reader, so without the bound a stalled
+client would hold an ever-growing queue of deltas and its KV blocks to the end of its generation.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
-from tailserve.config import EngineConfig
+from tailserve.config import EngineConfig, ServerConfig
 from tailserve.engine.engine import EngineStats, LLMEngine
 from tailserve.engine.outputs import RequestOutput
 from tailserve.engine.sequence import Sequence, Status
@@ -20,12 +29,22 @@ from tailserve.structured.grammar import Grammar, GrammarCompiler, GrammarError,
 
 log = logging.getLogger("tailserve.engine")
 
+MAX_BUFFERED_DELTAS = ServerConfig.stream_buffer
+SLOW_READER = "the client read the stream too slowly"
+
 
 class AsyncEngine:
     """Runs an LLMEngine on a dedicated thread; callers get async streams of RequestOutput deltas."""
 
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, max_buffered: int = MAX_BUFFERED_DELTAS) -> None:
         self.engine = engine
+        self.max_buffered = max_buffered
+        self.failure: str | None = None  # why the engine thread ended, if it died
+        self.slow_reader_aborts = 0  # streams aborted for falling max_buffered deltas behind
+        self.overflow_hooks: list[Callable[[], None]] = []  # called (on the event loop) per such abort
+        self._overflowed: set[str] = set()  # streams ended by their reader's lag: later deltas are dropped
+        self._dead = False
+        self._lock = threading.Lock()  # orders stream registration against the thread's death
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
@@ -60,7 +79,8 @@ class AsyncEngine:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        """False from the moment the engine thread starts to end (its streams are being failed then)."""
+        return not self._dead and self._thread.is_alive()
 
     async def generate(
         self,
@@ -83,9 +103,13 @@ class AsyncEngine:
         )
         if request_id in self._live:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self._live.add(request_id)
         q: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        with self._lock:
+            if self._dead:
+                yield self._error_output(request_id)
+                return
+            self._live.add(request_id)
+            self._streams[request_id] = (asyncio.get_running_loop(), q)
         # Admitted now: the wait for the engine thread to pick it up (a step in flight) is queue time.
         seq.times.admitted = time.perf_counter()
         self._send("add", seq)
@@ -99,6 +123,7 @@ class AsyncEngine:
                     return
         finally:
             self._streams.pop(request_id, None)
+            self._overflowed.discard(request_id)
             if not finished:
                 self._send("abort", request_id)
 
@@ -151,13 +176,19 @@ class AsyncEngine:
                     outs.append(out)
 
     def _loop(self) -> None:
+        try:
+            self._steps()
+        except BaseException as e:
+            self.failure = f"{type(e).__name__}: {e}"
+            log.critical("the engine thread died: %s", self.failure, exc_info=e)
+        finally:
+            self._fail_streams()
+
+    def _steps(self) -> None:
         while not self._stop:
             outs = self._drain_inbox()
             if self.engine.has_unfinished():
-                try:
-                    outs += self.engine.step()
-                except Exception:  # the loop must survive anything a step throws
-                    log.exception("engine step raised")
+                outs += self.engine.step()  # what escapes a step is fatal: see the module's docstring
             elif not outs:
                 self._wake.wait()
                 self._wake.clear()
@@ -168,9 +199,8 @@ class AsyncEngine:
             self._publish(outs)
 
     def _publish(self, outs: list[RequestOutput]) -> None:
-        by_loop: dict[
-            asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]
-        ] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]]
+        by_loop = {}
         for out in outs:
             if out.finished:
                 self._live.discard(out.request_id)
@@ -179,9 +209,50 @@ class AsyncEngine:
                 by_loop.setdefault(target[0], []).append((target[1], out))
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening
-                loop.call_soon_threadsafe(_deliver, items)
+                loop.call_soon_threadsafe(self._deliver, items)
 
+    def _deliver(self, items: list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]) -> None:
+        """On the stream's event loop: queue each delta, or end a stream whose reader fell too far behind."""
+        for q, out in items:
+            rid = out.request_id
+            if rid in self._overflowed:
+                continue  # its final delta is queued already
+            if not out.finished and q.qsize() >= self.max_buffered:
+                self._overflowed.add(rid)
+                self.slow_reader_aborts += 1
+                self.abort(rid)
+                q.put_nowait(
+                    dataclasses.replace(
+                        out,
+                        new_token_ids=[],
+                        new_text="",
+                        logprobs=None,
+                        finished=True,
+                        finish_reason="abort",
+                        error=f"{SLOW_READER}: {q.qsize()} deltas waited unread; the request was aborted",
+                    )
+                )
+                for hook in self.overflow_hooks:
+                    with contextlib.suppress(Exception):
+                        hook()
+                continue
+            q.put_nowait(out)
 
-def _deliver(items: list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]) -> None:
-    for q, out in items:
-        q.put_nowait(out)
+    def _error_output(self, request_id: str) -> RequestOutput:
+        return RequestOutput(
+            request_id,
+            [],
+            "",
+            finished=True,
+            finish_reason="error",
+            error=f"the engine has stopped ({self.failure or 'shut down'})",
+        )
+
+    def _fail_streams(self) -> None:
+        """The thread is ending: each open stream gets its final error delta now; no stream opens later."""
+        with self._lock:
+            self._dead = True
+            streams = list(self._streams.items())
+        for rid, (loop, q) in streams:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(q.put_nowait, self._error_output(rid))

@@ -13,6 +13,7 @@ import torch
 
 from tailserve.config import EngineConfig
 from tailserve.engine.block_manager import BlockManager
+from tailserve.engine.faults import rerun_alone
 from tailserve.engine.masks import GrammarMasks
 from tailserve.engine.model_runner import ModelRunner, kv_bytes_per_block
 from tailserve.engine.outputs import RequestOutput, TokenLogprob
@@ -294,14 +295,13 @@ class LLMEngine:
         outputs = self._expire_deadlines()
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
+        if sched.copies:  # partial prefix hits, before anything of this step writes KV (never redone)
+            self.runner.copy_blocks(sched.copies)
         if sched.scheduled:
             try:
                 self._run(sched, t0)
-            except Exception as e:  # a failed batch fails its requests, never the loop
-                log.exception("model step failed")
-                for s in sched.scheduled:
-                    if not s.seq.finished:
-                        self._finish(s.seq, "error", error=f"engine error: {type(e).__name__}: {e}")
+            except Exception as e:  # only the requests that fail alone end (faults.py)
+                rerun_alone(self, sched, e)
         for s in sched.scheduled:
             seq = s.seq
             if seq.pending_tokens or seq.finished:
@@ -312,8 +312,6 @@ class LLMEngine:
     @torch.inference_mode()
     def _run(self, sched: SchedulerOutput, t0: float) -> None:
         now = t0
-        if sched.copies:  # partial prefix hits, before anything of this step writes KV
-            self.runner.copy_blocks(sched.copies)
         for s in sched.scheduled:
             if s.seq.times.first_scheduled is None:
                 s.seq.times.first_scheduled = now

@@ -32,6 +32,11 @@ class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int  # tokens to run this step, starting at seq.num_computed
     draft: list[int] = field(default_factory=list)  # guessed tokens run after them (spec_decode.py)
+    # seq.num_computed when scheduled: a failed step that left it there may be rerun (engine/faults.py)
+    start: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.start = self.seq.num_computed
 
     @property
     def token_ids(self) -> list[int]:

@@ -23,6 +23,7 @@ from tailserve.api.errors import ApiError, error_response, install_error_handler
 from tailserve.api.http import ClientGone, read_json, require_key, unless_disconnected, validate
 from tailserve.api.ids import HEADER as REQUEST_ID
 from tailserve.api.ids import request_id
+from tailserve.api.openapi import documented_app
 from tailserve.api.protocol import RoutingFields
 from tailserve.api.sse import SSEResponse
 from tailserve.gateway.attempts import Answer, Attempts, Call
@@ -114,9 +115,7 @@ def build_app(gateway: Gateway) -> FastPath:
         finally:
             await gateway.close()
 
-    app = FastAPI(
-        title="tailserve gateway", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
-    )
+    app = documented_app("tailserve gateway", lambda: list(gateway.pools), lifespan=lifespan)
     app.state.gateway = gateway
     install_error_handlers(app, log)
     key = gateway.config.api_key

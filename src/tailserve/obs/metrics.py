@@ -187,6 +187,13 @@ class Metrics:
             ["model", "reason"],
             registry=reg,
         )
+        self.slow_reader_aborts = Counter(
+            PREFIX + "slow_reader_aborts",
+            "Streams aborted because their client read too slowly (--stream-buffer deltas behind).",
+            ["model"],
+            registry=reg,
+        )
+        self.slow_reader_aborts.labels(model)
         self.batch_size = Histogram(
             PREFIX + "step_batch_size",
             "Sequences in each engine step.",

@@ -150,6 +150,7 @@ class Observer:
         self.metrics = Metrics(model, engine) if config.metrics else None
         if self.metrics is not None:
             engine.step_hooks.append(self.metrics.on_step)
+            engine.overflow_hooks.append(self.metrics.slow_reader_aborts.labels(model).inc)
         self.tracing: Tracing | None = None
         if tracer_provider is not None or config.otel_exporter:
             from tailserve.obs.tracing import Tracing, make_tracer_provider

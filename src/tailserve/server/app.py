@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 from tailserve.api.errors import ApiError, error_response, install_error_handlers
 from tailserve.api.http import ClientGone, unless_disconnected
 from tailserve.api.ids import request_id
+from tailserve.api.openapi import documented_app
 from tailserve.api.protocol import ChatCompletionRequest, CompletionRequest
 from tailserve.api.sse import SSEResponse
 from tailserve.config import ServerConfig
@@ -52,7 +53,7 @@ def build_app(
     """The FastAPI app serving `engine` as `model_name`; `app.state.server` is its OpenAIServer.
     `tracer_provider` turns tracing on with that provider (else `config.otel_exporter` decides)."""
     server = OpenAIServer(engine, config, model_name, tracer_provider)
-    app = FastAPI(title="tailserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app = documented_app("tailserve", lambda: [model_name])
     app.state.server = server
     install_error_handlers(app, log)
     install_load(app, server)

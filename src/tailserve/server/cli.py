@@ -6,10 +6,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from tailserve.cluster.config import ClusterConfig
 from tailserve.config import EngineConfig, ServerConfig, add_dataclass_args, dataclass_from_args, model_name
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from tailserve.engine.async_engine import AsyncEngine
+    from tailserve.server.loading import LoadingApp
 
 log = logging.getLogger("tailserve.server")
 
@@ -18,10 +25,9 @@ def _serve(args: argparse.Namespace) -> int:
     from tailserve.obs.startup import StartupTimer
 
     timer = StartupTimer()
-    import uvicorn
+    import uvicorn  # noqa: F401  (run_server's: timed with the other imports)
 
-    from tailserve.server.loading import LoadingApp, load_in_background
-    from tailserve.server.shutdown import DrainingServer
+    from tailserve.server.loading import LoadingApp
 
     timer.lap("imports", next_phase="import_torch")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -46,9 +52,8 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
     name = server_config.served_model_name or model_name(engine_config.model)
     front = LoadingApp(timer, name)
-    loaded: dict[str, Any] = {}  # the engine and the app, once built
 
-    def load() -> Any:
+    def load() -> tuple[AsyncEngine, Any]:
         """On the loader thread, while the socket already answers /health."""
         timer.skip()
         import torch  # noqa: F401  (timed on its own: the largest import)
@@ -67,15 +72,50 @@ def _serve(args: argparse.Namespace) -> int:
         timer.phase = "warmup"
         warm_up(llm)
         timer.lap("warmup", next_phase="app")
-        engine = loaded["engine"] = AsyncEngine(llm)
-        app = loaded["app"] = build_app(engine, server_config, name, tracer_provider=provider)
+        engine = AsyncEngine(llm)
+        app = build_app(engine, server_config, name, tracer_provider=provider)
         if app.state.server.obs.metrics is not None:
             app.state.server.obs.metrics.registry.register(timer.collector(name))
         timer.lap("app")
         timer.ready()
         log.info("%s", timer.summary())
         log.info("serving %s (context %d tokens)", name, engine.max_model_len)
-        return app
+        return engine, app
+
+    return run_server(front, load, server_config, on_listening=timer.listening)
+
+
+def serve(
+    engine: AsyncEngine, server_config: ServerConfig, name: str, provider: TracerProvider | None = None
+) -> int:
+    """Serve an engine already built (tests): `run_server` with nothing left to load."""
+    from tailserve.obs.startup import StartupTimer
+    from tailserve.server.app import build_app
+    from tailserve.server.loading import LoadingApp
+
+    app = build_app(engine, server_config, name, tracer_provider=provider)
+    return run_server(LoadingApp(StartupTimer(), name), lambda: (engine, app), server_config)
+
+
+def run_server(
+    front: LoadingApp,
+    load: Callable[[], tuple[AsyncEngine, Any]],
+    server_config: ServerConfig,
+    on_listening: Callable[[], None] | None = None,
+) -> int:
+    """Listen with `front` answering, run `load` on a thread, then serve its app until a signal (0), a
+    failed load (1), or the engine thread's death (supervise.ENGINE_DIED, for a supervisor)."""
+    import uvicorn
+
+    from tailserve.server.loading import load_in_background
+    from tailserve.server.shutdown import DrainingServer
+    from tailserve.server.supervise import exit_status
+
+    loaded: dict[str, Any] = {}  # the engine and the app, once built
+
+    def load_app() -> Any:
+        loaded["engine"], loaded["app"] = load()
+        return loaded["app"]
 
     config = uvicorn.Config(
         front,
@@ -89,13 +129,13 @@ def _serve(args: argparse.Namespace) -> int:
         config,
         lambda: loaded["app"] if front.app is not None else None,
         server_config.shutdown_grace,
-        on_listening=timer.listening,
+        on_listening=on_listening,
     )
 
     def failed() -> None:
         server.should_exit = True
 
-    load_in_background(front, load, failed)
+    load_in_background(front, load_app, failed)
     try:
         server.run()
     finally:
@@ -103,7 +143,9 @@ def _serve(args: argparse.Namespace) -> int:
             loaded["engine"].shutdown()
         if "app" in loaded:
             loaded["app"].state.server.obs.close()
-    return 1 if front.error is not None else 0
+    if front.error is not None:
+        return 1
+    return exit_status(loaded["engine"]) if "engine" in loaded else 0
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ from tailserve.api.protocol import (
     usage,
 )
 from tailserve.api.sse import DONE, sse, sse_error
+from tailserve.engine.async_engine import SLOW_READER
 from tailserve.engine.outputs import RequestOutput, TokenLogprob
 from tailserve.server.generation import Generation
 from tailserve.server.state import OpenAIServer
@@ -42,6 +43,8 @@ def finish_error(gen: Generation, out: RequestOutput) -> ApiError | None:
         return ApiError(504, out.error or "the request ran past its timeout", code="deadline_exceeded")
     if gen.abort_reason is not None:
         return ApiError(503, gen.abort_reason, code="draining")
+    if out.error is not None and out.error.startswith(SLOW_READER):
+        return ApiError(408, out.error, code="slow_reader")
     return None
 
 

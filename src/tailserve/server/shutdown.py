@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
+from tailserve.server.supervise import watch_loaded
+
 if TYPE_CHECKING:  # the server module needs torch: not imported before the socket is bound
     from fastapi import FastAPI
 
@@ -64,9 +66,11 @@ class DrainingServer(uvicorn.Server):
         self.on_listening = on_listening
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain: asyncio.Future[None] | None = None
+        self._watch: asyncio.Future[None] | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
+        self._watch = asyncio.ensure_future(watch_loaded(self.get_app, self))
         await super().startup(sockets)
         if self.on_listening is not None and self.started:
             self.on_listening()

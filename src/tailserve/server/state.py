@@ -58,6 +58,7 @@ class OpenAIServer:
             api_key=config.api_key,
         )
         self.live: dict[str, Generation] = {}  # by engine request id
+        engine.max_buffered = config.stream_buffer
         self._serial = itertools.count()
         self.obs = Observer(config, model_name, engine, tracer_provider)
         self.stall = Stall(config.stall_share, config.stall_seconds)
