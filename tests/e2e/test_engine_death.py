@@ -25,6 +25,7 @@ LONG = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 500, "ignore_eos": T
 
 
 def test_a_dead_engine_fails_its_clients_and_the_probes() -> None:
+    threads = torch.get_num_threads()  # the tiny model on one thread; the rest of the session keeps its own
     torch.set_num_threads(1)
     engine = tiny_engine()
     aengine = AsyncEngine(engine)
@@ -56,6 +57,7 @@ def test_a_dead_engine_fails_its_clients_and_the_probes() -> None:
     finally:
         aengine.shutdown()
         app.state.server.obs.close()
+        torch.set_num_threads(threads)
 
 
 def test_serve_exits_nonzero_when_its_engine_dies() -> None:
