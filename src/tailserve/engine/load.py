@@ -17,7 +17,7 @@ from tailserve.config import EngineConfig
 from tailserve.engine.engine import LLMEngine, resolve_device, resolve_dtype, resolve_quantization
 from tailserve.layers import kernels
 from tailserve.models.fused import BLOCK_MULTIPLE as FUSED_BLOCK_MULTIPLE
-from tailserve.models.fused import FusedLlama, cached_fused, fused_supported
+from tailserve.models.fused import FusedLlama, cached_fused, default_threads, fused_supported
 from tailserve.models.llama import LlamaModel
 from tailserve.models.loader import load_config, load_config_and_weights, resolve_model
 from tailserve.models.meta_cache import cached_config, cached_tokenizer
@@ -83,7 +83,7 @@ def load_engine(config: EngineConfig, timer: StartupTimer | None = None) -> LLME
     if fused:
         tier = kernels.active_tier()  # built once per tier and cached; loaded here
         timer.lap("kernels", next_phase="weights")
-        threads = config.num_threads or torch.get_num_threads()
+        threads = config.num_threads or default_threads()
         self_draft = config.speculative == "draft" and not separate  # needs the target's draft head
         model = load_fused(path, quantization, self_draft, threads, config.weight_cache)
         if separate:

@@ -126,6 +126,14 @@ class FusedLayer(nn.Module):
         return [getattr(self, n) if n in self.option_names else NONE for n in names] + [self.sliding]
 
 
+def default_threads() -> int:
+    """The step's thread team when none is set: $OMP_NUM_THREADS if set, else the cores this process
+    may run on. Not torch's intra-op count: loading a fused model sets that to 1 (engine/load.py), which
+    would leave every later model in the process on one thread."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
+
+
 class FusedLlama(nn.Module):
     def __init__(
         self,
@@ -182,7 +190,7 @@ class FusedLlama(nn.Module):
 
     def _bind(self, num_threads: int | None) -> None:
         """The C++ model over this module's buffers (built anew after unpickling: `load`)."""
-        self.threads = num_threads or torch.get_num_threads()
+        self.threads = num_threads or default_threads()
         self.impl = self.make_impl(self.threads)
 
     def make_impl(self, threads: int, ops: ModuleType | None = None):
