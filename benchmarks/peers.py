@@ -12,6 +12,8 @@ benchmarks/recorded/peers.json.
     .venv/bin/python benchmarks/peers.py [--peers tailserve,llamacpp,vllm] [--concurrency 1,8,16] [--rounds 3]
         [--model gemma3-270m]
 
+TAILSERVE_CPU_TIER=avx2 LLAMA_CPU_TIER=avx2 VLLM_CPU_TIER=avx2 caps all three servers to AVX2.
+
 Every server serves the same GGUF (`--model`, a name ceilings.MODELS knows; tailserve gets it as
 `--model`). The default model's results go to peers.json (peers-<tier>.json for a capped tier),
 another model's to peers-<model>.json.
@@ -24,6 +26,7 @@ import contextlib
 import json
 import os
 import statistics
+from pathlib import Path
 
 from ceilings import MODELS, measure, shares
 from harness import PEERS, RECORDED, RESULTS, closed_loop, header, serving, tailserve_cmd
@@ -42,7 +45,19 @@ def server_cmd(name: str, gguf: str, extra: list[str], model: str) -> list[str]:
         return tailserve_cmd(PORTS[name], "--model", model, *extra)
     if name == "llamacpp":
         return ["bash", str(PEERS / "llama_server.sh"), "serve", gguf, port, "16"]
-    return ["bash", str(PEERS / "vllm_cpu.sh"), "serve", gguf, port]
+    return [*vllm_cap(), "bash", str(PEERS / "vllm_cpu.sh"), "serve", gguf, port]
+
+
+def vllm_cap() -> list[str]:
+    """`env` settings that run vLLM as on an AVX2-only CPU when VLLM_CPU_TIER=avx2 (vllm_avx2/ says how):
+    the third peer capped like tailserve's tier and llama.cpp's AVX2 build."""
+    tier = os.environ.get("VLLM_CPU_TIER", "native")
+    if tier == "native":
+        return []
+    if tier != "avx2":
+        raise SystemExit("VLLM_CPU_TIER must be native or avx2")
+    shim = Path(__file__).parent / "vllm_avx2"
+    return ["env", f"PYTHONPATH={shim}", "ATEN_CPU_CAPABILITY=avx2", "ONEDNN_MAX_CPU_ISA=AVX2"]
 
 
 def pooled(
@@ -115,7 +130,8 @@ def main() -> None:
     cmd = f"python benchmarks/peers.py --peers {args.peers} --rounds {args.rounds} --model {args.model}"
     print(header("tailserve vs peers, chat workload", cmd))
     print(
-        f"llama.cpp build: {os.environ.get('LLAMA_CPU_TIER', 'native')}. Ceilings (tier {ceil['tier']}): "
+        f"llama.cpp build: {os.environ.get('LLAMA_CPU_TIER', 'native')}; "
+        f"vLLM tier: {os.environ.get('VLLM_CPU_TIER', 'native')}. Ceilings (tier {ceil['tier']}): "
         f"read {ceil['read_gb_s']:.1f} GB/s, bf16 {ceil['bf16_gflop_s']:.0f} GFLOP/s, "
         f"int8 {ceil['int8_gop_s']:.0f} GOP/s.\n"
     )
