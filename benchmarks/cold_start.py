@@ -41,8 +41,26 @@ from tailserve.models.loader import resolve_model
 
 PORT = 8130
 WORDS = (
-    "river", "stone", "cloud", "market", "garden", "winter", "signal", "copper", "lantern", "orchard",
-    "harbor", "meadow", "quiet", "engine", "violet", "canyon", "ribbon", "thunder", "pocket", "marble",
+    "river",
+    "stone",
+    "cloud",
+    "market",
+    "garden",
+    "winter",
+    "signal",
+    "copper",
+    "lantern",
+    "orchard",
+    "harbor",
+    "meadow",
+    "quiet",
+    "engine",
+    "violet",
+    "canyon",
+    "ribbon",
+    "thunder",
+    "pocket",
+    "marble",
 )
 
 

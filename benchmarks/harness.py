@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -33,11 +34,27 @@ def tailserve_cmd(port: int | None, *flags: str) -> list[str]:
     return [sys.executable, "-m", "tailserve.cli", "serve", *port_flags, *flags]
 
 
+@dataclass
+class Proc:
+    """A started server: its base URL and its process (for memory sampling)."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+
+    def rss_mib(self) -> float:
+        """Resident memory now (VmRSS), MiB."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
+
+
 @contextlib.contextmanager
-def serving(
+def process(
     cmd: list[str], port: int, log: Path, timeout: float = 600.0, ready_path: str = "/v1/models"
-) -> Iterator[str]:
-    """Run a server command until the block ends; yields its base URL once `ready_path` answers 200."""
+) -> Iterator[Proc]:
+    """Run a server command until the block ends; yields it once `ready_path` answers 200, and stops its
+    whole process group after."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
@@ -46,14 +63,14 @@ def serving(
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}; see {log}")
+                raise RuntimeError(f"{' '.join(cmd[:4])} exited with {proc.returncode}; see {log}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(url + ready_path, timeout=2).status_code == 200:
                     break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"server not ready after {timeout:.0f} s; see {log}")
-            time.sleep(1)
-        yield url
+            time.sleep(0.5)
+        yield Proc(url, proc)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -62,6 +79,15 @@ def serving(
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@contextlib.contextmanager
+def serving(
+    cmd: list[str], port: int, log: Path, timeout: float = 600.0, ready_path: str = "/v1/models"
+) -> Iterator[str]:
+    """`process`, yielding only the base URL."""
+    with process(cmd, port, log, timeout, ready_path) as server:
+        yield server.url
 
 
 @contextlib.contextmanager

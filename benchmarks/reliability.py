@@ -6,64 +6,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
-from harness import RESULTS
+from harness import RESULTS, Proc, process
 
 from tailserve.bench.storm import idle_gauges
 
 MODEL = "smollm2-135m-instruct"
 SERVER_FLAGS = ["--kv-cache-memory", "0.5", "--max-num-seqs", "48", "--no-request-log"]
-
-
-@dataclass
-class Proc:
-    url: str
-    proc: subprocess.Popen[bytes]
-
-    def rss_mib(self) -> float:
-        """Resident memory now (VmRSS), MiB."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmRSS")
-
-
-@contextlib.contextmanager
-def _process(cmd: list[str], port: int, log: Path, ready: str) -> Iterator[Proc]:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        end = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{cmd[3]} exited with {proc.returncode}; see {log}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + ready, timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > end:
-                raise TimeoutError(f"not ready after 600 s; see {log}")
-            time.sleep(0.5)
-        yield Proc(url, proc)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def free_port() -> int:
@@ -78,14 +32,15 @@ def server_and_gateway(*flags: str) -> Iterator[tuple[Proc, Proc]]:
     """`tailserve serve` and `tailserve gateway` (model "chat" → it), each on a free port."""
     port = free_port()
     cmd = [sys.executable, "-m", "tailserve.cli", "serve", "--port", str(port), *SERVER_FLAGS, *flags]
-    with _process(cmd, port, RESULTS / f"reliability-server-{port}.log", "/ready") as server:
+    with process(cmd, port, RESULTS / f"reliability-server-{port}.log", ready_path="/ready") as server:
         config = RESULTS / f"reliability-gateway-{port}.yaml"
         backends = [{"url": server.url, "kind": "tailserve", "model": MODEL}]
         config.write_text(json.dumps({"models": {"chat": {"backends": backends}}}))
         gw_cmd = [sys.executable, "-m", "tailserve.cli", "gateway", "--config", str(config)]
         gw_port = free_port()
         gw_cmd += ["--port", str(gw_port)]
-        with _process(gw_cmd, gw_port, RESULTS / f"reliability-gateway-{port}.log", "/ready") as gateway:
+        gw_log = RESULTS / f"reliability-gateway-{port}.log"
+        with process(gw_cmd, gw_port, gw_log, ready_path="/ready") as gateway:
             yield server, gateway
 
 
