@@ -9,7 +9,7 @@ layer held ⌈context / block⌉ blocks in every layer (a block id named the sam
 pool, and the full layers needed them all): that is the "one pool" column. Also: the context one
 sequence can reach in the default KV budget, with one pool and with two.
 
-    .venv/bin/python benchmarks/sliding_memory.py [--model gemma3-270m] [--contexts 512,2048,8192]
+    .venv/bin/python benchmarks/sliding_memory.py [--model gemma3-270m] [--contexts 512,2048,8192,32000]
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def measure(llm: LLM, context: int, seed: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gemma3-270m")
-    ap.add_argument("--contexts", default="512,2048,8192")
+    ap.add_argument("--contexts", default="512,2048,8192,32000")
     ap.add_argument("--chunk", type=int, default=512, help="max_num_batched_tokens (the prefill chunk)")
     args = ap.parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -84,8 +84,9 @@ def main() -> None:
     }
     print(
         f"{args.model}: {c.num_layers} layers ({n_slide} sliding over {c.sliding_window}), block {bs}, "
-        f"{layer // 1024} KiB per layer-block; {eng.config.kv_cache_memory} GiB holds one sequence of "
-        f"{capacity['one_pool_tokens']} tokens with one pool, {capacity['full_pool_tokens']} with two "
+        f"{layer // 1024} KiB per layer-block; {eng.config.kv_cache_memory} GiB holds "
+        f"{capacity['one_pool_tokens']} tokens of context with one pool, "
+        f"{capacity['full_pool_tokens']} with two "
         f"(sliding pool: {bm.sliding.num_blocks} blocks: {eng.config.max_num_seqs} windows and a chunk)"
     )
     print("| context | one pool | two pools: full + sliding blocks | kept | ratio | sliding peak (prefill) |")
