@@ -21,7 +21,7 @@ from tests.unit.test_families_fused import TIE, build
 transformers = pytest.importorskip("transformers")
 
 WINDOW = 8
-NEW = 24
+NEW = 16
 BLOCKS = {"torch": 4, "fused": 16}
 
 
@@ -119,7 +119,7 @@ def test_prefix_cache_on_is_off_past_the_window(path: str) -> None:
 def test_preempted_and_aborted_requests_give_back_both_pools() -> None:
     ps = prompts(4)
     want = one_at_a_time(engine("torch", prefix_cache=False), ps)
-    # 60 KiB: 30 full blocks (120 tokens) for four sequences of up to 85: some are preempted.
+    # 60 KiB: 30 full blocks (120 tokens) for four sequences of up to 77: some are preempted.
     tight = engine("torch", kv_cache_memory=60 / (1 << 20), max_num_batched_tokens=12, max_num_seqs=4)
     assert tight.block_manager.full.num_blocks == 30
     for i, p in enumerate(ps):
