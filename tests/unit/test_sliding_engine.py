@@ -2,9 +2,9 @@
 random-weight model (test_families_fused.py's, window 8) on the PyTorch path (blocks of 4) and the
 fused step (blocks of 16): greedy output as transformers' with prompts and generations far past the
 window, the same batched as one at a time and with the prefix cache as without (a cached prefix
-longer than the window, then one whose window was evicted), a sequence's sliding blocks bounded by
-its window while its full blocks grow, and both pools all free after requests finish, are preempted
-or aborted."""
+longer than the window, then one whose window was evicted), the same as one pool for every layer
+(bitwise on the fused step), a sequence's sliding blocks bounded by its window while its full blocks
+grow, and both pools all free after requests finish, are preempted or aborted."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from tailserve.config import EngineConfig
+from tailserve.engine.block_manager import BlockManager
 from tailserve.engine.engine import LLMEngine
 from tailserve.engine.kv_pools import HybridBlockManager
+from tailserve.engine.model_runner import ModelRunner
 from tailserve.engine.sequence import Status
 from tailserve.sampling import SamplingParams
 from tests.unit.test_families_fused import TIE, build
@@ -136,3 +138,37 @@ def test_preempted_and_aborted_requests_give_back_both_pools() -> None:
     for i in range(len(ps)):
         tight.abort(f"a{i}")
     assert not tight.has_unfinished() and all_free(tight)
+
+
+def one_pool(eng: LLMEngine) -> LLMEngine:
+    """The same engine with every layer's KV in one pool, as before the split: the reference."""
+    bm = BlockManager(eng.block_manager.full.num_blocks, eng.config.block_size, eng.config.prefix_cache)
+    eng.block_manager = eng.scheduler.bm = bm
+    eng.runner = ModelRunner(eng.model, bm.num_blocks, eng.config.block_size, eng.dtype, eng.device)
+    return eng
+
+
+@pytest.mark.parametrize("path", list(BLOCKS))
+def test_two_pools_compute_what_one_pool_does(path: str) -> None:
+    """Batched, chunked, from the prefix cache: the same tokens and log-probabilities, to the bit on the
+    fused step (each row's numbers depend on its own tokens only); to fp32 rounding on the PyTorch path,
+    whose attention shapes follow the chunks (one pool also takes partial-block hits, two do not)."""
+    ps = prompts(4, shared=20)
+    got = []
+    options = {"max_num_batched_tokens": 12, "max_num_seqs": 4}
+    for eng in (engine(path, **options), one_pool(engine(path, **options))):
+        params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True, logprobs=0)
+        outs: dict[str, list] = {}
+        for i, p in enumerate(ps):
+            eng.add_request(str(i), p, params)
+        while eng.has_unfinished():
+            for out in eng.step():
+                outs.setdefault(out.request_id, []).extend(
+                    (t, lp.logprob) for t, lp in zip(out.new_token_ids, out.logprobs)
+                )
+        got.append(outs)
+    if path == "fused":
+        assert got[0] == got[1]
+    for i in map(str, range(len(ps))):
+        assert [t for t, _ in got[0][i]] == [t for t, _ in got[1][i]]
+        assert [lp for _, lp in got[0][i]] == pytest.approx([lp for _, lp in got[1][i]], abs=1e-4)
