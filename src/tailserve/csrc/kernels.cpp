@@ -203,5 +203,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_draft_head", &Llama::set_draft_head)
       .def("set_threads", &Llama::set_threads)
       .def("forward", &Llama::forward, nogil)
+      .def("forward_split", &Llama::forward_split, nogil)
       .def("take_phase_seconds", &Llama::take_phase_seconds);
 }

@@ -184,40 +184,91 @@ class Llama {
   // ids. tables [S, max_blocks] int64 block ids. sample_rows: the rows whose logits are returned.
   // depth < number of layers: a draft pass through the first `depth` layers only, then the final norm and
   // the draft head (set_draft_head) if there is one; it writes those layers' KV like the full pass does.
+  // Every layer's pool is addressed by `tables` (forward_split: the sliding layers' by a table of their own).
   torch::Tensor forward(torch::Tensor ids, torch::Tensor seqs, torch::Tensor tables, int64_t block_size,
                         torch::Tensor sample_rows, const std::vector<torch::Tensor>& k_caches,
                         const std::vector<torch::Tensor>& v_caches, int64_t depth) const {
+    return step(ids, seqs, tables, tables, block_size, sample_rows, k_caches, v_caches, depth);
+  }
+
+  // forward with the sliding layers' KV in a pool of their own (engine/kv_pools.py), addressed by
+  // sliding_tables [S, blocks]: a sequence's blocks behind every window are no longer in it, so only
+  // the entries of blocks a window can reach need to name a live block (the others: any valid id).
+  torch::Tensor forward_split(torch::Tensor ids, torch::Tensor seqs, torch::Tensor tables, torch::Tensor sliding_tables,
+                              int64_t block_size, torch::Tensor sample_rows, const std::vector<torch::Tensor>& k_caches,
+                              const std::vector<torch::Tensor>& v_caches, int64_t depth) const {
+    TORCH_CHECK(window_ > 0, "a split pool needs set_family's window");
+    return step(ids, seqs, tables, sliding_tables, block_size, sample_rows, k_caches, v_caches, depth);
+  }
+
+  // Threads that run a step (the caller and threads_ - 1 members of the team).
+  void set_threads(int64_t n) {
+    TORCH_CHECK(n >= 1 && n <= 1024, "threads must be in [1, 1024]");
+    threads_ = static_cast<int>(n);
+  }
+
+  void set_draft_head(Linear head) {
+    TORCH_CHECK(head.pw.K == hidden_ && head.pw.N == head_.pw.N, "draft head shape != head shape");
+    draft_head_ = std::make_unique<Linear>(std::move(head));
+  }
+
+  // Wall seconds spent in each phase since the last call, then reset: where a step's time goes.
+  std::map<std::string, double> take_phase_seconds() {
+    static const char* names[kPhases] = {"embed", "norm", "qkv", "rope_kv", "attention", "o", "gate_up", "down", "head"};
+    std::map<std::string, double> out;
+    for (int i = 0; i < kPhases; ++i) {
+      out[names[i]] = phase_seconds_[i];
+      phase_seconds_[i] = 0.0;
+    }
+    return out;
+  }
+
+ private:
+  torch::Tensor step(torch::Tensor ids, torch::Tensor seqs, torch::Tensor tables, torch::Tensor sliding_tables,
+                     int64_t block_size, torch::Tensor sample_rows, const std::vector<torch::Tensor>& k_caches,
+                     const std::vector<torch::Tensor>& v_caches, int64_t depth) const {
     const int64_t L = static_cast<int64_t>(layers_.size()), H = H_, Hkv = Hkv_, D = D_, Hd = hidden_, I = inter_;
     TORCH_CHECK(L > 0 && static_cast<int64_t>(k_caches.size()) == L && static_cast<int64_t>(v_caches.size()) == L,
                 "one K and one V cache per layer");
     TORCH_CHECK(depth >= 1 && depth <= L, "depth must be in [1, layers]");
     const Linear& head = depth < L && draft_head_ ? *draft_head_ : head_;
     const int64_t QD = H * D, KVD = Hkv * D, QKV = QD + 2 * KVD, V = head.pw.N, W = window_;
+    const bool split = !sliding_tables.is_same(tables);  // the sliding layers' own pool and table
+    int64_t num_blocks = -1, num_blocks_s = -1;  // blocks in the pool each table addresses (the least of its layers')
     for (int64_t l = 0; l < L; ++l) {
       const auto& k = k_caches[l];
       const auto& v = v_caches[l];
       TORCH_CHECK(k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 && k.is_contiguous() &&
-                      v.is_contiguous() && k.sizes() == v.sizes() && k.sizes() == k_caches[0].sizes() &&
-                      k.dim() == 4 && k.size(1) == Hkv && k.size(2) == block_size && k.size(3) == D,
+                      v.is_contiguous() && k.sizes() == v.sizes() && k.dim() == 4 && k.size(1) == Hkv &&
+                      k.size(2) == block_size && k.size(3) == D,
                   "caches: bf16 [blocks, kv_heads, block_size, head_dim] (attention.h's pair layout)");
+      int64_t& n = split && layers_[l].opt.sliding ? num_blocks_s : num_blocks;
+      n = n < 0 ? k.size(0) : std::min(n, k.size(0));
     }
     for (const auto* t : {&ids, &seqs, &tables, &sample_rows})
       TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "index tensors must be contiguous int64");
-    TORCH_CHECK(seqs.dim() == 2 && seqs.size(1) == 2 && tables.dim() == 2 && tables.size(0) == seqs.size(0),
+    TORCH_CHECK(sliding_tables.scalar_type() == at::kLong && sliding_tables.is_contiguous(),
+                "index tensors must be contiguous int64");
+    TORCH_CHECK(seqs.dim() == 2 && seqs.size(1) == 2 && tables.dim() == 2 && tables.size(0) == seqs.size(0) &&
+                    sliding_tables.dim() == 2 && sliding_tables.size(0) == seqs.size(0),
                 "seqs [S, 2] and tables [S, blocks]");
-    const int64_t S = seqs.size(0), nblk = tables.size(1), bs = block_size;
-    const int64_t num_blocks = k_caches[0].size(0), max_pos = cos_.size(0), vocab_in = embed_.size(0);
+    const int64_t S = seqs.size(0), nblk = tables.size(1), nblk_s = sliding_tables.size(1), bs = block_size;
+    const int64_t max_pos = cos_.size(0), vocab_in = embed_.size(0);
     TORCH_CHECK(bs > 0 && bs % 16 == 0, "the fused step needs a block size that is a multiple of 16");
     const int64_t* sq = seqs.data_ptr<int64_t>();
     const int64_t* tb = tables.data_ptr<int64_t>();
+    const int64_t* tbs = sliding_tables.data_ptr<int64_t>();
     const int64_t* id = ids.data_ptr<int64_t>();
     int64_t T = 0;
     for (int64_t s = 0; s < S; ++s) {
       const int64_t start = sq[2 * s], count = sq[2 * s + 1], end = start + count;
-      TORCH_CHECK(start >= 0 && count > 0 && end <= max_pos && (end + bs - 1) / bs <= nblk, "sequence ", s,
-                  " out of range");
-      for (int64_t j = 0; j < (end + bs - 1) / bs; ++j)
-        TORCH_CHECK(tb[s * nblk + j] >= 0 && tb[s * nblk + j] < num_blocks, "block id out of range");
+      TORCH_CHECK(start >= 0 && count > 0 && end <= max_pos && (end + bs - 1) / bs <= std::min(nblk, nblk_s),
+                  "sequence ", s, " out of range");
+      for (int64_t j = 0; j < (end + bs - 1) / bs; ++j) {
+        TORCH_CHECK(num_blocks < 0 || (tb[s * nblk + j] >= 0 && tb[s * nblk + j] < num_blocks), "block id out of range");
+        TORCH_CHECK(num_blocks_s < 0 || (tbs[s * nblk_s + j] >= 0 && tbs[s * nblk_s + j] < num_blocks_s),
+                    "sliding block id out of range");
+      }
       T += count;
     }
     TORCH_CHECK(ids.numel() == T, "ids must hold every sequence's tokens");
@@ -226,13 +277,14 @@ class Llama {
     const int64_t* sr = sample_rows.data_ptr<int64_t>();
     for (int64_t r = 0; r < R; ++r) TORCH_CHECK(sr[r] >= 0 && sr[r] < T, "sample row out of range");
 
-    std::vector<int64_t> pos(T), row_seq(T), blk_base(T), lens(T), starts(W > 0 ? T : 0);
+    std::vector<int64_t> pos(T), row_seq(T), blk_base(T), blk_base_s(split ? T : 0), lens(T), starts(W > 0 ? T : 0);
     for (int64_t s = 0, t = 0; s < S; ++s)
       for (int64_t i = 0; i < sq[2 * s + 1]; ++i, ++t) {
         const int64_t p = sq[2 * s] + i;
         pos[t] = p;
         row_seq[t] = s;
         blk_base[t] = tb[s * nblk + p / bs] * Hkv * bs * D;
+        if (split) blk_base_s[t] = tbs[s * nblk_s + p / bs] * Hkv * bs * D;
         lens[t] = p + 1;
         if (W > 0) starts[t] = std::max<int64_t>(0, p + 1 - W);  // (p − W, p]: transformers' window
       }
@@ -309,6 +361,8 @@ class Llama {
         const LayerOptions& op = ly.opt;
         auto* kc = reinterpret_cast<uint16_t*>(k_caches[l].data_ptr());
         auto* vc = reinterpret_cast<uint16_t*>(v_caches[l].data_ptr());
+        const bool own_pool = split && op.sliding;  // this layer's KV is in the sliding layers' pool
+        const int64_t* base = own_pool ? blk_base_s.data() : blk_base.data();
         rows(T);
         for (int64_t t = b; t < e; ++t)
           rms_norm_row(&x[t * Hd], ly.in_norm.data_ptr<float>(), Hd, eps_, &xn[t * Hd]);
@@ -330,8 +384,8 @@ class Llama {
           rope_heads(r, H + Hkv, D, c, (op.sliding ? sn_local : sn) + pos[t] * D);  // q heads, then k heads
           const int64_t o = pos[t] % bs;
           for (int64_t hh = 0; hh < Hkv; ++hh) {
-            uint16_t* kd = kc + blk_base[t] + hh * bs * D;
-            uint16_t* vd = vc + blk_base[t] + hh * bs * D;
+            uint16_t* kd = kc + base[t] + hh * bs * D;
+            uint16_t* vd = vc + base[t] + hh * bs * D;
             const float* kr = r + QD + hh * D;
             const float* vr = r + QD + KVD + hh * D;
             for (int64_t d = 0; d < D; ++d) {
@@ -358,6 +412,10 @@ class Llama {
         }
         la.kc = kc;
         la.vc = vc;
+        if (own_pool) {
+          la.table = tbs;
+          la.table_stride = nblk_s;
+        }
         if (op.sliding) la.starts = M == T ? starts.data() : starts_s.data();
         thread_range(M * Hkv, tid, nt, b, e);
         pair_attention_items(la, b, e);
@@ -408,29 +466,6 @@ class Llama {
     return logits;
   }
 
-  // Threads that run a step (the caller and threads_ - 1 members of the team).
-  void set_threads(int64_t n) {
-    TORCH_CHECK(n >= 1 && n <= 1024, "threads must be in [1, 1024]");
-    threads_ = static_cast<int>(n);
-  }
-
-  void set_draft_head(Linear head) {
-    TORCH_CHECK(head.pw.K == hidden_ && head.pw.N == head_.pw.N, "draft head shape != head shape");
-    draft_head_ = std::make_unique<Linear>(std::move(head));
-  }
-
-  // Wall seconds spent in each phase since the last call, then reset: where a step's time goes.
-  std::map<std::string, double> take_phase_seconds() {
-    static const char* names[kPhases] = {"embed", "norm", "qkv", "rope_kv", "attention", "o", "gate_up", "down", "head"};
-    std::map<std::string, double> out;
-    for (int i = 0; i < kPhases; ++i) {
-      out[names[i]] = phase_seconds_[i];
-      phase_seconds_[i] = 0.0;
-    }
-    return out;
-  }
-
- private:
   static void check_f32(const torch::Tensor& t, int64_t n, const char* what) {
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, what, ": fp32 [", n, "]");
   }

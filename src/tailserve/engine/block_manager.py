@@ -36,12 +36,20 @@ class PartialHit:
     num_tokens: int
 
 
+HOLE = -1  # a table entry whose block was let go (a sliding pool's block behind every window)
+
+
 @dataclass
 class BlockTable:
-    """One sequence's view: its physical blocks in order and the keys of its full, computed blocks."""
+    """One sequence's view: its physical blocks in order and the keys of its full, computed blocks.
+
+    With the sliding layers' KV in a pool of their own (engine/kv_pools.py), `sliding` is the
+    sequence's table in that pool, whose first `dropped` entries are HOLEs: blocks no window reaches."""
 
     blocks: list[int] = field(default_factory=list)
     keys: list[int] = field(default_factory=list)
+    sliding: BlockTable | None = None
+    dropped: int = 0
 
 
 class BlockManager:
@@ -138,7 +146,7 @@ class BlockManager:
             chunk = tuple(token_ids[i * bs : (i + 1) * bs])
             key = self.block_key(parent, chunk)
             block = self.blocks[table.blocks[i]]
-            if key not in self._cached and block.key is None:
+            if table.blocks[i] != HOLE and key not in self._cached and block.key is None:
                 block.key, block.token_ids, block.parent = key, chunk, parent
                 self._cached[key] = block.block_id
                 self._index_head(block)
@@ -194,17 +202,21 @@ class BlockManager:
 
     def free(self, table: BlockTable) -> None:
         """Release a sequence's blocks, tail first so the LRU evicts a prefix's end before its start."""
-        for bid in reversed(table.blocks):
-            block = self.blocks[bid]
-            assert block.ref_count > 0, f"double free of block {bid}"
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                if block.token_ids:  # cached: a keyed block or an indexed tail
-                    self._evictable[bid] = None
-                else:
-                    self._free.append(bid)
+        for bid in reversed(table.blocks[table.dropped :]):
+            self._release(bid)
         table.blocks.clear()
         table.keys.clear()
+        table.dropped = 0
+
+    def _release(self, bid: int) -> None:
+        block = self.blocks[bid]
+        assert block.ref_count > 0, f"double free of block {bid}"
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            if block.token_ids:  # cached: a keyed block or an indexed tail
+                self._evictable[bid] = None
+            else:
+                self._free.append(bid)
 
     def trim(self, table: BlockTable, num_tokens: int) -> None:
         """Give back the blocks past what `num_tokens` tokens need (e.g. room for rejected guesses).

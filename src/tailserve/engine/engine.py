@@ -12,10 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from tailserve.config import EngineConfig
-from tailserve.engine.block_manager import BlockManager
 from tailserve.engine.faults import rerun_alone
 from tailserve.engine.masks import GrammarMasks
-from tailserve.engine.model_runner import ModelRunner, kv_bytes_per_block
+from tailserve.engine.model_runner import ModelRunner, kv_bytes_per_block, pools_for
 from tailserve.engine.outputs import RequestOutput, TokenLogprob
 from tailserve.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from tailserve.engine.sequence import Sequence, Status
@@ -123,19 +122,15 @@ class LLMEngine:
         self.device = str(next(model.parameters()).device)
         self.dtype = model.embed.dtype
         mc = model.config
-        per_block = kv_bytes_per_block(model, config.block_size, self.dtype)
-        num_blocks = int(config.kv_cache_memory * (1 << 30)) // per_block
-        if num_blocks < 2:
-            raise ValueError(f"kv_cache_memory {config.kv_cache_memory} GiB holds fewer than 2 blocks")
-        self.max_model_len = min(
-            config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
-        )
-        self.max_model_len = min(self.max_model_len, num_blocks * config.block_size)
+        longest = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        plan = pools_for(model, config, self.dtype, longest)  # one KV pool, or two (kv_pools.py)
+        num_blocks = plan.num_blocks
+        self.max_model_len = min(longest, plan.max_tokens)
         if config.max_num_batched_tokens < config.max_num_seqs:
             raise ValueError(
                 "max_num_batched_tokens must be >= max_num_seqs so every running sequence can decode"
             )
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.prefix_cache)
+        self.block_manager = plan.block_manager(config.block_size, config.prefix_cache)
         self.scheduler = Scheduler(
             self.block_manager,
             config.max_num_seqs,
@@ -145,7 +140,9 @@ class LLMEngine:
             long_prefill_threshold=config.long_prefill_threshold,
             priority_aging=config.priority_aging,
         )
-        self.runner = ModelRunner(model, num_blocks, config.block_size, self.dtype, self.device)
+        self.runner = ModelRunner(
+            model, num_blocks, config.block_size, self.dtype, self.device, plan.sliding_blocks
+        )
         self.sampler = Sampler(config.seed)
         # A model may pad its vocabulary past the tokenizer's: those ids must never be sampled.
         self.num_sampleable = min(mc.vocab_size, getattr(tokenizer, "vocab_size", mc.vocab_size))

@@ -12,7 +12,8 @@ longest one. Elsewhere, or when the kernel cannot be built, the padded gather + 
 A sliding-window layer (Gemma 3) attends to the last `window` positions only, its own included
 (transformers: kv > q - window). Its decodes read just those slots (a per-step slot table, the
 kernel's "block size 1" form); its prefill chunks read the context from the first position any of
-their queries can see, under a banded mask.
+their queries can see, under a banded mask. When the sliding layers' KV is in a pool of its own
+(engine/kv_pools.py), `AttentionMetadata.sliding` describes the batch in that pool.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None = None  # [B] int64 tokens attended, the new one included
     # Per window size, derived once per step: decode (slots, lens) and each prefill's (first, mask).
     windows: dict[tuple, tuple] = field(default_factory=dict, repr=False)
+    sliding: AttentionMetadata | None = None  # the same batch in the sliding layers' own pool, if any
 
     def to(self, device: torch.device) -> AttentionMetadata:
         """A copy with every tensor on `device` (non-blocking)."""
@@ -71,6 +73,7 @@ class AttentionMetadata:
             block_size=self.block_size,
             decode_block_tables=mv(self.decode_block_tables),
             decode_context_lens=mv(self.decode_context_lens),
+            sliding=None if self.sliding is None else self.sliding.to(device),
         )
 
     def decode_lookup(self) -> tuple[torch.Tensor, int, torch.Tensor]:

@@ -292,15 +292,22 @@ class FusedLlama(nn.Module):
         k_caches: list[torch.Tensor],
         v_caches: list[torch.Tensor],
         depth: int | None = None,
+        sliding_tables: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """fp32 logits [len(sample_rows), vocab] of a flat batch.
 
         ids [T]: every sequence's new tokens, sequence after sequence; seqs [S, 2]: per sequence, the
         position of its first new token and how many it has; tables [S, blocks]: block tables.
         depth: run only the first `depth` layers (a draft pass), then the final norm and the draft head.
+        sliding_tables [S, blocks]: the sliding layers' tables, when their caches are a pool of their
+        own (engine/kv_pools.py); None: every layer's pool is addressed by `tables`.
         """
         depth = self.config.num_layers if depth is None else depth
-        return self.impl.forward(ids, seqs, tables, block_size, sample_rows, k_caches, v_caches, depth)
+        if sliding_tables is None:
+            return self.impl.forward(ids, seqs, tables, block_size, sample_rows, k_caches, v_caches, depth)
+        return self.impl.forward_split(
+            ids, seqs, tables, sliding_tables, block_size, sample_rows, k_caches, v_caches, depth
+        )
 
 
 log = logging.getLogger("tailserve.fused")

@@ -119,6 +119,8 @@ class DecoderLayer(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.view(t, self.num_kv, self.head_dim)
+        if self.window is not None and meta.sliding is not None:
+            meta = meta.sliding  # this layer's KV is in the sliding layers' own pool
         write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
         attn = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale, self.window)
         a = self.o(attn.view(t, nq))
