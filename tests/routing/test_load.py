@@ -15,13 +15,14 @@ def two(**kw: object) -> tuple[Backend, Backend, Chooser]:
 
 
 def test_parsing_is_forgiving() -> None:
-    assert parse_header("waiting=3;ttft=0.25") == (3.0, 0.25)
-    assert parse_header(" ttft = 1.5 ") == (None, 1.5)
-    assert parse_header("waiting=x;ttft=-1;ttft2=3") == (None, None)
-    assert parse_header(None) == (None, None)
-    assert parse_json({"waiting": 2, "predicted_ttft_s": 0.5}) == (2.0, 0.5)
-    assert parse_json({"waiting": 1, "predicted_ttft_s": None}) == (1.0, None)
-    assert parse_json([1]) == (None, None)
+    assert parse_header("running=4;waiting=3;ttft=0.25") == (3.0, 0.25, 4.0)
+    assert parse_header("waiting=3;ttft=0.25") == (3.0, 0.25, None)  # an older server: no running
+    assert parse_header(" ttft = 1.5 ") == (None, 1.5, None)
+    assert parse_header("waiting=x;ttft=-1;ttft2=3") == (None, None, None)
+    assert parse_header(None) == (None, None, None)
+    assert parse_json({"running": 1, "waiting": 2, "predicted_ttft_s": 0.5}) == (2.0, 0.5, 1.0)
+    assert parse_json({"waiting": 1, "predicted_ttft_s": None}) == (1.0, None, None)
+    assert parse_json([1]) == (None, None, None)
 
 
 def test_least_loaded_passes_over_a_backend_predicting_a_slow_first_token() -> None:

@@ -23,6 +23,7 @@ class Backend:
     breaker: Breaker = field(default_factory=Breaker)
     in_flight: int = 0
     reported_waiting: float = 0.0  # the backend's own queue, where it publishes one
+    reported_running: float = 0.0  # the requests it runs, where it publishes them
     reported_ttft: float | None = None  # its predicted time to first token, where it publishes one
     reported_at: float = -math.inf  # when `reported_ttft` was last published
     cooling_until: float = 0.0  # Retry-After: no traffic before this time
@@ -65,10 +66,18 @@ class Backend:
         """The backend said Retry-After: send it nothing for that long."""
         self.cooling_until = max(self.cooling_until, now + seconds)
 
-    def report(self, waiting: float | None = None, ttft: float | None = None, now: float = 0.0) -> None:
+    def report(
+        self,
+        waiting: float | None = None,
+        ttft: float | None = None,
+        now: float = 0.0,
+        running: float | None = None,
+    ) -> None:
         """Load the backend published at `now` (its /load or /metrics, or an answer's header)."""
         if waiting is not None:
             self.reported_waiting = max(0.0, waiting)
+        if running is not None:
+            self.reported_running = max(0.0, running)
         if ttft is not None:
             self.reported_ttft = max(0.0, ttft)
             self.reported_at = now

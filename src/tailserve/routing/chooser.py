@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
+from collections import Counter
 from collections.abc import Collection, Sequence
 
 from tailserve.routing.backends import Backend
@@ -36,6 +37,12 @@ from tailserve.routing.backends import Backend
 POINTS_PER_WEIGHT = 64  # ring points per unit of weight: enough for an even split of keys
 POLICIES = ("affinity", "least_loaded", "round_robin")
 TTFT_MAX_AGE = 5.0  # seconds a published TTFT prediction is trusted
+# Why a backend was chosen (`Chooser.decisions` counts them; the gateway exports the counts):
+# the key's own backend on the ring; the next on the ring because the key's own was over the load
+# bound, or under it but passed over for its predicted TTFT, or unavailable (breaker, cap, cooling,
+# already tried); the least loaded (no key, the least_loaded policy, a one-backend pool, or none under
+# the bound); round robin.
+REASONS = ("owner", "spill_load", "spill_ttft", "spill_unavailable", "least_loaded", "round_robin")
 
 
 def _hash(text: str) -> int:
@@ -68,6 +75,8 @@ class Chooser:
         self.policy = policy
         self.ttft_slack = ttft_slack
         self._turn = 0  # round_robin: where the next turn starts
+        self.decisions: Counter[str] = Counter()  # choices made, by reason (REASONS)
+        self.last_reason = ""  # the reason of the latest choice
         ring = []
         for i, b in enumerate(self.backends):
             for p in range(max(1, round(POINTS_PER_WEIGHT * b.weight))):
@@ -78,44 +87,77 @@ class Chooser:
 
     def choose(self, key: str | None, now: float, tried: Collection[str] = ()) -> Backend | None:
         """The backend for a request with affinity `key` (None: no affinity), or None if none is available.
-        Backends in `tried` (already failed this request) are taken only when no other is available."""
+        Backends in `tried` (already failed this request) are taken only when no other is available.
+        Counts the choice's reason in `decisions` and leaves it in `last_reason`."""
+        backend, reason = self._decide(key, now, tried)
+        if backend is not None:
+            self.decisions[reason] += 1
+            self.last_reason = reason
+        return backend
+
+    def _decide(self, key: str | None, now: float, tried: Collection[str]) -> tuple[Backend | None, str]:
         ready = [b for b in self.backends if b.available(now)]
         fresh = [b for b in ready if b.name not in tried]
         pool = fresh or ready
         if not pool:
-            return None
+            return None, ""
         if self.policy == "round_robin":
-            return self._round_robin(pool)
-        allowed = self._allowed(pool, now)
+            return self._round_robin(pool), "round_robin"
+        under = self._under_bound(pool)
+        allowed = self._fast_enough(under, now)
         if key is None or len(pool) == 1 or self.policy == "least_loaded":
-            return self._least_loaded(allowed or pool)
+            return self._least_loaded(allowed or pool), "least_loaded"
         names = {b.name for b in allowed}
         start = bisect.bisect(self._points, _hash(key))
         n = len(self._points)
-        seen: set[int] = set()
+        seen: list[int] = []
         for k in range(n):
             i = self._owners[(start + k) % n]
             if i in seen:
                 continue
-            seen.add(i)
+            seen.append(i)
             if self.backends[i].name in names:
-                return self.backends[i]
+                reason = "owner" if len(seen) == 1 else self._spill_reason(seen[0], pool, under)
+                return self.backends[i], reason
             if len(seen) == len(self.backends):
                 break
-        return self._least_loaded(pool)  # fractional reported loads can leave none under its bound
+        # Fractional reported loads can leave none under its bound.
+        return self._least_loaded(pool), "least_loaded"
 
-    def _allowed(self, pool: list[Backend], now: float) -> list[Backend]:
-        """The backends of `pool` under the load bound, less those predicting a TTFT more than
-        `ttft_slack` above the best prediction among them (all of them, if none is within it)."""
+    def _spill_reason(self, owner: int, pool: list[Backend], under: list[Backend]) -> str:
+        """Why the key's own backend (index `owner`) was passed over."""
+        b = self.backends[owner]
+        if b not in pool:
+            return "spill_unavailable"
+        return "spill_ttft" if b in under else "spill_load"
+
+    def _under_bound(self, pool: list[Backend]) -> list[Backend]:
+        """The backends of `pool` that one more request leaves within their load bound."""
         total = sum(b.load for b in pool) + 1
         weight = sum(b.weight for b in pool)
-        under = [b for b in pool if b.load + 1 <= load_bound(b, total, weight, self.load_factor)]
+        return [b for b in pool if b.load + 1 <= load_bound(b, total, weight, self.load_factor)]
+
+    def _fast_enough(self, under: list[Backend], now: float) -> list[Backend]:
+        """`under` less those predicting a TTFT more than `ttft_slack` above the best prediction among
+        them (all of them, if none has a fresh prediction)."""
         ttft = {b.name: b.predicted_ttft(now, TTFT_MAX_AGE) for b in under}
         known = [t for t in ttft.values() if t is not None]
         if not known:
             return under
         limit = min(known) + self.ttft_slack
         return [b for b in under if (ttft[b.name] or 0.0) <= limit]
+
+    def explain(self, key: str | None, backend: Backend, now: float) -> str:
+        """One line on the latest choice, for a debug log: the key, the backend, why, and what each
+        backend's load and prediction were (the chosen one counted before its request)."""
+        parts = [f"key={key} backend={backend.name} reason={self.last_reason}"]
+        for b in self.backends:
+            ttft = b.predicted_ttft(now, TTFT_MAX_AGE)
+            parts.append(
+                f"{b.name}: in_flight={b.in_flight} reported={b.reported_running:g}+{b.reported_waiting:g} "
+                f"load={b.load:g} ttft={'-' if ttft is None else f'{ttft:.3f}'}"
+            )
+        return " | ".join(parts)
 
     def _round_robin(self, pool: list[Backend]) -> Backend:
         names = {b.name for b in pool}
