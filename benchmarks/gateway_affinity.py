@@ -1,5 +1,6 @@
-"""Routing policy against prefix reuse: two tailserve backends behind three gateways that differ only
-in `policy` (affinity, least_loaded, round_robin), measured in one run.
+"""Routing policy against prefix reuse: two tailserve backends behind gateways that differ only in
+their routing settings (affinity at the default load factor 1.25 and at 1.5, least_loaded,
+round_robin), measured in one run.
 
 Workload: `tailserve bench --workload chat --system-prompts 8` (eight distinct ~400-token system
 prompts drawn evenly), and the skewed mix `--hot-share 0.8` (one prompt 80 % of requests). Every
@@ -32,7 +33,12 @@ from harness import RECORDED, RESULTS, closed_loop, header, serving, tailserve_c
 
 MODEL = "smollm2-135m-instruct"
 BACKEND_PORTS = (8170, 8171)
-POLICIES = ("affinity", "least_loaded", "round_robin")
+POLICIES = {  # label → the gateway config's routing settings
+    "affinity": {"policy": "affinity"},
+    "affinity_c1.5": {"policy": "affinity", "load_factor": 1.5},
+    "least_loaded": {"policy": "least_loaded"},
+    "round_robin": {"policy": "round_robin"},
+}
 MIXES = {"even": [], "hot80": ["--hot-share", "0.8"]}
 
 
@@ -99,7 +105,7 @@ def main() -> None:
             config.write_text(
                 json.dumps(
                     {
-                        "policy": policy,
+                        **POLICIES[policy],
                         "poll_interval": 0.5,
                         "models": {MODEL: {"backends": [{"url": u, "kind": "tailserve"} for u in backends]}},
                     }
