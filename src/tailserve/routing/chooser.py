@@ -10,8 +10,9 @@ Before the ring, a key goes to a backend that served it lately (routing/holders.
 of those under the bound: once a key has spilled, both backends hold its prefix, and its requests
 move between them as load shifts instead of going back to the ring's pick, spilling again, and each
 time pushing a different key's prefix onto a backend where it is cold. Measured (BENCHMARKS.md,
-"Affinity routing, fixed"): with 8 prompts over 2 backends at 8 in flight, the ring alone turned 15
-of the 16 possible (prompt, backend) pairs cold, a third of its choices being spills at the bound.
+"Affinity routing, fixed"): with 8 prompts over 2 backends at 8 in flight, the ring alone spilled a
+third of its choices at the bound and turned 15 of the 16 possible (prompt, backend) pairs cold;
+with holders, 7 % of choices spilled.
 
 A backend's own predicted TTFT (a tailserve server publishes it: routing/load.py) weighs in within
 that bound: among the backends under it, one whose fresh prediction exceeds the best one's both by
