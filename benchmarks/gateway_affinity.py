@@ -1,5 +1,6 @@
-"""Routing policy against prefix reuse: two tailserve backends behind three gateways that differ only
-in `policy` (affinity, least_loaded, round_robin), measured in one run.
+"""Routing policy against prefix reuse: two tailserve backends behind gateways that differ only in
+their routing settings (affinity at the default load factor 1.25 and at 1.5, least_loaded,
+round_robin), measured in one run.
 
 Workload: `tailserve bench --workload chat --system-prompts 8` (eight distinct ~400-token system
 prompts drawn evenly), and the skewed mix `--hot-share 0.8` (one prompt 80 % of requests). Every
@@ -9,6 +10,11 @@ cache. Policies alternate in order every round. Reported, pooled over rounds: th
 rate (prompt tokens found in the cache over prompt tokens looked up, summed over both backends'
 /metrics across the run) and TTFT p50/p99.
 
+Every choice is recorded too: the gateways log a line per choice at debug level (key, backend, why,
+each backend's load and prediction), and each run's lines give the distinct (prompt, backend) pairs
+it made, i.e. how many times a system prompt had to be prefilled cold (ideal affinity: once per
+prompt; round robin: once per prompt and backend), and the choices by reason.
+
     .venv/bin/python benchmarks/gateway_affinity.py [--rounds 2] [--requests 64] [--concurrency 8]
 """
 
@@ -17,14 +23,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
+from collections import Counter
+from pathlib import Path
 
 import httpx
 from harness import RECORDED, RESULTS, closed_loop, header, serving, tailserve_cmd
 
 MODEL = "smollm2-135m-instruct"
 BACKEND_PORTS = (8170, 8171)
-POLICIES = ("affinity", "least_loaded", "round_robin")
+POLICIES = {  # label → the gateway config's routing settings
+    "affinity": {"policy": "affinity"},
+    "affinity_c1.5": {"policy": "affinity", "load_factor": 1.5},
+    "least_loaded": {"policy": "least_loaded"},
+    "round_robin": {"policy": "round_robin"},
+}
 MIXES = {"even": [], "hot80": ["--hot-share", "0.8"]}
 
 
@@ -40,6 +54,15 @@ def cache_counts(urls: list[str]) -> tuple[float, float]:
     return hits, queries
 
 
+ROUTE = re.compile(r"route key=(\S+) backend=(\S+) reason=(\w+)")
+
+
+def choices(log: Path, start: int) -> tuple[list[tuple[str, str, str]], int]:
+    """(key, backend, reason) of each choice the gateway logged after byte `start`; and the new end."""
+    data = log.read_bytes()
+    return [m.groups() for m in ROUTE.finditer(data[start:].decode(errors="replace"))], len(data)
+
+
 def q(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(p * len(xs)))]
@@ -52,8 +75,19 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--output-tokens", type=int, default=32)
     ap.add_argument("--backend-flags", default="--num-threads 1", help="extra `tailserve serve` flags")
+    ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset to run")
+    ap.add_argument("--mixes", default=",".join(MIXES), help="comma-separated subset to run")
+    ap.add_argument(
+        "--record", default="gateway_affinity.json", help="summary file under benchmarks/recorded"
+    )
     args = ap.parse_args()
-    stats = {(m, p): {"ttft": [], "hits": 0.0, "queries": 0.0, "failed": 0} for m in MIXES for p in POLICIES}
+    policies = tuple(p for p in POLICIES if p in args.policies.split(","))
+    mixes = {m: f for m, f in MIXES.items() if m in args.mixes.split(",")}
+    stats = {
+        (m, p): {"ttft": [], "hits": 0.0, "queries": 0.0, "failed": 0, "cold": 0, "reasons": Counter()}
+        for m in mixes
+        for p in policies
+    }
     with contextlib.ExitStack() as stack:
         backends = [
             stack.enter_context(
@@ -65,13 +99,13 @@ def main() -> None:
             )
             for port in BACKEND_PORTS
         ]
-        gateways = {}
-        for i, policy in enumerate(POLICIES):
+        gateways, logs, ends = {}, {}, {}
+        for i, policy in enumerate(policies):
             config = RESULTS / f"affinity-{policy}.yaml"
             config.write_text(
                 json.dumps(
                     {
-                        "policy": policy,
+                        **POLICIES[policy],
                         "poll_interval": 0.5,
                         "models": {MODEL: {"backends": [{"url": u, "kind": "tailserve"} for u in backends]}},
                     }
@@ -79,11 +113,13 @@ def main() -> None:
             )
             port = BACKEND_PORTS[-1] + 1 + i
             cmd = [sys.executable, "-m", "tailserve.cli", "gateway", "--config", str(config)]
-            cmd += ["--port", str(port)]
-            gateways[policy] = stack.enter_context(serving(cmd, port, RESULTS / f"affinity-gw-{policy}.log"))
+            cmd += ["--port", str(port), "--log-level", "debug"]
+            logs[policy] = RESULTS / f"affinity-gw-{policy}.log"
+            gateways[policy] = stack.enter_context(serving(cmd, port, logs[policy]))
+            ends[policy] = logs[policy].stat().st_size
         for r in range(args.rounds):
-            order = POLICIES if r % 2 == 0 else POLICIES[::-1]
-            for j, (mix, flags) in enumerate(MIXES.items()):
+            order = policies if r % 2 == 0 else policies[::-1]
+            for j, (mix, flags) in enumerate(mixes.items()):
                 for k, policy in enumerate(order):
                     seed = 1000 * (r + 1) + 10 * j + k  # fresh system prompts for every run
                     before = cache_counts(backends)
@@ -93,14 +129,24 @@ def main() -> None:
                         "--system-prompts", "8", *flags, "--model", MODEL, "--warmup", "0",
                     )  # fmt: skip
                     after = cache_counts(backends)
+                    routed, ends[policy] = choices(logs[policy], ends[policy])
+                    cold = len({(key, b) for key, b, _ in routed})
+                    reasons = Counter(reason for _, _, reason in routed)
                     s = stats[mix, policy]
+                    s["cold"] += cold
+                    s["reasons"] += reasons
                     ok = [x["ttft_s"] for x in run["requests"] if x["status"] == "ok"]
                     s["ttft"] += ok
                     s["failed"] += len(run["requests"]) - len(ok)
                     s["hits"] += after[0] - before[0]
                     s["queries"] += after[1] - before[1]
                     rate = (after[0] - before[0]) / max(1.0, after[1] - before[1])
-                    print(f"round {r} {mix} {policy}: ok {len(ok)}, hit rate {rate:.3f}", flush=True)
+                    print(
+                        f"round {r} {mix} {policy}: ok {len(ok)}, hit rate {rate:.3f}, {cold} cold "
+                        f"(prompt, backend) pairs over {len({k for k, _, _ in routed})} prompts, "
+                        f"{dict(reasons)}",
+                        flush=True,
+                    )
     summary = {
         f"{mix}-{policy}": {
             "requests_ok": len(s["ttft"]),
@@ -108,19 +154,23 @@ def main() -> None:
             "prefix_hit_rate": s["hits"] / max(1.0, s["queries"]),
             "ttft_p50_s": q(s["ttft"], 0.5),
             "ttft_p99_s": q(s["ttft"], 0.99),
+            "cold_prompt_backend_pairs": s["cold"],
+            "choices_by_reason": dict(s["reasons"]),
         }
         for (mix, policy), s in stats.items()
     }
     RECORDED.mkdir(parents=True, exist_ok=True)
     record = {"config": vars(args), "summary": summary}
-    (RECORDED / "gateway_affinity.json").write_text(json.dumps(record, indent=2))
+    (RECORDED / args.record).write_text(json.dumps(record, indent=2))
     print(header("Gateway routing policy vs prefix reuse", "python benchmarks/gateway_affinity.py"))
-    print("| mix | policy | ok | prefix-cache hit rate | TTFT p50 | TTFT p99 |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| mix | policy | ok | prefix-cache hit rate | cold (prompt, backend) pairs | TTFT p50 | TTFT p99 |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for key, s in summary.items():
         mix, policy = key.split("-", 1)
         ok = f"{s['requests_ok']}/{s['requests_ok'] + s['requests_failed']}"
-        cells = [mix, policy, ok, f"{s['prefix_hit_rate']:.3f}"]
+        cells = [mix, policy, ok, f"{s['prefix_hit_rate']:.3f}", str(s["cold_prompt_backend_pairs"])]
         cells += [f"{s[k] * 1e3:.0f} ms" for k in ("ttft_p50_s", "ttft_p99_s")]
         print("| " + " | ".join(cells) + " |")
 

@@ -255,6 +255,9 @@ def test_shared_prefix_sticks_to_one_backend() -> None:
             }
             assert httpx.post(gw.url + "/v1/chat/completions", json=body).status_code == 200
         assert sorted(len(f.requests) for f in fs) == [0, 8]
+        # Every choice is counted by why it was made: here, each went where the prefix was.
+        assert gw.metric("route_decisions_total", model="m", reason="affinity") == 8
+        assert gw.metric("route_decisions_total") == 8
 
 
 def test_poller_reads_a_tailserve_backends_queue() -> None:

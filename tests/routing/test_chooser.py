@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from tailserve.routing.backends import Backend, Lease
 from tailserve.routing.chooser import Chooser, load_bound
+from tailserve.routing.holders import Holders
 
 
 def pool(n: int, weights: list[float] | None = None, cap: int | None = None) -> list[Backend]:
@@ -44,6 +45,43 @@ def test_hot_key_spills_once_its_backend_is_at_the_bound() -> None:
     for lease in leases:
         lease.release(1.0, "success")
     assert all(b.in_flight == 0 for b in backends)
+
+
+def test_a_spilled_key_moves_between_the_backends_holding_its_prefix() -> None:
+    backends = pool(2)
+    c = Chooser(backends, load_factor=1.25)
+    home = c.choose("prefix:k", 0.0)
+    assert home is not None and c.last_reason == "affinity"
+    other = next(b for b in backends if b is not home)
+    busy = [home.acquire(0.0) for _ in range(2)]  # 2 of 3 is its bound: the key must spill
+    assert c.choose("prefix:k", 0.0) is other and c.last_reason == "spill_load"
+    for lease in busy:
+        lease.release(0.0, "success")
+    assert c.choose("prefix:k", 0.0) is other  # both hold it now; equal load: the most recent
+    assert c.last_reason == "affinity"
+    other.acquire(0.0)
+    assert c.choose("prefix:k", 0.0) is home and c.last_reason == "affinity"  # not a spill: it is cached
+    assert c.decisions == {"affinity": 3, "spill_load": 1}
+
+
+def test_a_key_stays_on_its_backend_under_the_bound_though_others_are_idle() -> None:
+    c = Chooser(pool(3), load_factor=2.0)
+    home = c.choose("prefix:k", 0.0)
+    assert home is not None
+    home.acquire(0.0)  # 2 of 2 in flight: within ceil(2.0 · 2 / 3) = 2
+    assert c.choose("prefix:k", 0.0) is home  # not to an idle backend where the prefix is cold
+
+
+def test_holders_are_bounded_and_most_recent_first() -> None:
+    h = Holders(max_keys=2, max_per_key=2)
+    h.served("a", "x")
+    h.served("a", "y")
+    h.served("a", "z")
+    assert h.of("a") == ["z", "y"]
+    h.served("b", "x")
+    h.served("a", "x")  # a is used again: b is now the least recent
+    h.served("c", "x")
+    assert len(h) == 2 and h.of("b") == [] and h.of("a") == ["x", "z"]
 
 
 def test_no_key_goes_to_least_loaded_by_weight() -> None:
@@ -104,6 +142,7 @@ events = st.lists(
     st.one_of(
         st.tuples(st.just("arrive"), st.integers(0, 7)),  # key index; 0 is drawn most (see below)
         st.tuples(st.just("depart"), st.integers(0, 10_000)),
+        st.tuples(st.just("report"), st.integers(0, 10_000)),  # a backend publishes its count
     ),
     min_size=1,
     max_size=300,
@@ -129,9 +168,10 @@ def test_property_no_backend_is_given_more_than_the_bound(
     seed: int,
     ttfts: list[float | None],
 ) -> None:
-    """Whatever the keys (any share on one hot prefix) and whatever TTFT the backends predict, every
-    request the chooser places leaves its backend within ceil(c · total · w / W): at most c times its
-    weighted share of the mean."""
+    """Whatever the keys (any share on one hot prefix), whatever TTFT the backends predict, and
+    whatever they publish of the requests they hold (all of them ours: the gateway as their only
+    client), every request the chooser places leaves its backend within ceil(c · total · w / W): at
+    most c times its weighted share of the mean."""
     rng = random.Random(seed)
     backends = pool(n, weights[:n])
     for b, ttft in zip(backends, ttfts):
@@ -144,6 +184,11 @@ def test_property_no_backend_is_given_more_than_the_bound(
             if live:
                 live.pop(value % len(live)).release(0.0, "success")
             continue
+        if kind == "report":
+            b = backends[value % n]
+            queued = value % (b.in_flight + 1)
+            b.report(waiting=queued, running=b.in_flight - queued, now=0.0)
+            continue
         key = "prefix:hot" if rng.random() < hot else f"prefix:{value}"
         b = c.choose(key, 0.0)
         assert b is not None  # no caps, no breakers: someone always takes it
@@ -151,7 +196,7 @@ def test_property_no_backend_is_given_more_than_the_bound(
         total = sum(x.in_flight for x in backends)
         assert total == len(live)
         assert b.in_flight <= load_bound(b, total, total_weight, load_factor)
-    if all(kind == "arrive" for kind, _ in events):  # arrivals only: the bound holds for all at once
+    if all(kind != "depart" for kind, _ in events):  # arrivals only: the bound holds for all at once
         total = len(live)
         for b in backends:
             assert b.in_flight <= load_bound(b, total, total_weight, load_factor)

@@ -15,13 +15,14 @@ def two(**kw: object) -> tuple[Backend, Backend, Chooser]:
 
 
 def test_parsing_is_forgiving() -> None:
-    assert parse_header("waiting=3;ttft=0.25") == (3.0, 0.25)
-    assert parse_header(" ttft = 1.5 ") == (None, 1.5)
-    assert parse_header("waiting=x;ttft=-1;ttft2=3") == (None, None)
-    assert parse_header(None) == (None, None)
-    assert parse_json({"waiting": 2, "predicted_ttft_s": 0.5}) == (2.0, 0.5)
-    assert parse_json({"waiting": 1, "predicted_ttft_s": None}) == (1.0, None)
-    assert parse_json([1]) == (None, None)
+    assert parse_header("running=4;waiting=3;ttft=0.25") == (3.0, 0.25, 4.0)
+    assert parse_header("waiting=3;ttft=0.25") == (3.0, 0.25, None)  # an older server: no running
+    assert parse_header(" ttft = 1.5 ") == (None, 1.5, None)
+    assert parse_header("waiting=x;ttft=-1;ttft2=3") == (None, None, None)
+    assert parse_header(None) == (None, None, None)
+    assert parse_json({"running": 1, "waiting": 2, "predicted_ttft_s": 0.5}) == (2.0, 0.5, 1.0)
+    assert parse_json({"waiting": 1, "predicted_ttft_s": None}) == (1.0, None, None)
+    assert parse_json([1]) == (None, None, None)
 
 
 def test_least_loaded_passes_over_a_backend_predicting_a_slow_first_token() -> None:
@@ -35,17 +36,51 @@ def test_least_loaded_passes_over_a_backend_predicting_a_slow_first_token() -> N
     assert c.choose(None, 1.0) is a  # within the slack: counts decide again
 
 
-def test_affinity_leaves_its_backend_while_it_predicts_slow_and_comes_back() -> None:
+def test_affinity_leaves_its_backend_while_it_predicts_slow_then_uses_both_holders() -> None:
     a, b, c = two()
     owner = c.choose("prefix:k", 0.0)
     other = b if owner is a else a
     assert owner is not None
     owner.report(ttft=1.0, now=0.0)
     other.report(ttft=0.05, now=0.0)
-    assert c.choose("prefix:k", 0.5) is other
+    assert c.choose("prefix:k", 0.5) is other and c.last_reason == "spill_ttft"
+    assert c.holders.of("prefix:k") == [other.name, owner.name]  # both hold its prefix now
+    other.acquire(10.0)
     assert c.choose("prefix:k", TTFT_MAX_AGE + 1) is owner  # a stale prediction is not trusted
+    assert c.last_reason == "affinity"  # back where the prefix is, the less loaded of its holders
     owner.report(ttft=0.1, now=10.0)
-    assert c.choose("prefix:k", 10.0) is owner  # fast again: the key's cache is there
+    assert c.choose("prefix:k", 10.0) is owner
+
+
+def test_the_ttft_test_is_relative_as_well_as_absolute() -> None:
+    """A backend is passed over only when its prediction exceeds the best by `ttft_slack` seconds AND
+    by `ttft_ratio` times: on a slow machine, seconds of queue are ordinary."""
+    a, b, c = two(ttft_slack=0.25, ttft_ratio=2.0)
+    a.report(ttft=3.7, now=0.0)
+    b.report(ttft=3.1, now=0.0)
+    assert {c.choose(f"prefix:{i}", 0.0).name for i in range(40)} == {"a", "b"}  # type: ignore[union-attr]
+    assert c.decisions["spill_ttft"] == 0  # 0.6 s above, but 1.2 times: the keys stay home
+    a.report(ttft=6.3, now=0.0)
+    assert {c.choose(f"prefix:{i}", 0.0).name for i in range(40, 80)} == {"b"}  # type: ignore[union-attr]
+    a.report(ttft=0.2, now=0.0)
+    b.report(ttft=0.01, now=0.0)
+    assert {c.choose(f"prefix:{i}", 0.0).name for i in range(80, 120)} == {"a", "b"}  # type: ignore[union-attr]
+
+
+def test_load_counts_our_requests_once_and_other_clients_once() -> None:
+    b = Backend.make("b")
+    ours = [b.acquire(0.0) for _ in range(3)]
+    b.report(waiting=1, running=2, now=0.0)
+    assert b.load == 3  # its 2 running and 1 waiting are ours: not 3 + 1
+    b.report(waiting=2, running=5, now=0.0)
+    assert b.load == 3 + 4  # 4 more than ours: another client's
+    for lease in ours:
+        lease.release(0.5, "success")  # ours end; its count is as old as its last report
+    assert b.load == 4  # the others' still count, ours no longer
+    b.report(waiting=0, running=0, now=1.0)
+    assert b.load == 0
+    b.report(waiting=2, now=1.0)  # a backend publishing only its queue (/metrics)
+    assert b.load == 2
 
 
 def test_a_fast_prediction_never_lifts_a_backend_past_the_bound() -> None:

@@ -2,8 +2,9 @@
 affinity bounded by load (`Chooser`), the same rule the gateway applies to its backends.
 
 A replica's load is the requests this router has in flight on it (counted when chosen, moved if Ray
-sends it elsewhere, uncounted on completion whatever the outcome) plus the queue the replica reports
-(`record_routing_stats`, every `stats_period` seconds). The router returns every replica ranked, one
+sends it elsewhere, uncounted on completion whatever the outcome) plus whatever of the queue the
+replica reports (`record_routing_stats`, every `stats_period` seconds) goes beyond those: other
+routers' requests (`Backend.load`). The router returns every replica ranked, one
 per rank, so when its pick turns out full (Ray's `max_ongoing_requests`) Ray goes down the list
 rather than waiting on the pick.
 

@@ -54,7 +54,7 @@ class Gateway:
         self.config = config
         self.pools = pools
         self.created = int(time.time())
-        self.metrics = GatewayMetrics(self.backends)
+        self.metrics = GatewayMetrics(self.backends, self.decisions)
         self.tracing = GatewayTracing(tracer_provider) if tracer_provider is not None else None
         policy_metrics = PolicyMetrics(self.metrics.registry)
         hedges = {m: s.hedge for m, s in config.models.items() if s.hedge is not None}
@@ -65,6 +65,9 @@ class Gateway:
 
     def backends(self) -> list[tuple[str, str, object]]:
         return [(p.name, u.name, u.backend) for p in self.pools.values() for u in p.upstreams.values()]
+
+    def decisions(self) -> list[tuple[str, dict[str, int]]]:
+        return [(p.name, dict(p.chooser.decisions)) for p in self.pools.values()]
 
     def start(self) -> None:
         ups = [u for p in self.pools.values() for u in p.upstreams.values()]

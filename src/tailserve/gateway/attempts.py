@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import random
 import time
@@ -35,6 +36,8 @@ from tailserve.gateway.relay import Relay
 from tailserve.gateway.tracing import GatewayTracing, end_span
 from tailserve.gateway.upstream import Pool, Upstream
 from tailserve.routing.retry import RetryBudget, backoff, parse_retry_after, retryable_status
+
+log = logging.getLogger("tailserve.gateway")
 
 MAX_COOL = 60.0  # seconds: the longest Retry-After a backend can take itself out of the choice for
 PASS_HEADERS = ("content-type", "retry-after")
@@ -126,6 +129,8 @@ class Attempts:
                     link, per_model, tried = 0, 0, set()
                     continue
                 return last or self._unavailable(call.model, hint)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("route %s", pool.chooser.explain(call.key, backend, now))
             if made:
                 if not self.budget.try_retry(now):
                     self.metrics.budget_exhausted.labels(call.model).inc()

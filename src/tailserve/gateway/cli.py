@@ -41,7 +41,9 @@ def _gateway(args: argparse.Namespace) -> int:
     from tailserve.gateway.pools import make_pools, resolve_urls
     from tailserve.gateway.spawn import Spawned
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per upstream request costs the hot path
     if bool(args.config) == bool(args.backend):
         log.error("give either --config FILE or one or more --backend URL")
@@ -105,5 +107,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default=None, help="overrides the config's host")
     p.add_argument("--port", type=int, default=None, help="overrides the config's port")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="debug: a line per backend choice (key, backend, reason, every backend's load)",
+    )
     p.set_defaults(func=_gateway)
     return p

@@ -7,10 +7,10 @@ from the routing state at scrape time, so they can never disagree with what the 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from tailserve.obs.metrics import LATENCY_BUCKETS, PREFIX
@@ -21,8 +21,13 @@ NO_BACKEND = "none"  # the backend label of answers no backend gave (404, degrad
 
 
 class _StateCollector(Collector):
-    def __init__(self, backends: Callable[[], Iterable[tuple[str, str, object]]]) -> None:
+    def __init__(
+        self,
+        backends: Callable[[], Iterable[tuple[str, str, object]]],
+        decisions: Callable[[], Iterable[tuple[str, Mapping[str, int]]]],
+    ) -> None:
         self.backends = backends  # (model, backend name, routing.Backend)
+        self.decisions = decisions  # (model, its Chooser's choices by reason)
 
     def collect(self) -> Iterator[Metric]:
         now = time.monotonic()
@@ -41,13 +46,26 @@ class _StateCollector(Collector):
             state.add_metric([model, name], STATE_VALUE[b.breaker.current(now)])  # type: ignore[attr-defined]
             in_flight.add_metric([model, name], b.in_flight)  # type: ignore[attr-defined]
             waiting.add_metric([model, name], b.reported_waiting)  # type: ignore[attr-defined]
+        choices = CounterMetricFamily(
+            G + "route_decisions",
+            "Backend choices, by why the backend was chosen (routing/chooser.py REASONS).",
+            labels=["model", "reason"],
+        )
+        for model, counts in self.decisions():
+            for reason, n in counts.items():
+                choices.add_metric([model, reason], n)
         yield state
         yield in_flight
         yield waiting
+        yield choices
 
 
 class GatewayMetrics:
-    def __init__(self, backends: Callable[[], Iterable[tuple[str, str, object]]]) -> None:
+    def __init__(
+        self,
+        backends: Callable[[], Iterable[tuple[str, str, object]]],
+        decisions: Callable[[], Iterable[tuple[str, Mapping[str, int]]]] = list,
+    ) -> None:
         reg = self.registry = CollectorRegistry()
         self.requests = Counter(
             G + "requests",
@@ -75,7 +93,7 @@ class GatewayMetrics:
             registry=reg,
             buckets=LATENCY_BUCKETS,
         )
-        reg.register(_StateCollector(backends))
+        reg.register(_StateCollector(backends, decisions))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

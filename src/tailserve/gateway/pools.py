@@ -71,6 +71,6 @@ def make_pools(config: GatewayConfig, urls: dict[tuple[str, int], list[tuple[str
                     api_key=b.api_key,
                 )
         members = [u.backend for u in ups.values()]
-        chooser = Chooser(members, config.load_factor, config.policy, config.ttft_slack)
+        chooser = Chooser(members, config.load_factor, config.policy, config.ttft_slack, config.ttft_ratio)
         pools[name] = Pool(name, ups, chooser, list(spec.fallback))
     return pools

@@ -60,8 +60,8 @@ class Upstream:
         """Read the load a tailserve backend publishes on each answer into its routing state."""
         value = headers.get(LOAD_HEADER)
         if value is not None:
-            waiting, ttft = parse_header(value)
-            self.backend.report(waiting=waiting, ttft=ttft, now=now)
+            pub = parse_header(value)
+            self.backend.report(waiting=pub.waiting, ttft=pub.ttft, now=now, running=pub.running)
 
     def timeout(self, remaining: float) -> httpx.Timeout:
         """No single wait of an attempt outlasts the request's remaining time."""
@@ -122,8 +122,10 @@ async def poll_loads(upstreams: list[Upstream], interval: float) -> None:
             return
         if r.status_code == 200:
             with contextlib.suppress(ValueError):
-                waiting, ttft = parse_json(json.loads(r.content))
-                u.backend.report(waiting=waiting, ttft=ttft, now=time.monotonic())
+                pub = parse_json(json.loads(r.content))
+                u.backend.report(
+                    waiting=pub.waiting, ttft=pub.ttft, now=time.monotonic(), running=pub.running
+                )
 
     while True:
         await asyncio.gather(*(one(u) for u in targets))

@@ -23,6 +23,8 @@ class Backend:
     breaker: Breaker = field(default_factory=Breaker)
     in_flight: int = 0
     reported_waiting: float = 0.0  # the backend's own queue, where it publishes one
+    reported_running: float = 0.0  # the requests it runs, where it publishes them
+    reported_own: int = 0  # our `in_flight` when it last published running or waiting
     reported_ttft: float | None = None  # its predicted time to first token, where it publishes one
     reported_at: float = -math.inf  # when `reported_ttft` was last published
     cooling_until: float = 0.0  # Retry-After: no traffic before this time
@@ -41,8 +43,15 @@ class Backend:
 
     @property
     def load(self) -> float:
-        """Requests in flight plus the backend's reported queue: what a new request would wait behind."""
-        return self.in_flight + self.reported_waiting
+        """Requests in flight from here, plus those the backend last reported holding (running and
+        waiting) beyond the ones we had in flight then: other clients' requests.
+
+        Not in-flight plus its queue: our requests are in its queue, so that counted them twice (with
+        the gateway as a backend's only client, each of its queued requests was load 2 and pushed keys
+        off their backend). Not max(in-flight, its count) either: its count is as old as its last
+        answer, and requests that have ended since would keep weighing on it until the next one."""
+        others = self.reported_running + self.reported_waiting - self.reported_own
+        return self.in_flight + max(0.0, others)
 
     def available(self, now: float) -> bool:
         """Takes a request now: breaker lets it through, not cooling, under its cap."""
@@ -65,10 +74,20 @@ class Backend:
         """The backend said Retry-After: send it nothing for that long."""
         self.cooling_until = max(self.cooling_until, now + seconds)
 
-    def report(self, waiting: float | None = None, ttft: float | None = None, now: float = 0.0) -> None:
+    def report(
+        self,
+        waiting: float | None = None,
+        ttft: float | None = None,
+        now: float = 0.0,
+        running: float | None = None,
+    ) -> None:
         """Load the backend published at `now` (its /load or /metrics, or an answer's header)."""
         if waiting is not None:
             self.reported_waiting = max(0.0, waiting)
+        if running is not None:
+            self.reported_running = max(0.0, running)
+        if waiting is not None or running is not None:
+            self.reported_own = self.in_flight
         if ttft is not None:
             self.reported_ttft = max(0.0, ttft)
             self.reported_at = now

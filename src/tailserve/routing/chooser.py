@@ -6,11 +6,23 @@ its key's point and takes the first backend whose load, counting this request, s
 `ceil(c · total · weight / total weight)`, c = `load_factor` ≥ 1. Requests without a key go to the
 least loaded backend.
 
+Before the ring, a key goes to a backend that served it lately (routing/holders.py), the least loaded
+of those under the bound: once a key has spilled, both backends hold its prefix, and its requests
+move between them as load shifts instead of going back to the ring's pick, spilling again, and each
+time pushing a different key's prefix onto a backend where it is cold. Measured (BENCHMARKS.md,
+"Affinity routing, fixed"): with 8 prompts over 2 backends at 8 in flight, the ring alone spilled a
+third of its choices at the bound and turned 15 of the 16 possible (prompt, backend) pairs cold;
+with holders, 7 % of choices spilled.
+
 A backend's own predicted TTFT (a tailserve server publishes it: routing/load.py) weighs in within
-that bound: among the backends under it, one whose fresh prediction exceeds the best one's by more
-than `ttft_slack` seconds is passed over, by the ring walk and by least-loaded alike. Counts cannot
-see what makes a queue slow (long prompts queued, a slower machine); the prediction can, and the
-bound still holds because the prediction only ever narrows the set the bound allows.
+that bound: among the backends under it, one whose fresh prediction exceeds the best one's both by
+`ttft_slack` seconds and by the factor `ttft_ratio` is passed over, by the ring walk and by
+least-loaded alike. Counts cannot see what makes a queue slow (long prompts queued, a slower
+machine); the prediction can, and the bound still holds because the prediction only ever narrows the
+set the bound allows. The test is relative as well as absolute because predictions scale with the
+machine: where one prefill takes seconds, ordinary queue differences are seconds too, and a fixed
+0.25 s pushed keys off the backend holding their prefix (whose own prefill there is what affinity
+saves, and what the prediction does not count).
 
 `policy` picks the rule: "affinity" (the above), "least_loaded" (the same without the ring), or
 "round_robin" (no load at all; a baseline to measure the others against).
@@ -18,8 +30,8 @@ bound still holds because the prediction only ever narrows the set the bound all
 Why this and not "matched prefix − β·load": the bound is a guarantee, not a tuning outcome. No backend
 is ever given a request that would put it more than a factor c above the (weighted) mean, whatever the
 prefix mix (one hot system prompt cannot pile onto one worker, the failure of the cache-aware routers
-in vLLM's and SGLang's trackers), while a key still stays on its backend until that backend is full,
-so its cached prefix keeps being reused. The score alternative needs the gateway to mirror every
+in vLLM's and SGLang's trackers), while a key still stays on its backends until they are full, so
+its cached prefix keeps being reused. The score alternative needs the gateway to mirror every
 backend's prefix tree, and a β that trades prefix tokens against queued requests, which has no right
 value across prompt lengths; under a hot key it only softens the pile-up.
 """
@@ -29,13 +41,21 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
+from collections import Counter
 from collections.abc import Collection, Sequence
 
 from tailserve.routing.backends import Backend
+from tailserve.routing.holders import Holders
 
 POINTS_PER_WEIGHT = 64  # ring points per unit of weight: enough for an even split of keys
 POLICIES = ("affinity", "least_loaded", "round_robin")
 TTFT_MAX_AGE = 5.0  # seconds a published TTFT prediction is trusted
+# Why a backend was chosen (`Chooser.decisions` counts them; the gateway exports the counts): the
+# key's home (a backend that served it lately, else its ring pick); the next on the ring because the
+# key's home (its most recent holder, else its ring pick) was over the load bound, or under it but
+# passed over for its predicted TTFT, or unavailable (breaker, cap, cooling, already tried); the least
+# loaded (no key, the least_loaded policy, a one-backend pool, or none under the bound); round robin.
+REASONS = ("affinity", "spill_load", "spill_ttft", "spill_unavailable", "least_loaded", "round_robin")
 
 
 def _hash(text: str) -> int:
@@ -56,6 +76,7 @@ class Chooser:
         load_factor: float = 1.25,
         policy: str = "affinity",
         ttft_slack: float = 0.25,
+        ttft_ratio: float = 2.0,
     ) -> None:
         if load_factor < 1.0:
             raise ValueError(f"load_factor must be >= 1, got {load_factor}")
@@ -67,7 +88,12 @@ class Chooser:
         self.load_factor = load_factor
         self.policy = policy
         self.ttft_slack = ttft_slack
+        self.ttft_ratio = ttft_ratio
+        self.holders = Holders(max_per_key=len(self.backends))
+        self._by_name = {b.name: b for b in self.backends}
         self._turn = 0  # round_robin: where the next turn starts
+        self.decisions: Counter[str] = Counter()  # choices made, by reason (REASONS)
+        self.last_reason = ""  # the reason of the latest choice
         ring = []
         for i, b in enumerate(self.backends):
             for p in range(max(1, round(POINTS_PER_WEIGHT * b.weight))):
@@ -78,44 +104,88 @@ class Chooser:
 
     def choose(self, key: str | None, now: float, tried: Collection[str] = ()) -> Backend | None:
         """The backend for a request with affinity `key` (None: no affinity), or None if none is available.
-        Backends in `tried` (already failed this request) are taken only when no other is available."""
+        Backends in `tried` (already failed this request) are taken only when no other is available.
+        Counts the choice's reason in `decisions` and leaves it in `last_reason`; remembers the backend
+        as a holder of `key`."""
+        backend, reason = self._decide(key, now, tried)
+        if backend is not None:
+            self.decisions[reason] += 1
+            self.last_reason = reason
+            if key is not None and self.policy == "affinity":
+                self.holders.served(key, backend.name)
+        return backend
+
+    def _decide(self, key: str | None, now: float, tried: Collection[str]) -> tuple[Backend | None, str]:
         ready = [b for b in self.backends if b.available(now)]
         fresh = [b for b in ready if b.name not in tried]
         pool = fresh or ready
         if not pool:
-            return None
+            return None, ""
         if self.policy == "round_robin":
-            return self._round_robin(pool)
-        allowed = self._allowed(pool, now)
+            return self._round_robin(pool), "round_robin"
+        under = self._under_bound(pool)
+        allowed = self._fast_enough(under, now)
         if key is None or len(pool) == 1 or self.policy == "least_loaded":
-            return self._least_loaded(allowed or pool)
+            return self._least_loaded(allowed or pool), "least_loaded"
         names = {b.name for b in allowed}
+        held = [self._by_name[n] for n in self.holders.of(key) if n in self._by_name]
+        room = [b for b in held if b.name in names]
+        if room:  # the least loaded of the backends holding its prefix; the most recent on a tie
+            return min(room, key=lambda b: ((b.load + 1) / b.weight, held.index(b))), "affinity"
         start = bisect.bisect(self._points, _hash(key))
         n = len(self._points)
-        seen: set[int] = set()
+        seen: list[int] = []
         for k in range(n):
             i = self._owners[(start + k) % n]
             if i in seen:
                 continue
-            seen.add(i)
+            seen.append(i)
             if self.backends[i].name in names:
-                return self.backends[i]
+                home = held[0] if held else self.backends[seen[0]]
+                reason = "affinity" if home is self.backends[i] else self._spill_reason(home, pool, under)
+                return self.backends[i], reason
             if len(seen) == len(self.backends):
                 break
-        return self._least_loaded(pool)  # fractional reported loads can leave none under its bound
+        # Fractional reported loads can leave none under its bound.
+        return self._least_loaded(pool), "least_loaded"
 
-    def _allowed(self, pool: list[Backend], now: float) -> list[Backend]:
-        """The backends of `pool` under the load bound, less those predicting a TTFT more than
-        `ttft_slack` above the best prediction among them (all of them, if none is within it)."""
+    @staticmethod
+    def _spill_reason(home: Backend, pool: list[Backend], under: list[Backend]) -> str:
+        """Why the key's home was passed over."""
+        if home not in pool:
+            return "spill_unavailable"
+        return "spill_ttft" if home in under else "spill_load"
+
+    def _under_bound(self, pool: list[Backend]) -> list[Backend]:
+        """The backends of `pool` that one more request leaves within their load bound."""
         total = sum(b.load for b in pool) + 1
         weight = sum(b.weight for b in pool)
-        under = [b for b in pool if b.load + 1 <= load_bound(b, total, weight, self.load_factor)]
+        return [b for b in pool if b.load + 1 <= load_bound(b, total, weight, self.load_factor)]
+
+    def _fast_enough(self, under: list[Backend], now: float) -> list[Backend]:
+        """`under` less those predicting a TTFT above the best prediction among them by more than
+        `ttft_slack` seconds and more than `ttft_ratio` times (all of them, if none has a fresh
+        prediction)."""
         ttft = {b.name: b.predicted_ttft(now, TTFT_MAX_AGE) for b in under}
         known = [t for t in ttft.values() if t is not None]
         if not known:
             return under
-        limit = min(known) + self.ttft_slack
+        best = min(known)
+        limit = max(best + self.ttft_slack, best * self.ttft_ratio)
         return [b for b in under if (ttft[b.name] or 0.0) <= limit]
+
+    def explain(self, key: str | None, backend: Backend, now: float) -> str:
+        """One line on the latest choice, for a debug log: the key, the backend, why, and what each
+        backend's load and prediction were (the chosen one counted before its request)."""
+        parts = [f"key={key} backend={backend.name} reason={self.last_reason}"]
+        for b in self.backends:
+            ttft = b.predicted_ttft(now, TTFT_MAX_AGE)
+            parts.append(
+                f"{b.name}: in_flight={b.in_flight} reported={b.reported_running:g}+{b.reported_waiting:g}"
+                f"@{b.reported_own} "
+                f"load={b.load:g} ttft={'-' if ttft is None else f'{ttft:.3f}'}"
+            )
+        return " | ".join(parts)
 
     def _round_robin(self, pool: list[Backend]) -> Backend:
         names = {b.name for b in pool}

@@ -1,5 +1,6 @@
 """A backend's own account of its load, as a tailserve server publishes it (server/load.py): the
-`X-Tailserve-Load` header of its answers (`waiting=N;ttft=SECONDS`) and the JSON of its `/load`.
+`X-Tailserve-Load` header of its answers (`running=N;waiting=N;ttft=SECONDS`) and the JSON of its
+`/load`.
 
 Parsing is forgiving: a field that is missing or not a number is left out, never an error, so a
 backend that publishes less (or something else under the name) routes on the gateway's own counts.
@@ -8,7 +9,7 @@ backend that publishes less (or something else under the name) routes on the gat
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 HEADER = "x-tailserve-load"
 
@@ -21,17 +22,29 @@ def _number(value: Any) -> float | None:
     return x if math.isfinite(x) and x >= 0 else None
 
 
-def parse_header(value: str | None) -> tuple[float | None, float | None]:
-    """(waiting requests, predicted TTFT in seconds) from the header's value; None where absent."""
+class Published(NamedTuple):
+    """What a backend published; None where it left a field out."""
+
+    waiting: float | None  # requests queued, not yet running
+    ttft: float | None  # predicted seconds to a new request's first token
+    running: float | None = None  # requests running
+
+
+def parse_header(value: str | None) -> Published:
+    """What the header's value says; None where a field is absent."""
     fields: dict[str, str] = {}
     for part in (value or "").split(";"):
         name, _, v = part.partition("=")
         fields[name.strip()] = v.strip()
-    return _number(fields.get("waiting")), _number(fields.get("ttft"))
+    return Published(
+        _number(fields.get("waiting")), _number(fields.get("ttft")), _number(fields.get("running"))
+    )
 
 
-def parse_json(body: Any) -> tuple[float | None, float | None]:
+def parse_json(body: Any) -> Published:
     """The same from `/load`'s JSON object."""
     if not isinstance(body, dict):
-        return None, None
-    return _number(body.get("waiting")), _number(body.get("predicted_ttft_s"))
+        return Published(None, None)
+    return Published(
+        _number(body.get("waiting")), _number(body.get("predicted_ttft_s")), _number(body.get("running"))
+    )

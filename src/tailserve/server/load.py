@@ -35,8 +35,8 @@ def snapshot(server: OpenAIServer) -> dict[str, Any]:
 
 
 def header_value(snap: dict[str, Any]) -> bytes:
-    """`waiting=N;ttft=SECONDS` (ttft left out while unknown): routing/load.py reads it."""
-    value = f"waiting={snap['waiting']}"
+    """`running=N;waiting=N;ttft=SECONDS` (ttft left out while unknown): routing/load.py reads it."""
+    value = f"running={snap['running']};waiting={snap['waiting']}"
     if snap["predicted_ttft_s"] is not None:
         value += f";ttft={snap['predicted_ttft_s']:.4f}"
     return value.encode()
