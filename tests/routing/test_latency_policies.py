@@ -143,8 +143,12 @@ def test_escalation_reason(body: dict, ans: dict, checks: list[str], reason: str
     assert escalation_reason(body, ans, checks) == reason
 
 
-def test_predicted_ttft_prefers_the_published_figure() -> None:
+def test_predicted_ttft_takes_the_larger_of_published_and_own_queue() -> None:
     assert predicted_ttft(TtftSignal(published_ttft=0.7, prefill_rate=1000.0), 100) == 0.7
+    # a burst sent since the backend last published: the idle figure it published must not win
+    burst = TtftSignal(published_ttft=0.2, queued_tokens=2900, prefill_rate=1000.0)
+    assert predicted_ttft(burst, 100) == pytest.approx(3.0)
+    assert predicted_ttft(TtftSignal(published_ttft=0.2), 100) == 0.2
     assert predicted_ttft(TtftSignal(queued_tokens=900, prefill_rate=1000.0), 100) == 1.0
     assert predicted_ttft(TtftSignal(), 100) is None
     assert tier_ttft([TtftSignal(available=False)], 10) == float("inf")

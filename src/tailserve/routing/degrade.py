@@ -2,13 +2,16 @@
 TTFT SLO goes to the next tier of the degrade order that can.
 
 A tier's predicted TTFT is the best over its backends that take requests now. Per backend, from the
-most direct signal it has (all plain numbers, so the gateway's own counts and whatever a backend
-publishes feed the same rule):
-1. `published_ttft`: the backend's own prediction (its admission headers or load endpoint);
-2. else `overhead + (queued_tokens + prompt_tokens) / prefill_rate`: the prompt tokens already sent to
-   it and not yet answered, plus this request's, at the rate it was measured to clear them, after the
-   fixed time every first token takes (scheduling, the hop, the first step);
-3. else unknown, which counts as meeting the SLO: no evidence of overload is no reason to degrade.
+signals it has (all plain numbers, so the gateway's own counts and whatever a backend publishes feed
+the same rule):
+- `published_ttft`: the backend's own prediction (its admission headers or load endpoint);
+- `overhead + (queued_tokens + prompt_tokens) / prefill_rate`: the prompt tokens this gateway already
+  sent it and not yet answered, plus this request's, at the rate it was measured to clear them, after
+  the fixed time every first token takes (scheduling, the hop, the first step).
+With both, the larger: each is a lower bound of the truth — the published figure is up to a poll
+old and misses a burst sent since (a burst of 16 arriving together all read the idle figure of before
+it, and none degraded), and the gateway's own count misses other clients' requests. With neither,
+unknown, which counts as meeting the SLO: no evidence of overload is no reason to degrade.
 
 `PrefillMeter` is that measurement, kept by the caller per backend: it counts the tokens outstanding
 and fits `TTFT ≈ overhead + tokens ahead / rate` to the first tokens it sees (exponentially weighted
@@ -36,11 +39,10 @@ class TtftSignal:
 
 
 def predicted_ttft(signal: TtftSignal, prompt_tokens: float) -> float | None:
-    if signal.published_ttft is not None:
-        return signal.published_ttft
+    known = [] if signal.published_ttft is None else [signal.published_ttft]
     if signal.prefill_rate:
-        return signal.overhead + (signal.queued_tokens + prompt_tokens) / signal.prefill_rate
-    return None
+        known.append(signal.overhead + (signal.queued_tokens + prompt_tokens) / signal.prefill_rate)
+    return max(known) if known else None
 
 
 def tier_ttft(signals: Sequence[TtftSignal], prompt_tokens: float) -> float | None:
