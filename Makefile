@@ -13,11 +13,13 @@ ARGS ?=
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# The CPU build that lies on this machine's disk; pyproject accepts a range it satisfies.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	# Only what serving needs: test and lint tools come with `make test` (the dev extra).
-	$(BIN)/python -m pip install -q -e .
+	# pip gets upgraded only when too old for an editable pyproject install (PEP 660, pip 21.3): the
+	# upgrade is a registry round trip on the cold-start path.
+	$(BIN)/python -c "import pip, sys; sys.exit(tuple(map(int, pip.__version__.split('.')[:2])) < (21, 3))" || \
+	  $(BIN)/python -m pip install -q --upgrade pip
+	# One resolve: torch pinned to the CPU build that lies on this machine's disk (pyproject accepts a
+	# range it satisfies), and only what serving needs (test and lint tools come with `make test`).
+	$(BIN)/python -m pip install -q torch==2.13.0 -e .
 	touch $(STAMP)
 
 # Tests also cover the optional extras; `make serve` stays without them.
