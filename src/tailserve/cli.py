@@ -21,16 +21,21 @@ def _fetch(args: argparse.Namespace) -> int:
     import threading
 
     from tailserve.layers import kernels
+    from tailserve.models.meta_cache import cached_config, cached_tokenizer
 
-    # The kernels compile (CPU) while the model downloads (network): a fresh machine waits for the
-    # longer of the two, not their sum.
+    # The kernels compile (one core, in a compiler process) while the model downloads (network) and
+    # then its config and tokenizer caches fill (the other core): a fresh machine waits for the longest
+    # of these, not their sum.
     build = threading.Thread(target=kernels.ops, name="tailserve-kernels", daemon=True)
     build.start()
-    print(resolve_model(args.model))
+    path = resolve_model(args.model)
+    print(path)
+    cached_config(path)
+    cached_tokenizer(path)
     build.join()
     from tailserve.engine.load import load_engine
 
-    load_engine(EngineConfig(model=args.model))  # fills the metadata and packed-weight caches
+    load_engine(EngineConfig(model=args.model))  # fills the packed-weight cache
     return 0
 
 
