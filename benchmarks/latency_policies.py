@@ -357,8 +357,9 @@ def main() -> None:
                 results["tiers"] = run_tiers(args, gw)
                 print(json.dumps(results["tiers"], indent=2), flush=True)
             if "degrade" in parts:
-                results["degrade"] = run_degrade(args, gw)
-                print(json.dumps(results["degrade"], indent=2), flush=True)
+                key = f"degrade_burst{args.burst}"  # runs with other bursts keep their own figures
+                results[key] = run_degrade(args, gw)
+                print(json.dumps(results[key], indent=2), flush=True)
     RECORDED.mkdir(parents=True, exist_ok=True)
     out = RECORDED / "latency_policies.json"
     if out.exists():  # parts run separately keep the others' figures
