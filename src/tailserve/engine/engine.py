@@ -329,8 +329,7 @@ class LLMEngine:
         # Guesses' rows lie in between only when some request guessed: then gather the others.
         logits_plain = logits if plain_rows == list(range(len(logits))) else logits[plain_rows]
         plain_seqs = [result.sampled[j].seq for j in plain]
-        self.masks.apply(logits_plain, plain_seqs, masks)
-        sample = self.sampler(logits_plain, rows) if rows else None
+        sample = self.masks.sample(self.sampler, logits_plain, plain_seqs, rows, masks) if rows else None
         now = time.perf_counter()
         for s in sched.scheduled:
             if not s.draft:
