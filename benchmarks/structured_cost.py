@@ -1,12 +1,15 @@
 """What the grammar costs the engine: decode tok/s with every row constrained vs none at c=1 and c=16,
-mask time per step, and the TTFT added by a cold and a warm schema.
+masked lazily (the default) and eagerly, mask time per step, and the TTFT added by a cold and a warm
+schema.
 
 Decode: the default model (fused step) decodes `--tokens` tokens per request; the constrained requests
 follow a schema that cannot end before then (an array of at least 200 integers), so both modes run
 the same number of steps at the same batch size. Prefill (the first step) is left out of the rate.
-Rounds alternate the modes; the figure is the median over rounds. Mask time per step is read from the
-engine's own counters (engine/masks.py): what the engine thread waits for and spends applying masks,
-and what the mask thread spends filling them (overlapped with the engine thread's work).
+Rounds alternate the modes (none, lazy, eager); the figure is the median over rounds. Mask time per
+step is read from the engine's own counters (engine/masks.py): what the engine thread spends on masks
+(lazy: checking picks and redoing misses; eager: waiting for and applying masks), and what the mask
+thread spends filling them (eager only, overlapped with the engine thread's work). The lazy rows'
+misses (a full mask needed) are counted per row-step.
 
 TTFT: one request at a time, each with a prompt of its own, from "the request arrives" (the grammar's
 compile, if any, is inside) to its first token; modes alternate: no grammar, a warm schema (compiled
@@ -52,25 +55,33 @@ def order_schema(n: int) -> dict:
     }
 
 
-def decode_rate(engine: LLMEngine, grammar, concurrency: int, tokens: int) -> tuple[float, float, float]:
-    """(decode tok/s, engine-thread ms per step waiting for and applying masks, mask-thread ms per
-    step filling them) for one batch of `concurrency` requests."""
+def decode_rate(
+    engine: LLMEngine, grammar, concurrency: int, tokens: int
+) -> tuple[float, float, float, int, int]:
+    """(decode tok/s, engine-thread ms per step on masks, mask-thread ms per step filling them, lazy
+    hits, lazy misses) for one batch of `concurrency` requests."""
     prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": "List 200 numbers as JSON."}])
     for i in range(concurrency):
         params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
         engine.add_request(f"r{i}", prompt, params, grammar=grammar)
     engine.step()  # prefill and the first token
     st = engine.masks.stats
-    before = (st.wait_seconds + st.apply_seconds, st.fill_seconds)
+    before = (
+        st.wait_seconds + st.apply_seconds + st.lazy_seconds,
+        st.fill_seconds,
+        st.lazy_hits,
+        st.lazy_misses,
+    )
     steps, produced = 0, 0
     t0 = time.perf_counter()
     while engine.has_unfinished():
         produced += sum(len(o.new_token_ids) for o in engine.step())
         steps += 1
     elapsed = time.perf_counter() - t0
-    on_path = st.wait_seconds + st.apply_seconds - before[0]
+    on_path = st.wait_seconds + st.apply_seconds + st.lazy_seconds - before[0]
     filling = st.fill_seconds - before[1]
-    return produced / elapsed, 1e3 * on_path / max(steps, 1), 1e3 * filling / max(steps, 1)
+    hits, misses = st.lazy_hits - before[2], st.lazy_misses - before[3]
+    return produced / elapsed, 1e3 * on_path / max(steps, 1), 1e3 * filling / max(steps, 1), hits, misses
 
 
 def ttft(engine: LLMEngine, compiler: GrammarCompiler, spec: GrammarSpec | None, n: int) -> float:
@@ -109,19 +120,25 @@ def main() -> None:
     decode_rate(engine, grammar, 1, 2)
     print(f"first constrained request: {time.perf_counter() - t0:.2f} s")
     for c in (1, 16):
-        free, bound, on_path, filling = [], [], [], []
+        free: list[float] = []
+        runs: dict[bool, list[tuple[float, float, float, int, int]]] = {True: [], False: []}
         for _ in range(args.rounds):
             free.append(decode_rate(engine, None, c, args.tokens)[0])
-            rate, ms, fill_ms = decode_rate(engine, grammar, c, args.tokens)
-            bound.append(rate)
-            on_path.append(ms)
-            filling.append(fill_ms)
-        f, b = statistics.median(free), statistics.median(bound)
-        print(
-            f"c={c:<3} decode tok/s unconstrained {f:7.1f}  constrained {b:7.1f}  ratio {b / f:.3f}  "
-            f"mask wait+apply {statistics.median(on_path):.2f} ms/step  "
-            f"fill (mask thread) {statistics.median(filling):.2f} ms/step"
-        )
+            for lazy in (True, False):
+                engine.masks.lazy = lazy
+                runs[lazy].append(decode_rate(engine, grammar, c, args.tokens))
+        engine.masks.lazy = True
+        f = statistics.median(free)
+        print(f"c={c:<3} decode tok/s unconstrained {f:7.1f}")
+        for lazy, rs in runs.items():
+            b = statistics.median(r[0] for r in rs)
+            hits, misses = sum(r[3] for r in rs), sum(r[4] for r in rs)
+            checked = f"  lazy misses {misses}/{hits + misses} row-steps" if lazy else ""
+            print(
+                f"      {'lazy ' if lazy else 'eager'} constrained {b:7.1f}  ratio {b / f:.3f}  "
+                f"mask time (engine thread) {statistics.median(r[1] for r in rs):.2f} ms/step  "
+                f"fill (mask thread) {statistics.median(r[2] for r in rs):.2f} ms/step{checked}"
+            )
     warm = GrammarSpec.json_schema(order_schema(0))
     compiler.compile(warm)
     fresh = itertools.count(1)
@@ -141,7 +158,8 @@ def main() -> None:
         )
     st = engine.masks.stats
     print(
-        f"mask rows {st.rows}: prefetched {st.prefetched_rows}, unrestricted (no bias) {st.unrestricted_rows}"
+        f"eager mask rows {st.rows}: prefetched {st.prefetched_rows}, unrestricted (no bias) "
+        f"{st.unrestricted_rows}; lazy rows {st.lazy_hits + st.lazy_misses}: misses {st.lazy_misses}"
     )
     compiler.shutdown()
 
