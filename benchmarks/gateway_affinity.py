@@ -33,8 +33,8 @@ from harness import RECORDED, RESULTS, closed_loop, header, serving, tailserve_c
 
 MODEL = "smollm2-135m-instruct"
 BACKEND_PORTS = (8170, 8171)
-POLICIES = {  # label → the gateway config's routing settings
-    "affinity": {"policy": "affinity"},
+POLICIES = {  # label → the gateway config's routing settings (load factors named, whatever the default)
+    "affinity_c1.25": {"policy": "affinity", "load_factor": 1.25},
     "affinity_c1.5": {"policy": "affinity", "load_factor": 1.5},
     "least_loaded": {"policy": "least_loaded"},
     "round_robin": {"policy": "round_robin"},

@@ -202,6 +202,9 @@ def test_upstream_dropping_mid_stream_ends_with_an_error_event() -> None:
         assert r.status_code == 200
         assert '"t0"' in text and "upstream_error" in text and text.endswith("data: [DONE]\n\n")
         assert len(cut.requests) == 1 and not other.requests  # streamed already: never retried
+        end = time.monotonic() + 2  # the lease is released as the relay closes, after the last byte
+        while gw.in_flight() and time.monotonic() < end:
+            time.sleep(0.02)
         assert gw.in_flight() == 0
 
 

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tailserve.routing.affinity import PromptSize
 from tailserve.routing.backends import Backend, Lease
 from tailserve.routing.chooser import Chooser, load_bound
 from tailserve.routing.holders import Holders
@@ -158,6 +159,7 @@ events = st.lists(
     events=events,
     seed=st.integers(0, 2**32 - 1),
     ttfts=st.lists(st.one_of(st.none(), st.floats(0.0, 3.0)), min_size=6, max_size=6),
+    rates=st.lists(st.one_of(st.none(), st.floats(10.0, 5000.0)), min_size=6, max_size=6),
 )
 def test_property_no_backend_is_given_more_than_the_bound(
     n: int,
@@ -167,15 +169,17 @@ def test_property_no_backend_is_given_more_than_the_bound(
     events: list[tuple[str, int]],
     seed: int,
     ttfts: list[float | None],
+    rates: list[float | None],
 ) -> None:
-    """Whatever the keys (any share on one hot prefix), whatever TTFT the backends predict, and
-    whatever they publish of the requests they hold (all of them ours: the gateway as their only
-    client), every request the chooser places leaves its backend within ceil(c · total · w / W): at
-    most c times its weighted share of the mean."""
+    """Whatever the keys (any share on one hot prefix), whatever TTFT and prefill rate the backends
+    publish, whatever the prompts' sizes and cached shares, and whatever the backends publish of the
+    requests they hold (all of them ours: the gateway as their only client), every request the chooser
+    places leaves its backend within ceil(c · total · w / W): at most c times its weighted share of the
+    mean."""
     rng = random.Random(seed)
     backends = pool(n, weights[:n])
-    for b, ttft in zip(backends, ttfts):
-        b.report(ttft=ttft, now=0.0)
+    for b, ttft, rate in zip(backends, ttfts, rates):
+        b.report(ttft=ttft, now=0.0, rate=rate)
     c = Chooser(backends, load_factor)
     live: list[Lease] = []
     total_weight = sum(b.weight for b in backends)
@@ -190,7 +194,8 @@ def test_property_no_backend_is_given_more_than_the_bound(
             b.report(waiting=queued, running=b.in_flight - queued, now=0.0)
             continue
         key = "prefix:hot" if rng.random() < hot else f"prefix:{value}"
-        b = c.choose(key, 0.0)
+        tokens = rng.choice([0.0, 50.0, 500.0, 4000.0])
+        b = c.choose(key, 0.0, prompt=PromptSize(tokens, tokens * rng.random()))
         assert b is not None  # no caps, no breakers: someone always takes it
         live.append(b.acquire(0.0))
         total = sum(x.in_flight for x in backends)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from tailserve.routing.affinity import PromptSize
 from tailserve.routing.backends import Backend
-from tailserve.routing.chooser import TTFT_MAX_AGE, Chooser
+from tailserve.routing.chooser import TTFT_MAX_AGE, Chooser, request_ttft
 from tailserve.routing.load import parse_header, parse_json
 
 
@@ -15,14 +16,48 @@ def two(**kw: object) -> tuple[Backend, Backend, Chooser]:
 
 
 def test_parsing_is_forgiving() -> None:
-    assert parse_header("running=4;waiting=3;ttft=0.25") == (3.0, 0.25, 4.0)
-    assert parse_header("waiting=3;ttft=0.25") == (3.0, 0.25, None)  # an older server: no running
-    assert parse_header(" ttft = 1.5 ") == (None, 1.5, None)
-    assert parse_header("waiting=x;ttft=-1;ttft2=3") == (None, None, None)
-    assert parse_header(None) == (None, None, None)
-    assert parse_json({"running": 1, "waiting": 2, "predicted_ttft_s": 0.5}) == (2.0, 0.5, 1.0)
-    assert parse_json({"waiting": 1, "predicted_ttft_s": None}) == (1.0, None, None)
-    assert parse_json([1]) == (None, None, None)
+    assert parse_header("running=4;waiting=3;ttft=0.25;rate=900.5") == (3.0, 0.25, 4.0, 900.5)
+    assert parse_header("waiting=3;ttft=0.25") == (3.0, 0.25, None, None)  # an older server
+    assert parse_header(" ttft = 1.5 ") == (None, 1.5, None, None)
+    assert parse_header("waiting=x;ttft=-1;ttft2=3;rate=0") == (None, None, None, None)
+    assert parse_header(None) == (None, None, None, None)
+    body = {"running": 1, "waiting": 2, "predicted_ttft_s": 0.5, "prefill_tokens_per_s": 800}
+    assert parse_json(body) == (2.0, 0.5, 1.0, 800.0)
+    assert parse_json({"waiting": 1, "predicted_ttft_s": None}) == (1.0, None, None, None)
+    assert parse_json([1]) == (None, None, None, None)
+
+
+def test_request_ttft_adds_the_uncached_prefill_at_each_backends_rate() -> None:
+    waits = {"a": 1.0, "b": 0.05, "c": None}
+    got = request_ttft(waits, {"a": 1000.0, "b": 500.0, "c": None}, {"a": 80.0, "b": 500.0, "c": 500.0})
+    assert got == {"a": pytest.approx(1.08), "b": pytest.approx(1.05), "c": None}
+    # One backend with a wait but no rate: waits alone for all, or it would look the cheapest.
+    assert request_ttft(waits, {"a": 1000.0, "b": None}, {"a": 80.0, "b": 500.0, "c": 0.0}) == waits
+
+
+def test_a_key_stays_where_its_prefix_is_cached_when_a_cold_prefill_elsewhere_is_no_faster() -> None:
+    """The case the benchmark logged: the key's backend predicts a wait of about a second, another
+    one next to none; but there this request's whole 500-token prompt is cold, at home only its
+    80-token question is (1.0 + 0.08 s against 0.05 + 0.5 s: under 2 times). A wait no cached prompt
+    makes up for still moves it."""
+    a, b, c = two()
+    home = c.choose("prefix:k", 0.0)
+    other = b if home is a else a
+    assert home is not None
+    prompt = PromptSize(tokens=500.0, shared=420.0)
+    home.report(ttft=1.0, now=0.0, rate=1000.0)
+    other.report(ttft=0.05, now=0.0, rate=1000.0)
+    assert c.choose("prefix:k", 0.0) is other and c.last_reason == "spill_ttft"  # no size: waits alone
+    fresh = Chooser([a, b])  # nobody holds the key: cold everywhere, so the waits decide
+    assert fresh.choose("prefix:k", 0.0, prompt=prompt) is other and fresh.last_reason == "spill_ttft"
+    c = Chooser([a, b])
+    c.holders.served("prefix:k", home.name)
+    assert c.choose("prefix:k", 0.0, prompt=prompt) is home and c.last_reason == "affinity"
+    home.report(ttft=3.0, now=0.0)
+    assert c.choose("prefix:k", 0.0, prompt=prompt) is other and c.last_reason == "spill_ttft"
+    # Where the other backend also holds the key, its wait alone decides again.
+    home.report(ttft=1.0, now=0.0)
+    assert c.choose("prefix:k", 0.0, prompt=prompt) is other
 
 
 def test_least_loaded_passes_over_a_backend_predicting_a_slow_first_token() -> None:

@@ -94,3 +94,17 @@ def test_affinity_key() -> None:
     assert affinity_key({"prompt": "abc"}) != affinity_key({"prompt": "abd"})
     assert affinity_key({"prompt": [1, 2, 3]}) == affinity_key({"prompt": [[1, 2, 3]]})
     assert affinity_key({"prompt": ""}) is None and affinity_key({}) is None
+
+
+def test_prompt_size_counts_the_part_a_holder_of_the_key_has_cached() -> None:
+    from tailserve.routing.affinity import PromptSize, prompt_size
+
+    system = {"role": "system", "content": "s" * 400}
+    chat = {"messages": [system, {"role": "user", "content": [{"type": "text", "text": "q" * 40}]}]}
+    assert prompt_size(chat, "prefix:x") == PromptSize(110.0, 100.0)  # 4 characters a token
+    assert prompt_size(chat, None) == PromptSize(110.0, 0.0)
+    turns = {"messages": [*chat["messages"], {"role": "user", "content": "r" * 8}]}
+    assert prompt_size(turns, "session:u") == PromptSize(112.0, 110.0)  # all turns but the last
+    assert prompt_size({"prompt": "p" * 8000}, "prefix:y") == PromptSize(2000.0, 256.0)  # the key's 1024
+    assert prompt_size({"prompt": [[1] * 300, "abcd"]}, "prefix:z") == PromptSize(301.0, 256.0)  # ids
+    assert prompt_size({"prompt": [1, 2]}, "session:s") == PromptSize(2.0, 0.0)

@@ -27,9 +27,11 @@ def test_snapshot_predicts_the_queue_wait_plus_a_step() -> None:
     assert snap["waiting"] == 1 and snap["running"] == 2 and snap["queued_tokens"] == 490
     # 490 tokens at 1000 tok/s less the 2 decodes' share of a 100-token step (980 tok/s): 0.5 s, + 0.02
     assert snap["predicted_ttft_s"] == pytest.approx(0.52)
-    assert parse_header(header_value(snap).decode()) == (1.0, pytest.approx(0.52), 2.0)
+    assert snap["prefill_tokens_per_s"] == pytest.approx(980.0)  # the rate a new prompt gets
+    assert parse_header(header_value(snap).decode()) == (1.0, pytest.approx(0.52), 2.0, 980.0)
     cold = snapshot(server(rate=0.0, queued_tokens=0, in_flight=0))  # type: ignore[arg-type]
-    assert cold["predicted_ttft_s"] is None and header_value(cold) == b"running=2;waiting=0"
+    assert cold["predicted_ttft_s"] is None and cold["prefill_tokens_per_s"] is None
+    assert header_value(cold) == b"running=2;waiting=0"
 
 
 def test_every_response_carries_the_header_and_load_answers_json() -> None:
@@ -42,6 +44,6 @@ def test_every_response_carries_the_header_and_load_answers_json() -> None:
 
     with TestClient(app) as client:
         r = client.get("/x")
-        assert parse_header(r.headers[HEADER.decode()]) == (0.0, pytest.approx(0.02), 2.0)
-        assert parse_json(client.get("/load").json()) == (0.0, pytest.approx(0.02), 2.0)
+        assert parse_header(r.headers[HEADER.decode()]) == (0.0, pytest.approx(0.02), 2.0, 980.0)
+        assert parse_json(client.get("/load").json()) == (0.0, pytest.approx(0.02), 2.0, 980.0)
         assert HEADER.decode() in client.get("/missing").headers

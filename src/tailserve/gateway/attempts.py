@@ -16,6 +16,7 @@ Rules (each one tested in tests/gateway):
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -35,6 +36,7 @@ from tailserve.gateway.metrics import GatewayMetrics
 from tailserve.gateway.relay import Relay
 from tailserve.gateway.tracing import GatewayTracing, end_span
 from tailserve.gateway.upstream import Pool, Upstream
+from tailserve.routing.affinity import PromptSize, prompt_size
 from tailserve.routing.retry import RetryBudget, backoff, parse_retry_after, retryable_status
 
 log = logging.getLogger("tailserve.gateway")
@@ -56,6 +58,11 @@ class Call:
     key: str | None  # the affinity key
     headers: dict[str, str]  # to forward: X-Request-ID, trace headers
     span: Span | None = None
+
+    @functools.cached_property
+    def prompt(self) -> PromptSize:
+        """Its prompt's size, and the part its affinity key stands for: what the chooser weighs."""
+        return prompt_size(self.body, self.key)
 
 
 @dataclass
@@ -115,7 +122,9 @@ class Attempts:
                 )
             pool = self.pools[chain[link]]
             backend = (
-                pool.chooser.choose(call.key, now, tried) if per_model < self.retry.max_attempts else None
+                pool.chooser.choose(call.key, now, tried, call.prompt)
+                if per_model < self.retry.max_attempts
+                else None
             )
             if backend is None:
                 if link + 1 < len(chain):

@@ -106,10 +106,10 @@ class GatewayConfig(_Strict):
     api_key: str | None = None  # clients must send it as a bearer token
     deadline: float = Field(600.0, gt=0)
     max_body_bytes: int = Field(4 << 20, ge=1)
-    load_factor: float = Field(1.25, ge=1.0)  # the chooser's bound: at most this × the mean load
+    load_factor: float = Field(1.5, ge=1.0)  # the chooser's bound: at most this × the mean load
     policy: Literal["affinity", "least_loaded", "round_robin"] = "affinity"  # routing/chooser.py
-    # A backend predicting a TTFT above the best prediction by more than ttft_slack seconds AND more
-    # than ttft_ratio times is passed over (routing/chooser.py).
+    # A backend where the request's expected TTFT (wait + its uncached prefill) is above the best by more than
+    # ttft_slack seconds AND more than ttft_ratio times is passed over (routing/chooser.py).
     ttft_slack: float = Field(0.25, ge=0)
     ttft_ratio: float = Field(2.0, ge=1.0)
     poll_interval: float = Field(1.0, ge=0)  # seconds between reads of tailserve backends' load; 0: off

@@ -92,7 +92,7 @@ class Hedger:
         now = time.monotonic()
         if call.deadline <= now:
             return None
-        target = pool.chooser.choose(call.key, now, tried | {up.name})
+        target = pool.chooser.choose(call.key, now, tried | {up.name}, call.prompt)
         if target is None or target.name == up.name or target.name in tried:
             return None
         if not may_hedge_onto(policy, target.load) or not self.budgets[pool.name].try_hedge(now):

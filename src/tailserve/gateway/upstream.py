@@ -61,7 +61,7 @@ class Upstream:
         value = headers.get(LOAD_HEADER)
         if value is not None:
             pub = parse_header(value)
-            self.backend.report(waiting=pub.waiting, ttft=pub.ttft, now=now, running=pub.running)
+            self.backend.report(pub.waiting, pub.ttft, now, pub.running, pub.rate)
 
     def timeout(self, remaining: float) -> httpx.Timeout:
         """No single wait of an attempt outlasts the request's remaining time."""
@@ -123,9 +123,7 @@ async def poll_loads(upstreams: list[Upstream], interval: float) -> None:
         if r.status_code == 200:
             with contextlib.suppress(ValueError):
                 pub = parse_json(json.loads(r.content))
-                u.backend.report(
-                    waiting=pub.waiting, ttft=pub.ttft, now=time.monotonic(), running=pub.running
-                )
+                u.backend.report(pub.waiting, pub.ttft, time.monotonic(), pub.running, pub.rate)
 
     while True:
         await asyncio.gather(*(one(u) for u in targets))

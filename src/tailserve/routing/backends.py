@@ -27,6 +27,7 @@ class Backend:
     reported_own: int = 0  # our `in_flight` when it last published running or waiting
     reported_ttft: float | None = None  # its predicted time to first token, where it publishes one
     reported_at: float = -math.inf  # when `reported_ttft` was last published
+    reported_rate: float | None = None  # prompt tokens it prefills per second, where it publishes it
     cooling_until: float = 0.0  # Retry-After: no traffic before this time
 
     @classmethod
@@ -80,6 +81,7 @@ class Backend:
         ttft: float | None = None,
         now: float = 0.0,
         running: float | None = None,
+        rate: float | None = None,
     ) -> None:
         """Load the backend published at `now` (its /load or /metrics, or an answer's header)."""
         if waiting is not None:
@@ -91,6 +93,8 @@ class Backend:
         if ttft is not None:
             self.reported_ttft = max(0.0, ttft)
             self.reported_at = now
+        if rate is not None and rate > 0:
+            self.reported_rate = rate
 
     def predicted_ttft(self, now: float, max_age: float) -> float | None:
         """The TTFT it last predicted, if published within `max_age` seconds; else None (unknown: judged

@@ -12,17 +12,27 @@ move between them as load shifts instead of going back to the ring's pick, spill
 time pushing a different key's prefix onto a backend where it is cold. Measured (BENCHMARKS.md,
 "Affinity routing, fixed"): with 8 prompts over 2 backends at 8 in flight, the ring alone spilled a
 third of its choices at the bound and turned 15 of the 16 possible (prompt, backend) pairs cold;
-with holders, 7 % of choices spilled.
+with holders, 7 % of choices spilled. The default c is 1.5: at 8 in flight over 2 backends, 1.25
+allows 5 of 8 on one, which an even mix's random fluctuation reaches on ~10 % of choices, each
+spill a cold prefill; 1.5 had the higher hit rate on the even mix in all four rounds measured
+("Affinity routing, round 3").
 
-A backend's own predicted TTFT (a tailserve server publishes it: routing/load.py) weighs in within
-that bound: among the backends under it, one whose fresh prediction exceeds the best one's both by
+A backend's predicted TTFT for THIS request weighs in within that bound: the wait it publishes (a
+tailserve server's prediction for a new request before its own prefill starts: routing/load.py) plus
+the request's own prefill there, its tokens not cached there at the backend's published prefill rate
+(`request_ttft`). A backend holding the key has the key's part of the prompt (its system prompt,
+tools, a session's earlier turns) cached, so only the rest; any other backend prefills all of it.
+Among the backends under the bound, one whose expected TTFT exceeds the best one's both by
 `ttft_slack` seconds and by the factor `ttft_ratio` is passed over, by the ring walk and by
 least-loaded alike. Counts cannot see what makes a queue slow (long prompts queued, a slower
 machine); the prediction can, and the bound still holds because the prediction only ever narrows the
-set the bound allows. The test is relative as well as absolute because predictions scale with the
-machine: where one prefill takes seconds, ordinary queue differences are seconds too, and a fixed
-0.25 s pushed keys off the backend holding their prefix (whose own prefill there is what affinity
-saves, and what the prediction does not count).
+set the bound allows. The request's own prefill is counted because the wait alone pushed keys off the
+backend holding their prefix for an idle one where their whole prompt was cold (BENCHMARKS.md,
+"Affinity routing, fixed": half the spills that remained). The test is relative as well as absolute
+because predictions scale with the machine: where one prefill takes seconds, ordinary queue
+differences are seconds too. Where a backend publishes no rate (or the caller gives no prompt size),
+waits alone are compared, as before: adding a prefill to some backends and not others would favour
+the ones that publish less.
 
 `policy` picks the rule: "affinity" (the above), "least_loaded" (the same without the ring), or
 "round_robin" (no load at all; a baseline to measure the others against).
@@ -42,8 +52,9 @@ import bisect
 import hashlib
 import math
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
+from tailserve.routing.affinity import PromptSize
 from tailserve.routing.backends import Backend
 from tailserve.routing.holders import Holders
 
@@ -67,13 +78,28 @@ def load_bound(backend: Backend, total: float, total_weight: float, load_factor:
     return math.ceil(load_factor * total * backend.weight / total_weight)
 
 
+def request_ttft(
+    waits: Mapping[str, float | None], rates: Mapping[str, float | None], uncached: Mapping[str, float]
+) -> dict[str, float | None]:
+    """Each backend's expected TTFT for one request: its published wait (None: unknown) plus the
+    request's `uncached` prompt tokens there over its prefill rate. Waits alone where any backend with
+    a known wait publishes no rate, so that all are compared alike."""
+    known = [name for name, w in waits.items() if w is not None]
+    if any(not rates.get(name) for name in known):
+        return dict(waits)
+    return {
+        name: None if w is None else w + uncached[name] / rates[name]  # type: ignore[operator]
+        for name, w in waits.items()
+    }
+
+
 class Chooser:
     """A ring over one pool of backends (a model's), and the choice rule above."""
 
     def __init__(
         self,
         backends: Sequence[Backend],
-        load_factor: float = 1.25,
+        load_factor: float = 1.5,
         policy: str = "affinity",
         ttft_slack: float = 0.25,
         ttft_ratio: float = 2.0,
@@ -102,12 +128,19 @@ class Chooser:
         self._points = [h for h, _ in ring]
         self._owners = [i for _, i in ring]
 
-    def choose(self, key: str | None, now: float, tried: Collection[str] = ()) -> Backend | None:
-        """The backend for a request with affinity `key` (None: no affinity), or None if none is available.
+    def choose(
+        self,
+        key: str | None,
+        now: float,
+        tried: Collection[str] = (),
+        prompt: PromptSize | None = None,
+    ) -> Backend | None:
+        """The backend for a request with affinity `key` (None: no affinity) and prompt size `prompt`
+        (None: unknown; backends' waits are then compared alone), or None if none is available.
         Backends in `tried` (already failed this request) are taken only when no other is available.
         Counts the choice's reason in `decisions` and leaves it in `last_reason`; remembers the backend
         as a holder of `key`."""
-        backend, reason = self._decide(key, now, tried)
+        backend, reason = self._decide(key, now, tried, prompt)
         if backend is not None:
             self.decisions[reason] += 1
             self.last_reason = reason
@@ -115,7 +148,9 @@ class Chooser:
                 self.holders.served(key, backend.name)
         return backend
 
-    def _decide(self, key: str | None, now: float, tried: Collection[str]) -> tuple[Backend | None, str]:
+    def _decide(
+        self, key: str | None, now: float, tried: Collection[str], prompt: PromptSize | None
+    ) -> tuple[Backend | None, str]:
         ready = [b for b in self.backends if b.available(now)]
         fresh = [b for b in ready if b.name not in tried]
         pool = fresh or ready
@@ -124,11 +159,12 @@ class Chooser:
         if self.policy == "round_robin":
             return self._round_robin(pool), "round_robin"
         under = self._under_bound(pool)
-        allowed = self._fast_enough(under, now)
+        held_names = self.holders.of(key) if key is not None else []
+        allowed = self._fast_enough(under, now, prompt, held_names)
         if key is None or len(pool) == 1 or self.policy == "least_loaded":
             return self._least_loaded(allowed or pool), "least_loaded"
         names = {b.name for b in allowed}
-        held = [self._by_name[n] for n in self.holders.of(key) if n in self._by_name]
+        held = [self._by_name[n] for n in held_names if n in self._by_name]
         room = [b for b in held if b.name in names]
         if room:  # the least loaded of the backends holding its prefix; the most recent on a tie
             return min(room, key=lambda b: ((b.load + 1) / b.weight, held.index(b))), "affinity"
@@ -162,11 +198,18 @@ class Chooser:
         weight = sum(b.weight for b in pool)
         return [b for b in pool if b.load + 1 <= load_bound(b, total, weight, self.load_factor)]
 
-    def _fast_enough(self, under: list[Backend], now: float) -> list[Backend]:
-        """`under` less those predicting a TTFT above the best prediction among them by more than
-        `ttft_slack` seconds and more than `ttft_ratio` times (all of them, if none has a fresh
-        prediction)."""
-        ttft = {b.name: b.predicted_ttft(now, TTFT_MAX_AGE) for b in under}
+    def _fast_enough(
+        self, under: list[Backend], now: float, prompt: PromptSize | None, held: Collection[str]
+    ) -> list[Backend]:
+        """`under` less those whose expected TTFT for this request (`request_ttft`; a backend in `held`
+        has the key's part of `prompt` cached) is above the best among them by more than `ttft_slack`
+        seconds and more than `ttft_ratio` times (all of them, if none has a fresh prediction)."""
+        waits = {b.name: b.predicted_ttft(now, TTFT_MAX_AGE) for b in under}
+        ttft = waits
+        if prompt is not None:
+            rates = {b.name: b.reported_rate for b in under}
+            uncached = {b.name: prompt.tokens - (prompt.shared if b.name in held else 0.0) for b in under}
+            ttft = request_ttft(waits, rates, uncached)
         known = [t for t in ttft.values() if t is not None]
         if not known:
             return under
@@ -183,7 +226,8 @@ class Chooser:
             parts.append(
                 f"{b.name}: in_flight={b.in_flight} reported={b.reported_running:g}+{b.reported_waiting:g}"
                 f"@{b.reported_own} "
-                f"load={b.load:g} ttft={'-' if ttft is None else f'{ttft:.3f}'}"
+                f"load={b.load:g} ttft={'-' if ttft is None else f'{ttft:.3f}'} "
+                f"rate={'-' if b.reported_rate is None else f'{b.reported_rate:.0f}'}"
             )
         return " | ".join(parts)
 
@@ -196,11 +240,13 @@ class Chooser:
                 return b
         return pool[0]
 
-    def rank(self, key: str | None, now: float, tried: Collection[str] = ()) -> list[Backend]:
+    def rank(
+        self, key: str | None, now: float, tried: Collection[str] = (), prompt: PromptSize | None = None
+    ) -> list[Backend]:
         """Every available backend, best first: `choose`'s pick, then the others least loaded first (those
         in `tried` last). A caller that can be turned away by its pick (it is full after all) goes on
         down the list instead of asking again."""
-        first = self.choose(key, now, tried)
+        first = self.choose(key, now, tried, prompt)
         if first is None:
             return []
         rest = [b for b in self.backends if b is not first and b.available(now)]
