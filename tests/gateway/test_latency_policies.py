@@ -200,3 +200,30 @@ def test_degrade_switches_tiers_when_the_large_queue_passes_the_slo_and_back() -
         assert gw.metric("degraded_total", tier="small", reason="ttft_slo") == 1
         assert len(small.requests) == 1
         assert json.loads(json.dumps(small.requests[0][0]))["model"] == "s"
+
+
+def test_degrade_shed_answers_503_at_once_when_no_tier_can_meet_the_slo() -> None:
+    chat = {"messages": [{"role": "user", "content": "x" * 400}]}  # 100 tokens by the estimate
+    shed = {"ttft_slo": 5.0, "order": ["large", "small"], "shed": True}
+    with (
+        fakes(Fake(model="s", first_delay=0.3), Fake(model="l", first_delay=0.3)) as (small, large),
+        gateway(group(small, large, degrade=shed)) as gw,
+    ):
+        body = {"model": "m", **chat, "stream": True}
+        for tier in ("large", "small", "large", "small"):  # each tier measured: ~0.3 s per 100 tokens
+            with httpx.stream(
+                "POST", gw.url + "/v1/chat/completions", json=body, headers={"X-Tailserve-Tier": tier}
+            ) as r:
+                r.read()
+        hint = {"X-Tailserve-Tier": "large"}
+        assert ask(gw.url, chat["messages"][0]["content"]).status_code == 200  # within 5 s: served
+        start = time.monotonic()
+        r = httpx.post(
+            gw.url + "/v1/chat/completions",
+            json={"model": "m", **chat},
+            headers={**hint, "X-Tailserve-TTFT-SLO": "0.05"},  # no tier predicts 50 ms
+        )
+        assert time.monotonic() - start < 0.25  # answered at once, not after a 0.3 s first token
+        assert r.status_code == 503 and r.json()["error"]["code"] == "slo_unreachable"
+        assert r.headers["x-tailserve-degraded"] == "shed" and int(r.headers["retry-after"]) >= 1
+        assert gw.metric("degraded_total", reason="shed") == 1

@@ -165,7 +165,10 @@ def test_degrade_walks_the_order() -> None:
     assert (c.tier, c.reason) == ("medium", "ttft_slo")
     assert degrade("large", order, {"large": float("inf"), "medium": None}, 1.0).reason == "unavailable"
     c = degrade("large", order, {"large": 2.0, "medium": 3.0, "small": 4.0}, 1.0)
-    assert (c.tier, c.reason) == ("large", None)  # nothing is faster: stay
+    assert (c.tier, c.reason, c.late) == ("large", None, 2.0)  # nothing is faster: stay, late
+    c = degrade("large", order, {"large": 2.0, "medium": 3.0, "small": 1.5}, 1.0)
+    assert (c.tier, c.reason, c.late) == ("small", "ttft_slo", 1.5)  # the fastest, still late
+    assert degrade("large", order, {"large": 2.0, "medium": 0.5}, 1.0).late is None  # medium meets it
     assert degrade("small", order, {"small": 9.0}, 1.0).tier == "small"  # the last has nowhere to go
     assert degrade("large", ["small", "large"], {"large": 9.0}, 1.0).tier == "large"  # order says so
     assert degrade("large", order, {"large": None}, 1.0).reason is None  # unknown: no evidence

@@ -7,7 +7,10 @@ this module feeds them the gateway's state and says what it did:
 - `X-Tailserve-Tier`: the tier that answered (also the request header that hints a tier);
 - `X-Tailserve-Degraded`: the reason, when the answer came from a smaller tier than routed, and the
   body's `tailserve` extension field (`{"tier", "routed_tier", "degraded"}`) on whole answers;
-- `X-Tailserve-Escalated`: the check the small tier's answer failed, when it was re-run.
+- `X-Tailserve-Escalated`: the check the small tier's answer failed, when it was re-run;
+- with `degrade.shed`, a request no tier is predicted to serve within its SLO is answered 503 at once
+  (`slo_unreachable`, Retry-After the best predicted TTFT, `X-Tailserve-Degraded: shed`): a client
+  with a deadline learns now that it will be missed, and the tiers' queues stop growing past it.
 
 A degraded request is not escalated: re-running it on the tier that was too slow would undo the SLO
 the degrade kept. Streams are not escalated either: their bytes have reached the client.
@@ -16,10 +19,12 @@ the degrade kept. Streams are not escalated either: their bytes have reached the
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+from tailserve.api.errors import ApiError
 from tailserve.gateway.attempts import Answer, Attempts, Call
 from tailserve.gateway.config import GatewayConfig
 from tailserve.gateway.hedge import Hedger
@@ -95,6 +100,9 @@ class Groups:
             slo = _seconds(headers.get(SLO_HEADER)) or group.degrade.ttft_slo
             tokens = prompt_chars(call.body) / CHARS_PER_TOKEN
             choice = degrade(tier, group.degrade.order, self.predicted(group, tokens), slo)
+            if group.degrade.shed and choice.late is not None:
+                self.metrics.degraded.labels(group.name, choice.tier, "shed").inc()
+                return _shed(call.model, slo, choice.late), {DEGRADED_HEADER: "shed"}
             tier, reason = choice.tier, choice.reason
             if reason is not None:
                 self.metrics.degraded.labels(group.name, tier, reason).inc()
@@ -154,3 +162,17 @@ def _marked(answer: Answer, note: dict[str, str]) -> Answer:
         return answer
     data["tailserve"] = note
     return replace(answer, body=json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def _shed(model: str, slo: float, predicted: float) -> Answer:
+    """The answer to a request that no tier is predicted to serve within its TTFT SLO."""
+    wait = 60 if math.isinf(predicted) else max(1, math.ceil(predicted))
+    return Answer.error(
+        ApiError(
+            503,
+            f"no tier of {model!r} is predicted to give a first token within the request's TTFT SLO "
+            f"({slo:g} s; the fastest predicts {predicted:.2f} s); retry later",
+            code="slo_unreachable",
+            headers={"Retry-After": str(wait)},
+        )
+    )

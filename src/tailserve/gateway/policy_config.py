@@ -49,6 +49,9 @@ class RouterSpec(_Strict):
 class DegradeSpec(_Strict):
     ttft_slo: float = Field(gt=0)  # seconds; a request's X-Tailserve-TTFT-SLO header overrides it
     order: list[str] = Field(min_length=2)  # tiers, the first to give way first
+    # When no tier is predicted to meet the SLO: answer 503 + Retry-After at once (reason "shed")
+    # instead of serving late. Off: the fastest tier serves it, late.
+    shed: bool = False
 
 
 class GroupSpec(_Strict):

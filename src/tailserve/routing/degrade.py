@@ -58,6 +58,7 @@ def tier_ttft(signals: Sequence[TtftSignal], prompt_tokens: float) -> float | No
 class DegradeChoice:
     tier: str
     reason: str | None  # None: not degraded; "ttft_slo" (predicted over the SLO); "unavailable"
+    late: float | None = None  # the chosen tier's predicted TTFT, when even it is over the SLO
 
 
 def degrade(
@@ -65,7 +66,8 @@ def degrade(
 ) -> DegradeChoice:
     """The tier to use for a request routed to `tier` with TTFT SLO `slo` seconds. Only tiers after
     `tier` in `order` are candidates; the first that meets the SLO wins, else the one predicted
-    fastest. A tier not in `order` never degrades."""
+    fastest, marked `late` with its prediction (the caller may shed the request: no tier can meet its
+    SLO). A tier not in `order` never degrades."""
     mine = predicted.get(tier)
     if tier not in order or mine is None or mine <= slo:
         return DegradeChoice(tier, None)
@@ -76,7 +78,7 @@ def degrade(
         if p is None or p <= slo:
             return DegradeChoice(t, reason)
     best = min([tier, *rest], key=lambda t: predicted.get(t) or 0.0)
-    return DegradeChoice(best, reason if best != tier else None)
+    return DegradeChoice(best, reason if best != tier else None, predicted.get(best))
 
 
 @dataclass
