@@ -7,8 +7,9 @@
 - tiers: SmolLM2-135M as the small tier and Gemma 3 270M as the large one behind one group; a mixed
   workload (short questions, code, math, long documents) through the group's router, and the same
   workload sent to the large tier alone: share per tier, router latency, TTFT and e2e p50/p99.
-- degrade: bursts that overload the large tier, through a group with degrade (TTFT SLO) and one without:
-  TTFT p99 and the share degraded.
+- degrade: bursts that overload the large tier, through a group with degrade (TTFT SLO), one that also
+  sheds what no tier can serve in time, and one without: TTFT p99 (of the served), the shares
+  degraded and shed.
 
     .venv/bin/python benchmarks/latency_policies.py [--parts hedge,tiers,degrade] [--rounds 4]
 """
@@ -267,7 +268,8 @@ def run_tiers(args: argparse.Namespace, gw: str) -> dict:
 
 def run_degrade(args: argparse.Namespace, gw: str) -> dict:
     rng = random.Random(3)
-    pooled: dict[str, list[dict]] = {"on": [], "off": []}
+    models = {"on": "degrade", "off": "plain", "shed": "shed"}
+    pooled: dict[str, list[dict]] = {name: [] for name in models}
 
     def bodies(model: str, n: int) -> list[dict]:
         text = " ".join(rng.choice(["sun", "rain", "wind", "snow", "fog"]) for _ in range(150))
@@ -281,16 +283,19 @@ def run_degrade(args: argparse.Namespace, gw: str) -> dict:
     unloaded = q([r["ttft"] for r in warm], 0.5) or 1.0
     slo = args.slo or round(args.slo_factor * unloaded, 2)
     headers = {**hint, "x-tailserve-ttft-slo": str(slo)}
+    names = list(models)
     for rnd in range(args.rounds):
-        for name in ("on", "off") if rnd % 2 == 0 else ("off", "on"):
-            model = "degrade" if name == "on" else "plain"
-            pooled[name] += asyncio.run(burst(gw, bodies(model, args.burst), headers))
+        for name in names[rnd % 3 :] + names[: rnd % 3]:  # each setting leads a round in turn
+            pooled[name] += asyncio.run(burst(gw, bodies(models[name], args.burst), headers))
             time.sleep(1.0)
     out: dict[str, Any] = {}
     for name, rs in pooled.items():
+        shed = [r for r in rs if r["status"] == 503 and r["degraded"] == "shed"]
+        served = [r for r in rs if r not in shed]
         out[name] = {
-            **latency(rs),
-            "degraded_share": round(sum(r["degraded"] is not None for r in rs) / len(rs), 3),
+            **latency(served),  # shed requests have no TTFT: the percentiles are the served ones'
+            "shed_share": round(len(shed) / len(rs), 3),
+            "degraded_share": round(sum(r["degraded"] not in (None, "shed") for r in rs) / len(rs), 3),
             "within_slo_share": round(
                 sum(r["ttft"] is not None and r["ttft"] <= slo for r in rs) / len(rs), 3
             ),
@@ -340,6 +345,12 @@ def main() -> None:
                         "group": {
                             "tiers": tiers,
                             "degrade": {"ttft_slo": 10.0, "order": ["large", "small"]},
+                        }
+                    },
+                    "shed": {
+                        "group": {
+                            "tiers": tiers,
+                            "degrade": {"ttft_slo": 10.0, "order": ["large", "small"], "shed": True},
                         }
                     },
                 },
