@@ -56,6 +56,7 @@ def check_error(r: httpx.Response, status: int, code: str | None = None, param: 
         ("/v1/chat/completions", {**CHAT, "min_tokens": 5}, "min_tokens"),
         ("/v1/chat/completions", {**CHAT, "stop": [""]}, "stop"),
         ("/v1/chat/completions", {**CHAT, "timeout": -1}, "timeout"),
+        ("/v1/chat/completions", {**CHAT, "timeout": 1e308}, "timeout"),
         ("/v1/completions", {**COMPLETION, "prompt": ""}, "prompt"),
         ("/v1/completions", {**COMPLETION, "prompt": []}, "prompt"),
         ("/v1/completions", {**COMPLETION, "prompt": [1, "a"]}, "prompt"),

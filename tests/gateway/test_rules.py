@@ -182,6 +182,15 @@ def test_tailserve_backends_get_the_remaining_time_as_timeout() -> None:
         assert max(timeouts) < 5.0  # the second attempt got what was left, not the whole 5 s
 
 
+def test_a_timeout_past_a_day_is_400_not_an_overflow() -> None:
+    with fakes(Fake()) as (f,):
+        with gateway({"models": {"m": {"backends": [{"url": f.url, "kind": "tailserve"}]}}}) as gw:
+            r = httpx.post(gw.url + "/v1/chat/completions", json=chat(timeout=1e308))  # the fuzzer's case
+            assert r.status_code == 400 and r.json()["error"]["param"] == "timeout"
+            assert httpx.post(gw.url + "/v1/chat/completions", json=chat(timeout=86_400)).status_code == 200
+        assert len(f.requests) == 1
+
+
 def test_stream_passes_chunks_through_as_they_come() -> None:
     with fakes(Fake(chunks=4, gap=0.3)) as (f,), gateway(one_model(f.url)) as gw:
         stamps, lines = [], []

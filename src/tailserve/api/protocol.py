@@ -25,6 +25,11 @@ MAX_TOP_LOGPROBS = 20
 # --- requests --------------------------------------------------------------------------------------
 
 
+# A request's `timeout` longer than a day is a mistake, not a deadline: it is refused (400), so no
+# deadline arithmetic meets a number it cannot turn into milliseconds (1e308 s overflowed the gateway).
+MAX_TIMEOUT = 86_400.0
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -52,7 +57,7 @@ class _Common(BaseModel):
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     priority: int = 0
-    timeout: float | None = Field(None, gt=0.0)  # seconds from arrival; overdue work is aborted
+    timeout: float | None = Field(None, gt=0.0, le=MAX_TIMEOUT)  # seconds from arrival; overdue: aborted
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     response_format: dict[str, Any] | None = None
@@ -230,7 +235,7 @@ class RoutingFields(BaseModel):
 
     model: str
     stream: bool = False
-    timeout: float | None = Field(None, gt=0.0)  # seconds; the request's deadline, shared by all attempts
+    timeout: float | None = Field(None, gt=0.0, le=MAX_TIMEOUT)  # seconds; one deadline for all attempts
     user: str | None = None
 
 
