@@ -7,7 +7,9 @@ import time
 
 import httpx
 import pytest
+import uvloop
 
+from tailserve.gateway.attempts import _sleep_until
 from tests.gateway.conftest import Fake, chat, dead_url, fakes, gateway
 
 
@@ -74,6 +76,22 @@ def test_short_retry_after_is_waited_for_when_nothing_else_serves() -> None:
         assert r.status_code == 200
         assert 0.3 <= time.monotonic() - start < 1.5
         assert len(f.requests) == 2
+
+
+def test_the_wait_for_a_retry_after_never_ends_early_on_uvloop() -> None:
+    """uvloop's timers have millisecond grain and fire up to a millisecond early; waking before
+    the backend's cool-down ends made the wait above pass the 429 on, one run in a few hundred."""
+    early: list[float] = []
+
+    async def waits() -> None:
+        for i in range(60):
+            wake = time.monotonic() + 0.002 + i * 1.7e-5
+            await _sleep_until(wake)
+            if time.monotonic() < wake:
+                early.append(wake - time.monotonic())
+
+    uvloop.run(waits())
+    assert early == []
 
 
 def test_long_retry_after_is_passed_on_at_once() -> None:

@@ -134,7 +134,7 @@ class Attempts:
                 hint = min(self.pools[m].chooser.wait_hint(now) for m in chain)
                 if not waited and 0 < hint <= min(self.retry.max_wait, remaining):
                     waited = True  # once: a short Retry-After is worth waiting for, a long one is not
-                    await asyncio.sleep(hint)
+                    await _sleep_until(now + hint)
                     link, per_model, tried = 0, 0, set()
                     continue
                 return last or self._unavailable(call.model, hint)
@@ -268,3 +268,10 @@ def _failed(result: object) -> bool:
 
 def _passed(response: Response) -> dict[str, str]:
     return {h: response.headers[h] for h in PASS_HEADERS if h in response.headers}
+
+
+async def _sleep_until(wake: float) -> None:
+    """Sleep until `time.monotonic()` reaches `wake`: uvloop's millisecond timers can fire early, and
+    a backend still cooling for a few hundred microseconds would turn the wait into a failure."""
+    while (left := wake - time.monotonic()) > 0:
+        await asyncio.sleep(left)
