@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
+from starlette.types import Receive
 
 from tailserve.api.errors import ApiError, validation_error
 
@@ -74,22 +75,42 @@ def validate(obj: Any, cls: type[M]) -> M:
         raise validation_error(e) from None
 
 
-async def _until_disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+class CancelOnDisconnect:
+    """`async with CancelOnDisconnect(receive):` runs its body in the request's own task and, if the
+    client disconnects first, cancels that body (so its own cleanup runs) and raises `ClientGone`.
 
+    One watcher task per request, as `asyncio.timeout` does it: handing the work to a second task
+    (`asyncio.wait`) or to an anyio task group (Starlette's streaming response on ASGI < 2.4, which
+    uvicorn speaks) cost a measurable share of a zero-work gateway hop. A cancellation from outside
+    (shutdown) is not the client's and passes through unchanged.
+    """
 
-async def unless_disconnected(request: Request, aw: Any) -> Any:
-    """Await `aw`, cancelling it (so its own cleanup runs) if the client leaves first: `ClientGone`."""
-    work = asyncio.ensure_future(aw)
-    watch = asyncio.ensure_future(_until_disconnected(request))
-    try:
-        await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not work.done():
-            work.cancel()
-            await asyncio.wait((work,))
-    if work.cancelled():
-        raise ClientGone
-    return work.result()
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._open = False
+        self._fired = False
+
+    async def __aenter__(self) -> CancelOnDisconnect:
+        task = asyncio.current_task()
+        assert task is not None, "CancelOnDisconnect needs a task"
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._open = True
+        self._watch = asyncio.get_running_loop().create_task(self._until_gone())
+        return self
+
+    async def _until_gone(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        if self._open:
+            self._fired = True
+            self._task.cancel()
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        self._open = False
+        self._watch.cancel()
+        if not self._fired:
+            return
+        outside = self._task.uncancel() > self._cancelling
+        if not outside and (kind is None or issubclass(kind, asyncio.CancelledError)):
+            raise ClientGone from None

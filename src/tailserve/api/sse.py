@@ -16,6 +16,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from tailserve.api.errors import ApiError
+from tailserve.api.http import CancelOnDisconnect, ClientGone
 
 DONE = "data: [DONE]\n\n"
 # No caching, and no buffering in a reverse proxy (nginx honours X-Accel-Buffering) between us and the client.
@@ -46,7 +47,10 @@ class SSEResponse(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            async with CancelOnDisconnect(receive):
+                await self.stream_response(send)
+        except ClientGone:
+            pass
         finally:
             with contextlib.suppress(RuntimeError):  # still running in a task being cancelled
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]

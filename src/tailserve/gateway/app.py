@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import JSONResponse, Response
 
 from tailserve.api.errors import ApiError, error_response, install_error_handlers
-from tailserve.api.http import ClientGone, read_json, require_key, unless_disconnected, validate
+from tailserve.api.http import CancelOnDisconnect, ClientGone, read_json, require_key, validate
 from tailserve.api.ids import HEADER as REQUEST_ID
 from tailserve.api.ids import request_id
 from tailserve.api.openapi import documented_app
@@ -204,7 +204,8 @@ async def _handle(gw: Gateway, request: Request, route: str, prefix: str) -> Res
             headers=headers,
             span=span,
         )
-        result, said = await unless_disconnected(request, gw.serve(call, request.headers))
+        async with CancelOnDisconnect(request.receive):
+            result, said = await gw.serve(call, request.headers)
         if isinstance(result, Relay):
             status = 200
             gw.metrics.requests.labels(model, result.upstream.name, "200").inc()

@@ -249,10 +249,7 @@ class Client:
         data = "".join(head).encode("latin-1") + request.content
         t = request.timeout
         if self._slots is not None:
-            try:
-                await asyncio.wait_for(self._slots.acquire(), t.pool)
-            except asyncio.TimeoutError:
-                raise PoolTimeout("no connection to the backend free in time") from None
+            await self._take_slot(t.pool)
         try:
             for fresh in (False, True):
                 conn = None if fresh else self._pooled(origin)
@@ -274,6 +271,18 @@ class Client:
             if self._slots is not None:
                 self._slots.release()
             raise
+
+    async def _take_slot(self, timeout: float | None) -> None:
+        """A connection slot; `wait_for` only when none is free, since it runs the acquire as a task
+        of its own, a loop turn (~0.2 ms of a zero-work hop) that a free slot does not need."""
+        assert self._slots is not None
+        if not self._slots.locked():
+            await self._slots.acquire()  # free: returns without suspending
+            return
+        try:
+            await asyncio.wait_for(self._slots.acquire(), timeout)
+        except asyncio.TimeoutError:
+            raise PoolTimeout("no connection to the backend free in time") from None
 
     def _pooled(self, origin: tuple[str, str, int]) -> _Conn | None:
         idle = self._idle.get(origin)

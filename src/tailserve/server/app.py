@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import JSONResponse, Response
 
 from tailserve.api.errors import ApiError, error_response, install_error_handlers
-from tailserve.api.http import ClientGone, unless_disconnected
+from tailserve.api.http import CancelOnDisconnect, ClientGone
 from tailserve.api.ids import request_id
 from tailserve.api.openapi import documented_app
 from tailserve.api.protocol import ChatCompletionRequest, CompletionRequest
@@ -192,7 +192,8 @@ async def _handle(server: OpenAIServer, request: Request, cls: type[R], prefix: 
             record.outputs = gen.outputs
         events = gen.events()
         try:
-            first = await unless_disconnected(request, events.__anext__())
+            async with CancelOnDisconnect(request.receive):
+                first = await events.__anext__()
         except ValueError as e:  # the engine's own input checks, made before it queues anything
             raise ApiError(400, str(e), param=what, code="invalid_value") from None
         if len(subs) == 1 and first[1].finished and (err := finish_error(gen, first[1])) is not None:
@@ -209,7 +210,8 @@ async def _handle(server: OpenAIServer, request: Request, cls: type[R], prefix: 
             )
             handed_off = True  # the response closes the generation when the stream ends
             return response
-        body = await unless_disconnected(request, collect(server, req, gen, events, first, rid, created))
+        async with CancelOnDisconnect(request.receive):
+            body = await collect(server, req, gen, events, first, rid, created)
         return JSONResponse(body, headers={"X-Request-ID": rid})
     except ApiError as e:
         obs.rejected(record, e.status, e.code)

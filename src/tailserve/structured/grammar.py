@@ -21,9 +21,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("tailserve.structured")
 
@@ -118,8 +119,7 @@ class Matcher:
 
         Straight to llguidance's pointer API: `llguidance.torch` would import torch.compile's
         machinery (~1.4 s) at the first request."""
-        if mask.dtype != torch.int32 or not mask.is_contiguous() or mask.device.type != "cpu":
-            raise ValueError("the token bitmask must be a contiguous int32 CPU tensor")
+        _check_bitmask(mask)
         v = mask[row]
         self._m.unsafe_compute_mask_ptr(v.data_ptr(), v.numel() * 4)
 
@@ -141,6 +141,13 @@ class Matcher:
         return self._m.get_error() if self._m.is_error() else ""
 
 
+def _check_bitmask(mask: torch.Tensor) -> None:
+    import torch  # here, not at the top: the gateway imports this module for its request checks
+
+    if mask.dtype != torch.int32 or not mask.is_contiguous() or mask.device.type != "cpu":
+        raise ValueError("the token bitmask must be a contiguous int32 CPU tensor")
+
+
 def fill_masks(matchers: list[Matcher], mask: torch.Tensor) -> None:
     """Row k of `mask` ([len(matchers), words(vocab)] int32, contiguous) ← what matcher k allows next.
 
@@ -150,8 +157,7 @@ def fill_masks(matchers: list[Matcher], mask: torch.Tensor) -> None:
     the broken row is left all-allowed; its accept() then ends its request."""
     if not matchers:
         return
-    if mask.dtype != torch.int32 or not mask.is_contiguous() or mask.device.type != "cpu":
-        raise ValueError("the token bitmask must be a contiguous int32 CPU tensor")
+    _check_bitmask(mask)
     try:
         _executor().unsafe_compute_mask_ptr(
             [(m._m, k) for k, m in enumerate(matchers)], mask.data_ptr(), mask.shape[1] * 4, mask.shape[0]
