@@ -9,6 +9,11 @@
 3. 2 replicas × 1 thread vs 1 replica × 2 threads: output tokens/s at c=16.
 
     flock /work/bench.lock .venv/bin/python benchmarks/ray_serve.py [--rounds 3]
+        [--parts overhead,routing,shapes] [--default-path]
+
+The cluster runs on tailserve's data path (cluster/data_path.py: Ray Serve's throughput-optimized mode,
+the ingress replica serving HTTP itself); `--default-path` runs it on Ray Serve's defaults instead
+(the HTTP proxy actor in front of the ingress), for the comparison.
 """
 
 from __future__ import annotations
@@ -109,33 +114,44 @@ def completion(prompt: str, tokens: int = 32) -> dict:
     }
 
 
-def deploy(serve, cluster_kw: dict, engine_kw: dict, name: str) -> None:
+def deploy(serve, cluster_kw: dict, engine_kw: dict, name: str, ingress_node: str | None = None) -> None:
     from tailserve.cluster.app import build
     from tailserve.cluster.config import ClusterConfig
     from tailserve.config import EngineConfig, ServerConfig
 
     engine = EngineConfig(model=MODEL, **{**ENGINE, **engine_kw})
     server = ServerConfig(request_log=False)
-    serve.run(build(ClusterConfig(**cluster_kw), engine, server, MODEL), name=name, route_prefix="/")
+    app = build(ClusterConfig(**cluster_kw), engine, server, MODEL, ingress_node)
+    serve.run(app, name=name, route_prefix="/")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--parts", default="overhead,routing,shapes")
+    ap.add_argument("--default-path", action="store_true", help="Ray Serve's default data path")
+    ap.add_argument("--tag", default="", help="recorded/ray_serve-TAG.json instead of ray_serve.json")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    from tailserve.cluster import data_path
+
+    ray_port, plain_port = free_port(), free_port()
+    path_env = {} if args.default_path else data_path.use(ray_port)  # before Ray Serve is imported
     import ray
     from ray import serve
 
     results: dict = {
         "commit": subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-        ).stdout.strip()
+        ).stdout.strip(),
+        "data_path": "ray-default" if args.default_path else "tailserve",
     }
-    env = {"PYTHONPATH": str(ROOT / "src")}
+    env = {"PYTHONPATH": str(ROOT / "src"), **path_env}
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
-    ray_port, plain_port = free_port(), free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": ray_port})
+    proxy_port = ray_port if args.default_path else free_port()  # ours: the ingress serves ray_port
+    serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
+    here = None if args.default_path else ray.util.get_node_ip_address()
     ray_url, plain_url = f"http://127.0.0.1:{ray_port}", f"http://127.0.0.1:{plain_port}"
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items()]
     plain = subprocess.Popen(
@@ -154,97 +170,104 @@ def main() -> int:
         stderr=subprocess.DEVNULL,
     )
     try:
-        # 1. overhead
-        deploy(serve, {"replicas": 1, "replica_cpus": 1.0, "ingress_cpus": 0.5}, {}, "bench")
-        wait_ready(ray_url)
-        wait_ready(plain_url)
-        for url in (ray_url, plain_url):  # warm both
-            asyncio.run(load(url, [completion("warm up")] * 4, 2))
-        overhead = {}
-        for c in (1, 16):
-            pooled: dict[str, dict[str, list[float]]] = {
-                "ray": {"ttft": [], "itl": []},
-                "serve": {"ttft": [], "itl": []},
-            }
+        if "overhead" in parts:
+            # 1. overhead
+            deploy(serve, {"replicas": 1, "replica_cpus": 1.0, "ingress_cpus": 0.5}, {}, "bench", here)
+            wait_ready(ray_url)
+            wait_ready(plain_url)
+            for url in (ray_url, plain_url):  # warm both
+                asyncio.run(load(url, [completion("warm up")] * 4, 2))
+            overhead = {}
+            for c in (1, 16):
+                pooled: dict[str, dict[str, list[float]]] = {
+                    "ray": {"ttft": [], "itl": []},
+                    "serve": {"ttft": [], "itl": []},
+                }
+                for r in range(args.rounds):
+                    order = [("ray", ray_url), ("serve", plain_url)]
+                    for name, url in order if r % 2 == 0 else order[::-1]:
+                        bodies = [
+                            completion(f"Request {r}-{i}: tell me about the sea.")
+                            for i in range(args.requests)
+                        ]
+                        got = asyncio.run(load(url, bodies, c))
+                        pooled[name]["ttft"] += got["ttft"]
+                        pooled[name]["itl"] += got["itl"]
+                overhead[c] = {
+                    n: {
+                        "ttft_p50": q(v["ttft"], 0.5),
+                        "ttft_p99": q(v["ttft"], 0.99),
+                        "itl_p50": q(v["itl"], 0.5),
+                        "itl_p99": q(v["itl"], 0.99),
+                    }
+                    for n, v in pooled.items()
+                }
+                print(f"c={c}", json.dumps(overhead[c]), flush=True)
+            results["overhead"] = overhead
+            serve.delete("bench")
+
+        if "routing" in parts:
+            # 2. routing
+            rng = random.Random(0)
+            systems = [
+                f"System {k}: "
+                + " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "sea", "sky"]) for _ in range(250))
+                for k in range(8)
+            ]
+            routing: dict[str, dict[str, list[float]]] = {}
             for r in range(args.rounds):
-                order = [("ray", ray_url), ("serve", plain_url)]
-                for name, url in order if r % 2 == 0 else order[::-1]:
+                for router in ["affinity", "ray"] if r % 2 == 0 else ["ray", "affinity"]:
+                    deploy(
+                        serve,
+                        {"replicas": 2, "replica_cpus": 1.0, "ingress_cpus": 0.5, "router": router},
+                        {},
+                        "bench",
+                        here,
+                    )
+                    wait_ready(ray_url)
+                    order = random.Random(r).choices(range(8), k=48)
                     bodies = [
-                        completion(f"Request {r}-{i}: tell me about the sea.") for i in range(args.requests)
+                        completion(systems[k] + f"\nQuestion {i}: why?", 8) for i, k in enumerate(order)
                     ]
-                    got = asyncio.run(load(url, bodies, c))
-                    pooled[name]["ttft"] += got["ttft"]
-                    pooled[name]["itl"] += got["itl"]
-            overhead[c] = {
+                    got = asyncio.run(load(ray_url, bodies, 8))
+                    into = routing.setdefault(router, {"ttft": [], "hit": []})
+                    into["ttft"] += got["ttft"]
+                    into["hit"] += got["hit"]
+                    serve.delete("bench")
+            results["routing"] = {
                 n: {
+                    "hit_rate": statistics.mean(v["hit"]),
                     "ttft_p50": q(v["ttft"], 0.5),
                     "ttft_p99": q(v["ttft"], 0.99),
-                    "itl_p50": q(v["itl"], 0.5),
-                    "itl_p99": q(v["itl"], 0.99),
                 }
-                for n, v in pooled.items()
+                for n, v in routing.items()
             }
-            print(f"c={c}", json.dumps(overhead[c]), flush=True)
-        results["overhead"] = overhead
-        serve.delete("bench")
+            print("routing", json.dumps(results["routing"]), flush=True)
 
-        # 2. routing
-        rng = random.Random(0)
-        systems = [
-            f"System {k}: "
-            + " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "sea", "sky"]) for _ in range(250))
-            for k in range(8)
-        ]
-        routing: dict[str, dict[str, list[float]]] = {}
-        for r in range(args.rounds):
-            for router in ["affinity", "ray"] if r % 2 == 0 else ["ray", "affinity"]:
-                deploy(
-                    serve,
-                    {"replicas": 2, "replica_cpus": 1.0, "ingress_cpus": 0.5, "router": router},
-                    {},
-                    "bench",
-                )
-                wait_ready(ray_url)
-                order = random.Random(r).choices(range(8), k=48)
-                bodies = [completion(systems[k] + f"\nQuestion {i}: why?", 8) for i, k in enumerate(order)]
-                got = asyncio.run(load(ray_url, bodies, 8))
-                into = routing.setdefault(router, {"ttft": [], "hit": []})
-                into["ttft"] += got["ttft"]
-                into["hit"] += got["hit"]
-                serve.delete("bench")
-        results["routing"] = {
-            n: {
-                "hit_rate": statistics.mean(v["hit"]),
-                "ttft_p50": q(v["ttft"], 0.5),
-                "ttft_p99": q(v["ttft"], 0.99),
+        if "shapes" in parts:
+            # 3. 2 replicas x 1 thread vs 1 replica x 2 threads
+            shapes = {
+                "2x1": ({"replicas": 2, "replica_cpus": 1.0}, {"num_threads": 1}),
+                "1x2": ({"replicas": 1, "replica_cpus": 2.0}, {"num_threads": 2}),
             }
-            for n, v in routing.items()
-        }
-        print("routing", json.dumps(results["routing"]), flush=True)
-
-        # 3. 2 replicas x 1 thread vs 1 replica x 2 threads
-        shapes = {
-            "2x1": ({"replicas": 2, "replica_cpus": 1.0}, {"num_threads": 1}),
-            "1x2": ({"replicas": 1, "replica_cpus": 2.0}, {"num_threads": 2}),
-        }
-        tput: dict[str, list[float]] = {}
-        for r in range(args.rounds):
-            for name in ["2x1", "1x2"] if r % 2 == 0 else ["1x2", "2x1"]:
-                ckw, ekw = shapes[name]
-                deploy(serve, {**ckw, "ingress_cpus": 0.5}, ekw, "bench")
-                wait_ready(ray_url)
-                bodies = [completion(f"Shape {r}-{i}: a story") for i in range(args.requests)]
-                got = asyncio.run(load(ray_url, bodies, 16))
-                tput.setdefault(name, []).append(got["tokens"] / got["wall"])
-                serve.delete("bench")
-        results["shapes"] = {n: statistics.median(v) for n, v in tput.items()}
-        print("shapes", json.dumps(results["shapes"]), flush=True)
+            tput: dict[str, list[float]] = {}
+            for r in range(args.rounds):
+                for name in ["2x1", "1x2"] if r % 2 == 0 else ["1x2", "2x1"]:
+                    ckw, ekw = shapes[name]
+                    deploy(serve, {**ckw, "ingress_cpus": 0.5}, ekw, "bench", here)
+                    wait_ready(ray_url)
+                    bodies = [completion(f"Shape {r}-{i}: a story") for i in range(args.requests)]
+                    got = asyncio.run(load(ray_url, bodies, 16))
+                    tput.setdefault(name, []).append(got["tokens"] / got["wall"])
+                    serve.delete("bench")
+            results["shapes"] = {n: statistics.median(v) for n, v in tput.items()}
+            print("shapes", json.dumps(results["shapes"]), flush=True)
     finally:
         plain.terminate()
         plain.wait(timeout=30)
         serve.shutdown()
         ray.shutdown()
-    out = ROOT / "benchmarks" / "recorded" / "ray_serve.json"
+    out = ROOT / "benchmarks" / "recorded" / f"ray_serve{'-' + args.tag if args.tag else ''}.json"
     out.write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
     return 0

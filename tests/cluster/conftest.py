@@ -17,6 +17,7 @@ ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip ins
 from ray import serve  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from tailserve.cluster import data_path  # noqa: E402
 from tailserve.cluster.app import build  # noqa: E402
 from tailserve.cluster.config import REPLICA_DEPLOYMENT, ClusterConfig  # noqa: E402
 from tailserve.config import EngineConfig, ServerConfig  # noqa: E402
@@ -63,6 +64,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="package")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
     folder = write_hf_folder(tmp_path_factory.mktemp("cluster") / "tiny")
+    port = _free_port()
+    saved = dict(os.environ)
+    path_env = data_path.use(port)  # the nodes' processes inherit it, as `tailserve serve`'s do
     nodes = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 2, "include_dashboard": False},
@@ -72,11 +76,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
         "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
         # the tiny model runs PyTorch ops: no wait on a kernels build another process holds
         "TAILSERVE_DISABLE_KERNELS": "1",
+        **path_env,
     }
     ray.init(address=nodes.address, runtime_env={"env_vars": env})
-    port = _free_port()
     try:
-        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": _free_port()})
         engine = EngineConfig(
             model=str(folder),
             dtype="float32",
@@ -99,9 +103,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
             stats_period=0.25,
             ingress_cpus=0.25,
         )
-        handle = serve.run(build(shape, engine, server, MODEL), name=APP, route_prefix="/")
+        here = ray.util.get_node_ip_address()
+        handle = serve.run(build(shape, engine, server, MODEL, here), name=APP, route_prefix="/")
         yield LiveCluster(f"http://127.0.0.1:{port}", handle)
     finally:
         serve.shutdown()
         ray.shutdown()
         nodes.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)

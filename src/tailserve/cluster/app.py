@@ -61,14 +61,22 @@ def replica_options(cluster: ClusterConfig, engine: EngineConfig, server: Server
 
 
 def build(
-    cluster: ClusterConfig, engine: EngineConfig, server: ServerConfig, model_name: str
+    cluster: ClusterConfig,
+    engine: EngineConfig,
+    server: ServerConfig,
+    model_name: str,
+    ingress_node: str | None = None,
 ) -> serve.Application:
-    """The application: `serve.run(build(...))` deploys it."""
+    """The application: `serve.run(build(...))` deploys it. `ingress_node` (an IP) pins the ingress to
+    that node, where it serves HTTP itself (data_path.py): the address the user was given."""
     engine = dataclasses.replace(engine, num_threads=engine.num_threads or cluster.threads())
     replica = serve.deployment(EngineReplica).options(**replica_options(cluster, engine, server))
     ingress = serve.deployment(serve.ingress()(Ingress)).options(
         name="ingress",
-        ray_actor_options={"num_cpus": cluster.ingress_cpus},
+        ray_actor_options={
+            "num_cpus": cluster.ingress_cpus,
+            **({"resources": {f"node:{ingress_node}": 0.001}} if ingress_node else {}),
+        },
         max_ongoing_requests=10_000,  # the replicas and their queue cap decide what waits, not the ingress
     )
     return ingress.bind(replica.bind(engine, server, model_name), server)

@@ -2,8 +2,8 @@
 
 With `--replicas` alone, a local Ray is started for this process (and stopped with it); with
 `--ray-address`, the app is deployed onto that cluster (`ray start` on every node; the tailserve
-package and the model must be installed on each node). The HTTP front is Ray Serve's proxy on
-`--host:--port`, in front of our ingress. SIGTERM to this process drains the replicas and stops.
+package and the model must be installed on each node). The HTTP front is the ingress replica itself,
+on this node's `--host:--port` (data_path.py). SIGTERM to this process drains the replicas and stops.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import logging
 import signal
 import threading
 
+from tailserve.cluster import data_path
 from tailserve.cluster.config import ClusterConfig
 from tailserve.config import EngineConfig, ServerConfig
+from tailserve.gateway.spawn import free_port
 
 log = logging.getLogger("tailserve.cluster")
 APP_NAME = "tailserve"
@@ -21,18 +23,22 @@ DELETE_SLACK = 10.0  # seconds past the drain grace that deleting the app may ta
 
 
 def serve_cluster(cluster: ClusterConfig, engine: EngineConfig, server: ServerConfig, model_name: str) -> int:
+    env = data_path.use(server.port)  # before Ray Serve is imported: it reads these once
+
     import ray
     from ray import serve
 
     from tailserve.cluster.app import build
 
     if cluster.ray_address is not None:
-        ray.init(address=cluster.ray_address)
+        ray.init(address=cluster.ray_address, runtime_env={"env_vars": env})
     else:
-        ray.init(include_dashboard=False)
+        ray.init(include_dashboard=False, runtime_env={"env_vars": env})
     try:
-        serve.start(http_options={"host": server.host, "port": server.port})
-        serve.run(build(cluster, engine, server, model_name), name=APP_NAME, route_prefix="/")
+        # The proxy gets a port of its own; the ingress replica listens on --port (data_path.py).
+        serve.start(http_options={"host": server.host, "port": free_port()})
+        here = ray.util.get_node_ip_address()
+        serve.run(build(cluster, engine, server, model_name, here), name=APP_NAME, route_prefix="/")
         log.info(
             "serving %s on %d replica(s) at http://%s:%d",
             model_name,
