@@ -23,9 +23,9 @@ def _fetch(args: argparse.Namespace) -> int:
     from tailserve.layers import kernels
     from tailserve.models.meta_cache import cached_config, cached_tokenizer
 
-    # The kernels compile (one core, in a compiler process) while the model downloads (network) and
-    # then its config and tokenizer caches fill (the other core): a fresh machine waits for the longest
-    # of these, not their sum.
+    # The kernels compile (compiler processes, their translation units in parallel) while the model
+    # downloads (network) and then its config and tokenizer caches fill: a fresh machine waits for the
+    # longest of these, not their sum.
     build = threading.Thread(target=kernels.ops, name="tailserve-kernels", daemon=True)
     build.start()
     path = resolve_model(args.model)

@@ -17,6 +17,8 @@
 
 namespace {
 
+using namespace tailserve;
+
 struct Reader {
   FILE* f;
   int64_t i64() {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tailserve.layers import kernels
@@ -55,3 +57,23 @@ def test_tiers_of_a_machine_family_end_with_portable() -> None:
     assert kernels.tiers_of("x86_64") == ["avx512-bf16", "avx512-vnni", "avx-vnni", "avx2", "portable"]
     assert kernels.tiers_of("aarch64") == ["neon-dotprod", "portable"]
     assert kernels.tiers_of("riscv64") == ["portable"]
+
+
+def test_every_unit_is_compiled_and_keyed(tmp_path: Path) -> None:
+    """A build compiles every .cpp of its folder (an older revision's one unit, or several) and its key
+    changes with any unit or header, so a stale unit never links with a fresh one."""
+    for name in ("kernels.cpp", "llama.cpp", "llama.h"):
+        (tmp_path / name).write_text("// a\n")
+    assert [p.name for p in kernels.sources(tmp_path)] == ["kernels.cpp", "llama.cpp"]
+    key = kernels._build_key(tmp_path, "avx2")
+    for name in ("llama.cpp", "llama.h"):
+        (tmp_path / name).write_text("// b\n")
+        assert kernels._build_key(tmp_path, "avx2") != key
+        key = kernels._build_key(tmp_path, "avx2")
+
+
+def test_the_kernels_build_as_parallel_units_without_the_whole_cpp_api() -> None:
+    """Issue 23: several units (ninja compiles them on every core), none parsing torch/extension.h."""
+    assert len(kernels.sources()) >= 2
+    for f in kernels.CSRC.glob("*.[ch]*"):
+        assert "#include <torch/extension.h>" not in f.read_text(), f.name

@@ -3,7 +3,7 @@
 #include "common.h"
 #include "simd.h"
 
-namespace {
+namespace tailserve {
 
 constexpr int64_t kTokenTile = 32;  // tokens scored together before their softmax update
 
@@ -345,4 +345,4 @@ inline void pair_attention_items(const PairAttentionArgs& a, int64_t begin, int6
   for (int64_t item = begin; item < end; ++item) item_fn(a, item / a.Hkv, item % a.Hkv);
 }
 
-}  // namespace
+}  // namespace tailserve

@@ -1,9 +1,10 @@
 // Shared helpers of the CPU kernels: bf16 widening, a vectorizable exp, and the AVX-512 helpers of the
 // PyTorch path's decode attention (the fused step's kernels use simd.h instead). Only the PyTorch
-// path's bf16 type needs PyTorch: TAILSERVE_KERNELS_ONLY builds the kernels alone (tests/native/).
+// path's bf16 type needs PyTorch (c10's header alone, not the whole of torch: every translation unit
+// parses this): TAILSERVE_KERNELS_ONLY builds the kernels alone (tests/native/).
 #pragma once
 #if !defined(TAILSERVE_KERNELS_ONLY)
-#include <torch/extension.h>
+#include <c10/util/BFloat16.h>
 #endif
 
 #include <algorithm>
@@ -17,7 +18,7 @@
 #include <immintrin.h>
 #endif
 
-namespace {
+namespace tailserve {
 
 inline float load_f(float v) { return v; }
 #if !defined(TAILSERVE_KERNELS_ONLY)
@@ -84,4 +85,4 @@ inline __m512 hsum16(__m512* v) {
 #endif
 
 
-}  // namespace
+}  // namespace tailserve

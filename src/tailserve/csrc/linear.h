@@ -5,7 +5,7 @@
 #include "common.h"
 #include "simd.h"
 
-namespace {
+namespace tailserve {
 
 // Packed weights: blocks of 32 output channels; within a block, K/2 "pair steps", each holding for
 // every channel two consecutive k values (vdpbf16ps' operand layout), as two 16-channel halves.
@@ -389,4 +389,4 @@ inline Input prepare_input(const PackedWeight& a, const uint16_t* x, int64_t ldx
   return in;
 }
 
-}  // namespace
+}  // namespace tailserve

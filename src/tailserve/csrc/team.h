@@ -26,14 +26,13 @@
 #define TAILSERVE_PAUSE() std::this_thread::yield()
 #endif
 
-namespace {
+namespace tailserve {
 
 class Team {
  public:
-  static Team& instance() {
-    static Team team;
-    return team;
-  }
+  // The one team of the module: defined in llama.cpp alone, so every translation unit that runs on the
+  // team (the step, peak_macs) shares one set of threads.
+  static Team& instance();
 
   ~Team() {
     {
@@ -130,4 +129,4 @@ class Team {
   alignas(64) std::atomic<uint32_t> generation_{0};
 };
 
-}  // namespace
+}  // namespace tailserve

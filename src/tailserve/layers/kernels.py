@@ -1,12 +1,14 @@
-"""The C++ CPU kernels (src/tailserve/csrc/kernels.cpp), compiled once per CPU tier and cached.
+"""The C++ CPU kernels (src/tailserve/csrc/*.cpp), compiled once per CPU tier and cached.
 
-One source, written over a thin vector layer (csrc/simd.h), is compiled per instruction-set tier with
-that tier's explicit flags (never -march=native, so a build is valid on every CPU of its tier), into
-`$TAILSERVE_HOME/torch_extensions/<name>-<tier>-<key>`. The tier is chosen at run time from the CPU's
-features, best first; `TAILSERVE_CPU_TIER=<tier>` caps the choice, so a machine can run (and test)
-every tier below its own. The first use of a tier builds it (a few tens of seconds); later starts only
-load the cached library. Where no build is possible (no compiler, CUDA-only use) callers fall back to
-plain PyTorch, and one log line says which path runs.
+One set of sources, written over a thin vector layer (csrc/simd.h), is compiled per instruction-set
+tier with that tier's explicit flags (never -march=native, so a build is valid on every CPU of its
+tier), into `$TAILSERVE_HOME/torch_extensions/<name>-<tier>-<key>`. The sources are several
+translation units (the bindings, the fused step, the single ops), which ninja compiles in parallel:
+a cold build's wall time is the longest unit's, not the sum. The tier is chosen at run time from the
+CPU's features, best first; `TAILSERVE_CPU_TIER=<tier>` caps the choice, so a machine can run (and
+test) every tier below its own. The first use of a tier builds it (a few tens of seconds); later starts
+only load the cached library. Where no build is possible (no compiler, CUDA-only use) callers fall back
+to plain PyTorch, and one log line says which path runs.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from tailserve.models.loader import cache_home
 log = logging.getLogger("tailserve.kernels")
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCE = CSRC / "kernels.cpp"  # includes the headers beside it
 
 _X86_BASE = ("avx2", "fma", "f16c")
 _AVX512 = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni")
@@ -115,7 +116,14 @@ def tier_flags(tier: str) -> list[str]:
 
 
 def _compile_flags(tier: str) -> list[str]:
-    return ["-O3", "-fopenmp", *tier_flags(tier)]
+    # Hidden: the units share names (namespace tailserve) through the linker, inside this module only;
+    # exported, they would meet another tier's module loaded in the same process (tests load several).
+    return ["-O3", "-fopenmp", "-fvisibility=hidden", *tier_flags(tier)]
+
+
+def sources(csrc: Path = CSRC) -> list[Path]:
+    """The translation units of a kernels folder: every .cpp in it (a revision with one unit or several)."""
+    return sorted(csrc.glob("*.cpp"))
 
 
 def _build_key(csrc: Path, tier: str) -> str:
@@ -150,7 +158,7 @@ def build(csrc: Path = CSRC, name: str = "tailserve_kernels", tier: str | None =
     folder.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name=module,
-        sources=[str(csrc / SOURCE.name)],
+        sources=[str(f) for f in sources(csrc)],
         build_directory=str(folder),
         extra_cflags=_compile_flags(tier),
         extra_ldflags=["-fopenmp"],
