@@ -247,20 +247,22 @@ class Tokenizer:
     def token_bytes(self) -> list[bytes]:
         """Each token's raw bytes as it appears mid-text (special tokens: b""), for grammar engines that
         match bytes against the vocabulary. Byte-level BPE maps GPT-2's printable alphabet back to bytes;
-        SentencePiece writes spaces as ▁ and unknown bytes as <0xNN>."""
+        SentencePiece writes spaces as ▁ and unknown bytes as <0xNN>. The grammar compiler builds this
+        as the server becomes ready, holding the GIL: C-level string operations
+        (translate, set inclusion) per token, not a Python loop over its characters."""
         special = {tid for tid, tok in self._backend.get_added_tokens_decoder().items() if tok.special}
+        alphabet = {ord(ch): b for b, ch in _gpt2_byte_alphabet().items()}  # character → its byte
+        printable = frozenset(_gpt2_byte_alphabet().values())
         byte_level = isinstance(self._backend.decoder, decoders.ByteLevel)
-        to_byte = {ch: b for b, ch in _gpt2_byte_alphabet().items()}
         out: list[bytes] = []
         for tid in range(self.vocab_size):
             piece = self._backend.id_to_token(tid)
             if piece is None or tid in special:
                 out.append(b"")
             elif byte_level:
-                out.append(
-                    bytes(to_byte[c] for c in piece) if all(c in to_byte for c in piece) else piece.encode()
-                )
-            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+                in_alphabet = printable.issuperset(piece)
+                out.append(piece.translate(alphabet).encode("latin-1") if in_alphabet else piece.encode())
+            elif piece.startswith("<0x") and _BYTE_PIECE.fullmatch(piece):
                 out.append(bytes([int(piece[3:5], 16)]))
             else:
                 out.append(piece.replace("▁", " ").encode())
@@ -462,6 +464,9 @@ def gguf_tokenizer_parts(path: Path) -> tuple[Backend, dict[str, Any]]:
         "chat_template": gguf_field(reader, "tokenizer.chat_template") or _default_template(reader),
         "vocab_size": len(tokens),
     }
+
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte fallback token
 
 
 @functools.cache

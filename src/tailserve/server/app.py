@@ -99,10 +99,10 @@ def build_app(
         return JSONResponse({"object": "list", "data": [model_card()]})
 
     @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str, request: Request) -> JSONResponse:
+    async def model(request: Request) -> JSONResponse:  # a typed parameter imports pydantic.v1 (0.1 s)
         try:
             server.check_auth(request)
-            if model_id != model_name:
+            if (model_id := request.path_params["model_id"]) != model_name:
                 raise ApiError(
                     404, f"the model {model_id!r} does not exist", param="model", code="model_not_found"
                 )
