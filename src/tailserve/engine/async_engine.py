@@ -36,14 +36,7 @@ SLOW_READER = "the client read the stream too slowly"
 class AsyncEngine:
     """Runs an LLMEngine on a dedicated thread; callers get async streams of RequestOutput deltas."""
 
-    def __init__(
-        self,
-        engine: LLMEngine,
-        max_buffered: int = MAX_BUFFERED_DELTAS,
-        grammars: GrammarCompiler | None = None,
-    ) -> None:
-        """`grammars`: a compiler already preparing the vocabulary (the server starts it before its
-        warm-up, whose steps leave the GIL to it); by default one is started here."""
+    def __init__(self, engine: LLMEngine, max_buffered: int = MAX_BUFFERED_DELTAS) -> None:
         self.engine = engine
         self.max_buffered = max_buffered
         self.failure: str | None = None  # why the engine thread ended, if it died
@@ -61,8 +54,11 @@ class AsyncEngine:
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="tailserve-engine", daemon=True)
         self.step_hooks: list[Callable[[LLMEngine, list[RequestOutput]], None]] = []
-        # The vocabulary is prepared in the background from the start (~0.3 s), not by a request.
-        self._grammars = grammars or start_grammar_compiler(engine)
+        self._grammars: GrammarCompiler | None = None
+        if engine.tokenizer is not None:
+            # The vocabulary is prepared in the background from the start (~0.5 s), not by a request.
+            with contextlib.suppress(GrammarError):  # the structured extra is not installed
+                self._grammars = self._grammar_compiler()
         self._thread.start()
 
     @classmethod
@@ -139,8 +135,14 @@ class AsyncEngine:
         if self._grammars is None:
             if self.engine.tokenizer is None:
                 raise GrammarError("structured outputs need a tokenizer")
-            self._grammars = grammar_compiler(self.engine)
+            self._grammars = self._grammar_compiler()
         return await self._grammars.compile_async(spec)
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        tokenizer = self.engine.tokenizer
+        return GrammarCompiler(
+            lambda: Vocabulary.of_tokenizer(tokenizer), timeout=self.engine.config.grammar_timeout
+        )
 
     def shutdown(self) -> None:
         self._stop = True
@@ -254,20 +256,3 @@ class AsyncEngine:
         for rid, (loop, q) in streams:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(q.put_nowait, self._error_output(rid))
-
-
-def grammar_compiler(engine: LLMEngine) -> GrammarCompiler:
-    """A compiler for the engine's vocabulary, whose preparation starts now on the compiler's thread
-    (GrammarError: the structured extra is not installed)."""
-    tokenizer = engine.tokenizer
-    return GrammarCompiler(lambda: Vocabulary.of_tokenizer(tokenizer), timeout=engine.config.grammar_timeout)
-
-
-def start_grammar_compiler(engine: LLMEngine) -> GrammarCompiler | None:
-    """`grammar_compiler(engine)` started now, or None without a tokenizer or the structured extra
-    (AsyncEngine then tries again itself, and a request learns why it cannot be served)."""
-    if engine.tokenizer is None:
-        return None
-    with contextlib.suppress(GrammarError):
-        return grammar_compiler(engine)
-    return None

@@ -59,23 +59,20 @@ def _serve(args: argparse.Namespace) -> int:
         import torch  # noqa: F401  (timed on its own: the largest import)
 
         timer.lap("import_torch", next_phase="engine_imports")
-        from tailserve.engine.async_engine import AsyncEngine, start_grammar_compiler
+        from tailserve.engine.async_engine import AsyncEngine
         from tailserve.engine.load import load_engine
-        from tailserve.server.loading import warm_up_beside
+        from tailserve.obs.observer import log_requests_to_stderr
+        from tailserve.server.app import build_app
+        from tailserve.server.loading import warm_up
 
         timer.lap("engine_imports", next_phase="model_config")
+        if server_config.request_log:
+            log_requests_to_stderr()
         llm = load_engine(engine_config, timer)
         timer.phase = "warmup"
-        # The grammar vocabulary (~0.3 s of GIL-bound work) and the app's imports run while the
-        # warm-up's steps, in C++ without the GIL, leave the interpreter to them.
-        grammars = start_grammar_compiler(llm)
-        build_app = warm_up_beside(llm, _app_builder)
+        warm_up(llm)
         timer.lap("warmup", next_phase="app")
-        if server_config.request_log:
-            from tailserve.obs.observer import log_requests_to_stderr
-
-            log_requests_to_stderr()
-        engine = AsyncEngine(llm, grammars=grammars)
+        engine = AsyncEngine(llm)
         app = build_app(engine, server_config, name, tracer_provider=provider)
         if app.state.server.obs.metrics is not None:
             app.state.server.obs.metrics.registry.register(timer.collector(name))
@@ -86,13 +83,6 @@ def _serve(args: argparse.Namespace) -> int:
         return engine, app
 
     return run_server(front, load, server_config, on_listening=timer.listening)
-
-
-def _app_builder() -> Callable[..., Any]:
-    """`build_app`, imported (FastAPI and the API's models: the imports the warm-up runs beside)."""
-    from tailserve.server.app import build_app
-
-    return build_app
 
 
 def serve(

@@ -17,8 +17,7 @@ import json
 import logging
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from tailserve.obs.startup import StartupTimer
 
@@ -32,8 +31,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-T = TypeVar("T")
 
 RETRY_AFTER_S = 1  # loading takes seconds: ask again soon
 
@@ -141,14 +138,3 @@ def warm_up(engine: LLMEngine, prompt_tokens: int = 48, new_tokens: int = 8) -> 
         engine.step()
     engine.step_times = StepTimeModel()
     engine.decode_step_times = StepTimeModel()
-
-
-def warm_up_beside(engine: LLMEngine, work: Callable[[], T]) -> T:
-    """`warm_up(engine)` on its own thread while `work()` runs on this one; returns once both are done
-    (either's error is raised). The warm-up's steps run in C++ without the GIL, so Python work beside
-    them (the app's imports) adds nothing to the start until it outlasts them."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tailserve-warmup") as pool:
-        warming = pool.submit(warm_up, engine)
-        result = work()
-        warming.result()
-    return result
