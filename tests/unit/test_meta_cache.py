@@ -65,6 +65,9 @@ def test_cached_default_model_tokenizes_as_the_gguf(own_cache: Path) -> None:
     assert (meta_cache.entry_path(path) / "tokenizer.json").is_file()
     assert_same(cached, Tokenizer.from_gguf(path))
     assert meta_cache.cached_config(path) == load_config(path)
+    assert cached.token_bytes() == Tokenizer.from_gguf(path).token_bytes()  # computed, then kept
+    assert cached.token_bytes_file == meta_cache.entry_path(path) / "token_bytes.bin"
+    assert meta_cache.cached_tokenizer(path).token_bytes() == cached.token_bytes()  # read back
 
 
 def test_a_changed_model_file_gets_a_new_entry(tmp_path: Path) -> None:

@@ -587,3 +587,19 @@ def test_token_bytes_follow_the_definition(tiny_bpe: Tokenizer, tiny_spm: Tokeni
 @pytest.mark.model
 def test_token_bytes_of_the_default_model_follow_the_definition(smol: Tokenizer) -> None:
     assert smol.token_bytes() == reference_token_bytes(smol)
+
+
+def test_token_bytes_are_kept_in_their_file_and_a_bad_file_is_rewritten(
+    tiny_bpe: Tokenizer, tmp_path: Path
+) -> None:
+    expected = reference_token_bytes(tiny_bpe)
+    tiny_bpe.token_bytes_file = tmp_path / "token_bytes.bin"
+    try:
+        assert tiny_bpe.token_bytes() == expected  # computed, then written
+        written = tiny_bpe.token_bytes_file.read_bytes()
+        assert tiny_bpe.token_bytes() == expected  # read back
+        tiny_bpe.token_bytes_file.write_bytes(written[:-1])  # truncated: not these tokens
+        assert tiny_bpe.token_bytes() == expected
+        assert tiny_bpe.token_bytes_file.read_bytes() == written
+    finally:
+        tiny_bpe.token_bytes_file = None
