@@ -13,6 +13,11 @@
     a fresh connection each: llama.cpp closes streamed connections).
 
     PYTHONPATH=src flock /work/bench.lock .venv/bin/python benchmarks/cold_start.py [--rounds 5] [--fresh]
+        [--against ../main]
+
+`--against DIR` adds a third server to (b) and (c): tailserve from another checkout's `src` (a
+baseline commit), started in the same alternating rounds, so a change to the start is measured side
+by side with what it changes (the machine drifts 10–30 % between runs).
 
 Writes benchmarks/recorded/cold_start.json and prints the markdown rows BENCHMARKS.md quotes.
 """
@@ -123,18 +128,24 @@ def tailserve_phases(url: str) -> dict[str, float]:
     return phases | {"startup_seconds": float(total[1]) if total else float("nan")}
 
 
-def one_start(name: str, gguf: str, logs: Path, seed: int, measure_requests: bool) -> dict:
-    """Start a server, time it to ready, then (optionally) the first request and the next 20."""
+def one_start(
+    name: str, gguf: str, logs: Path, seed: int, measure_requests: bool, against: Path | None = None
+) -> dict:
+    """Start a server, time it to ready, then (optionally) the first request and the next 20.
+    "baseline" is tailserve from `against`'s src folder."""
     url = f"http://127.0.0.1:{PORT}"
-    if name == "tailserve":
+    env = None
+    if name in ("tailserve", "baseline"):
         cmd, ready_path, model = tailserve_cmd(PORT), "/ready", DEFAULT_MODEL
+        if name == "baseline" and against is not None:
+            env = os.environ | {"PYTHONPATH": str(against / "src")}
     else:
         cmd = ["bash", str(PEERS / "llama_server.sh"), "serve", gguf, str(PORT), "16"]
         ready_path, model = "/health", "x"
-    with started(cmd, logs / f"{name}-{seed}.log") as proc:
+    with started(cmd, logs / f"{name}-{seed}.log", env) as proc:
         ready = wait_for(status_is(url + ready_path), proc, timeout=300)
         row: dict = {"ready_s": ready}
-        if name == "tailserve":
+        if name in ("tailserve", "baseline"):
             row["phases"] = tailserve_phases(url)
         if measure_requests:
             texts = prompts(21, seed)
@@ -150,17 +161,19 @@ def llama_built() -> bool:
     return (peers_home / "llama.cpp" / "build" / "bin" / "llama-server").is_file()
 
 
-def warm_rounds(rounds: int, logs: Path) -> dict:
+def warm_rounds(rounds: int, logs: Path, against: Path | None = None) -> dict:
     gguf = str(resolve_model(DEFAULT_MODEL))
     names = ["tailserve", "llamacpp"] if llama_built() else ["tailserve"]
     if len(names) == 1:
         print("llama.cpp's server is not built: tailserve alone", flush=True)
+    if against is not None:
+        names.insert(1, "baseline")
     for name in names:  # unmeasured: every cache (weights, kernels, metadata, page cache) warm
-        one_start(name, gguf, logs, seed=-1, measure_requests=False)
+        one_start(name, gguf, logs, seed=-1, measure_requests=False, against=against)
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            runs[name].append(one_start(name, gguf, logs, seed=r, measure_requests=True))
+            runs[name].append(one_start(name, gguf, logs, seed=r, measure_requests=True, against=against))
             print(f"round {r} {name}: ready {runs[name][-1]['ready_s']:.2f} s", flush=True)
     summary = {}
     for name, rows in runs.items():
@@ -173,10 +186,17 @@ def warm_rounds(rounds: int, logs: Path) -> dict:
             "first_over_p50": ratios,
             "first_over_p50_median": statistics.median(ratios),
         }
-    ts = runs["tailserve"]
-    summary["tailserve"]["phases_median"] = {
-        k: statistics.median(row["phases"][k] for row in ts) for k in ts[0]["phases"]
-    }
+    for name in ("tailserve", "baseline"):
+        if name in runs:
+            ts = runs[name]
+            summary[name]["phases_median"] = {
+                k: statistics.median(row["phases"][k] for row in ts) for k in ts[0]["phases"]
+            }
+    if "baseline" in summary:
+        # Per round, the two starts ran back to back: their ratio cancels the drift between rounds.
+        paired = [t["ready_s"] / b["ready_s"] for t, b in zip(runs["tailserve"], runs["baseline"])]
+        summary["ready_ratio_tailserve_over_baseline_per_round"] = paired
+        summary["ready_ratio_tailserve_over_baseline_median"] = statistics.median(paired)
     if "llamacpp" in summary:
         summary["ready_ratio_tailserve_over_llamacpp"] = (
             summary["tailserve"]["ready_s_median"] / summary["llamacpp"]["ready_s_median"]
@@ -228,27 +248,36 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5, help="warm rounds, (b) and (c); 0: (a) alone")
     p.add_argument("--fresh", action="store_true", help="also (a): a fresh clone and cache, make serve")
+    p.add_argument("--against", type=Path, help="(b), (c): also tailserve from this checkout (a baseline)")
     args = p.parse_args()
     logs = ROOT / "benchmarks" / "results" / "cold_start"
     command = "PYTHONPATH=src flock /work/bench.lock .venv/bin/python benchmarks/cold_start.py"
-    result: dict = {"header": header("Cold start", command + (" --fresh" if args.fresh else ""))}
+    command += (" --fresh" if args.fresh else "") + (f" --against {args.against}" if args.against else "")
+    result: dict = {"header": header("Cold start", command)}
     result["load_average_at_start"] = os.getloadavg()  # other workers share the cores
     if args.fresh:
         result["fresh"] = fresh(logs)
         print(json.dumps(result["fresh"], indent=1), flush=True)
     RECORDED.mkdir(parents=True, exist_ok=True)
-    out = RECORDED / ("cold_start.json" if args.rounds else "cold_start_fresh.json")
+    out = RECORDED / ("cold_start_fresh.json" if not args.rounds else "cold_start.json")
+    if args.against is not None and args.rounds:
+        out = RECORDED / "cold_start_ab.json"  # the side-by-side run keeps the plain one's record
     if args.rounds:
-        result |= warm_rounds(args.rounds, logs)
+        result |= warm_rounds(args.rounds, logs, args.against)
     result["load_average_at_end"] = os.getloadavg()
     out.write_text(json.dumps(result, indent=1) + "\n")
     if not args.rounds:
         return
     s = result["summary"]
     print(json.dumps(s, indent=1))
+    if "baseline" in s:
+        print(
+            f"tailserve / baseline, start → ready, median of per-round ratios: "
+            f"{s['ready_ratio_tailserve_over_baseline_median']:.3f}"
+        )
     print("| server | start → ready, median (s) | first TTFT (s) | next 20 TTFT p50 (s) | first / p50 |")
     print("|---|---|---|---|---|")
-    for name in ("tailserve", "llamacpp"):
+    for name in ("tailserve", "baseline", "llamacpp"):
         if name not in s:
             continue
         r = s[name]

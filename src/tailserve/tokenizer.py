@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
+from array import array
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -127,6 +129,9 @@ class Tokenizer:
         # id_to_piece decodes behind this anchor: decoders that strip a leading space do so only at the start.
         self._anchor = backend.encode("a", add_special_tokens=False).ids[:1]
         self._anchor_text = backend.decode(self._anchor, skip_special_tokens=False)
+        # Where token_bytes keeps its result between starts (models/meta_cache.py sets it for a GGUF's
+        # cached tokenizer; its folder is keyed by this file's source, so the definition cannot drift).
+        self.token_bytes_file: Path | None = None
 
     def _end_of_generation(self, eos_token_id: int | None, extra: Iterable[int]) -> set[int]:
         """Metadata EOS plus every special token whose text ends a turn (llama.cpp's EOG set).
@@ -245,22 +250,36 @@ class Tokenizer:
         return self._backend.decode([token_id], skip_special_tokens=False)
 
     def token_bytes(self) -> list[bytes]:
+        """`_token_bytes`, from `token_bytes_file` when it holds them (~10 ms instead of ~0.1 s of GIL-bound
+        work as the server turns ready), else computed and written there."""
+        if self.token_bytes_file is None:
+            return self._token_bytes()
+        try:
+            return _read_token_bytes(self.token_bytes_file, self.vocab_size)
+        except (OSError, ValueError):
+            tokens = self._token_bytes()
+            _write_token_bytes(self.token_bytes_file, tokens)
+            return tokens
+
+    def _token_bytes(self) -> list[bytes]:
         """Each token's raw bytes as it appears mid-text (special tokens: b""), for grammar engines that
         match bytes against the vocabulary. Byte-level BPE maps GPT-2's printable alphabet back to bytes;
-        SentencePiece writes spaces as ▁ and unknown bytes as <0xNN>."""
+        SentencePiece writes spaces as ▁ and unknown bytes as <0xNN>. The grammar compiler builds this
+        as the server becomes ready, holding the GIL: C-level string operations
+        (translate, set inclusion) per token, not a Python loop over its characters."""
         special = {tid for tid, tok in self._backend.get_added_tokens_decoder().items() if tok.special}
+        alphabet = {ord(ch): b for b, ch in _gpt2_byte_alphabet().items()}  # character → its byte
+        printable = frozenset(_gpt2_byte_alphabet().values())
         byte_level = isinstance(self._backend.decoder, decoders.ByteLevel)
-        to_byte = {ch: b for b, ch in _gpt2_byte_alphabet().items()}
         out: list[bytes] = []
         for tid in range(self.vocab_size):
             piece = self._backend.id_to_token(tid)
             if piece is None or tid in special:
                 out.append(b"")
             elif byte_level:
-                out.append(
-                    bytes(to_byte[c] for c in piece) if all(c in to_byte for c in piece) else piece.encode()
-                )
-            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+                in_alphabet = printable.issuperset(piece)
+                out.append(piece.translate(alphabet).encode("latin-1") if in_alphabet else piece.encode())
+            elif piece.startswith("<0x") and _BYTE_PIECE.fullmatch(piece):
                 out.append(bytes([int(piece[3:5], 16)]))
             else:
                 out.append(piece.replace("▁", " ").encode())
@@ -462,6 +481,37 @@ def gguf_tokenizer_parts(path: Path) -> tuple[Backend, dict[str, Any]]:
         "chat_template": gguf_field(reader, "tokenizer.chat_template") or _default_template(reader),
         "vocab_size": len(tokens),
     }
+
+
+def _write_token_bytes(path: Path, tokens: list[bytes]) -> None:
+    """The token count, each token's length (uint32), then the bytes; written whole or not at all (a
+    read-only cache is left as it is: the next start computes them again)."""
+    lengths = array("I", map(len, tokens))
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(len(tokens).to_bytes(4, "little") + lengths.tobytes() + b"".join(tokens))
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_token_bytes(path: Path, vocab_size: int) -> list[bytes]:
+    """What `_write_token_bytes` wrote; ValueError if it is not that, for this vocabulary's size."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:4], "little")
+    lengths = array("I")
+    lengths.frombytes(data[4 : 4 + 4 * n])
+    start = 4 + 4 * n
+    if n != vocab_size or len(lengths) != n or start + sum(lengths) != len(data):
+        raise ValueError(f"{path}: not this vocabulary's token bytes")
+    out = []
+    for length in lengths:
+        out.append(data[start : start + length])
+        start += length
+    return out
+
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte fallback token
 
 
 @functools.cache

@@ -63,8 +63,12 @@ def test_cached_default_model_tokenizes_as_the_gguf(own_cache: Path) -> None:
     path = resolve_model("smollm2-135m-instruct")
     cached = meta_cache.cached_tokenizer(path)  # builds the entry, then reads it back
     assert (meta_cache.entry_path(path) / "tokenizer.json").is_file()
-    assert_same(cached, Tokenizer.from_gguf(path))
+    gguf = Tokenizer.from_gguf(path)
+    assert_same(cached, gguf)
     assert meta_cache.cached_config(path) == load_config(path)
+    assert cached.token_bytes() == gguf.token_bytes()  # computed, then kept
+    assert cached.token_bytes_file == meta_cache.entry_path(path) / "token_bytes.bin"
+    assert meta_cache.cached_tokenizer(path).token_bytes() == cached.token_bytes()  # read back
 
 
 def test_a_changed_model_file_gets_a_new_entry(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ Tiny GGUF tokenizers written here run without the model; tests marked `model` us
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,9 @@ import gguf
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import pre_tokenizers
+from tokenizers import decoders, pre_tokenizers
 
-from tailserve.tokenizer import CHATML_TEMPLATE, IncrementalDetokenizer, Tokenizer
+from tailserve.tokenizer import CHATML_TEMPLATE, IncrementalDetokenizer, Tokenizer, _gpt2_byte_alphabet
 
 # --- tiny tokenizers --------------------------------------------------------------------------------
 
@@ -556,3 +557,49 @@ def test_same_vocabulary_is_what_a_draft_model_needs(
 ) -> None:
     assert smol.same_vocabulary(Tokenizer.load(model_path))
     assert not smol.same_vocabulary(tiny_bpe)
+
+
+def reference_token_bytes(tok: Tokenizer) -> list[bytes]:
+    """token_bytes by its definition, one character at a time (what the fast version must equal)."""
+    alphabet = {ch: b for b, ch in _gpt2_byte_alphabet().items()}
+    special = set(tok.special_token_ids)
+    byte_level = isinstance(tok._backend.decoder, decoders.ByteLevel)
+    out = []
+    for tid in range(tok.vocab_size):
+        piece = tok._backend.id_to_token(tid)
+        if piece is None or tid in special:
+            out.append(b"")
+        elif byte_level:
+            known = all(c in alphabet for c in piece)
+            out.append(bytes(alphabet[c] for c in piece) if known else piece.encode())
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            out.append(bytes([int(piece[3:5], 16)]))
+        else:
+            out.append(piece.replace("▁", " ").encode())
+    return out
+
+
+def test_token_bytes_follow_the_definition(tiny_bpe: Tokenizer, tiny_spm: Tokenizer) -> None:
+    for tok in (tiny_bpe, tiny_spm):
+        assert tok.token_bytes() == reference_token_bytes(tok)
+
+
+@pytest.mark.model
+def test_token_bytes_of_the_default_model_follow_the_definition(smol: Tokenizer) -> None:
+    assert smol.token_bytes() == reference_token_bytes(smol)
+
+
+def test_token_bytes_are_kept_in_their_file_and_a_bad_file_is_rewritten(
+    tiny_bpe: Tokenizer, tmp_path: Path
+) -> None:
+    expected = reference_token_bytes(tiny_bpe)
+    tiny_bpe.token_bytes_file = tmp_path / "token_bytes.bin"
+    try:
+        assert tiny_bpe.token_bytes() == expected  # computed, then written
+        written = tiny_bpe.token_bytes_file.read_bytes()
+        assert tiny_bpe.token_bytes() == expected  # read back
+        tiny_bpe.token_bytes_file.write_bytes(written[:-1])  # truncated: not these tokens
+        assert tiny_bpe.token_bytes() == expected
+        assert tiny_bpe.token_bytes_file.read_bytes() == written
+    finally:
+        tiny_bpe.token_bytes_file = None

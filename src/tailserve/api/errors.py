@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import FastAPI, Request
 from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 log = logging.getLogger("tailserve.api")
@@ -85,16 +86,17 @@ def error_response(err: ApiError, request_id: str | None = None) -> JSONResponse
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
-def install_error_handlers(app: FastAPI, logger: logging.Logger = log) -> None:
+def install_error_handlers(app: Starlette, logger: logging.Logger = log) -> None:
     """Unknown routes and methods, and any unexpected exception, answered in the OpenAI envelope."""
 
-    @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(
             ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
         )
 
-    @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error")
         return error_response(ApiError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
+
+    app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, unexpected)

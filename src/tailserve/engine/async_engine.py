@@ -144,6 +144,13 @@ class AsyncEngine:
             lambda: Vocabulary.of_tokenizer(tokenizer), timeout=self.engine.config.grammar_timeout
         )
 
+    def wait_prepared(self) -> None:
+        """Until the grammar vocabulary is prepared, if structured outputs are on. Its last part (the
+        llguidance tokenizer, ~0.2 s) holds the GIL at a stretch: a request arriving meanwhile would
+        wait it out, so the server is not ready before it ends."""
+        if self._grammars is not None:
+            self._grammars.wait_prepared()
+
     def shutdown(self) -> None:
         self._stop = True
         self._wake.set()

@@ -147,14 +147,14 @@ def build(csrc: Path = CSRC, name: str = "tailserve_kernels", tier: str | None =
     """Compile (or load the cached build of) the kernels in `csrc` for `tier` (default: this CPU's) as
     module `<name>_<tier>`. Another name and source folder give a second, independent module in the same
     process: benchmarks/step_ab.py runs an older revision's kernels beside these."""
-    from torch.utils import cpp_extension
-
     tier = tier or choose_tier()
     module = f"{name}_{tier.replace('-', '_')}"
     folder = build_dir(tier, csrc, name)
     built = _import_built(module, folder / f"{module}.so")
     if built is not None:
         return built
+    from torch.utils import cpp_extension  # only to compile: it imports setuptools (~0.1 s of a start)
+
     folder.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name=module,

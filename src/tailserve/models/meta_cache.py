@@ -99,4 +99,6 @@ def cached_tokenizer(model_file: Path) -> Tokenizer:
         folder, meta = _meta(model_file)
     except _Uncached:
         return Tokenizer.from_gguf(model_file)
-    return Tokenizer(Backend.from_file(str(folder / "tokenizer.json")), **meta["tokenizer"])
+    tokenizer = Tokenizer(Backend.from_file(str(folder / "tokenizer.json")), **meta["tokenizer"])
+    tokenizer.token_bytes_file = folder / "token_bytes.bin"  # written by the first start that needs it
+    return tokenizer

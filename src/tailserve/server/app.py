@@ -18,16 +18,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from tailserve.api.errors import ApiError, error_response, install_error_handlers
 from tailserve.api.http import CancelOnDisconnect, ClientGone
 from tailserve.api.ids import request_id
-from tailserve.api.openapi import documented_app
+from tailserve.api.openapi import route, served_app
 from tailserve.api.protocol import ChatCompletionRequest, CompletionRequest
 from tailserve.api.sse import SSEResponse
 from tailserve.config import ServerConfig
@@ -40,6 +40,7 @@ from tailserve.server.state import OpenAIServer, R, rejected
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
+    from starlette.applications import Starlette
 
 log = logging.getLogger("tailserve.server")
 
@@ -49,23 +50,23 @@ def build_app(
     config: ServerConfig,
     model_name: str,
     tracer_provider: TracerProvider | None = None,
-) -> FastAPI:
-    """The FastAPI app serving `engine` as `model_name`; `app.state.server` is its OpenAIServer.
+) -> Starlette:
+    """The Starlette app serving `engine` as `model_name`; `app.state.server` is its OpenAIServer.
     `tracer_provider` turns tracing on with that provider (else `config.otel_exporter` decides)."""
     server = OpenAIServer(engine, config, model_name, tracer_provider)
-    app = documented_app("tailserve", lambda: [model_name])
+    app = served_app("tailserve", lambda: [model_name])
     app.state.server = server
     install_error_handlers(app, log)
     install_load(app, server)
 
-    @app.get("/health")
-    async def health() -> JSONResponse:
+    @route(app, "GET", "/health")
+    async def health(request: Request) -> JSONResponse:
         if not engine.alive:
             return error_response(ApiError(503, "the engine thread has stopped", code="engine_dead"))
         return JSONResponse({"status": "ok"})
 
-    @app.get("/ready")
-    async def ready() -> JSONResponse:
+    @route(app, "GET", "/ready")
+    async def ready(request: Request) -> JSONResponse:
         try:
             server.check_open()
         except ApiError as e:
@@ -75,46 +76,37 @@ def build_app(
     metrics = server.obs.metrics
     if metrics is not None:
 
-        @app.get("/metrics")
-        async def prometheus() -> Response:
+        @route(app, "GET", "/metrics")
+        async def prometheus(request: Request) -> Response:
             # Rendering takes milliseconds: off the event loop, so streams keep flowing during a scrape.
             body = await asyncio.to_thread(metrics.render)
             return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    def model_card() -> dict[str, Any]:
-        return {
-            "id": model_name,
-            "object": "model",
-            "created": server.created,
-            "owned_by": "tailserve",
-            "max_model_len": engine.max_model_len,
-        }
-
-    @app.get("/v1/models")
+    @route(app, "GET", "/v1/models")
     async def models(request: Request) -> JSONResponse:
         try:
             server.check_auth(request)
         except ApiError as e:
             return error_response(e)
-        return JSONResponse({"object": "list", "data": [model_card()]})
+        return JSONResponse({"object": "list", "data": [server.model_card()]})
 
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str, request: Request) -> JSONResponse:
+    @route(app, "GET", "/v1/models/{model_id:path}")
+    async def model(request: Request) -> JSONResponse:
         try:
             server.check_auth(request)
-            if model_id != model_name:
+            if (model_id := request.path_params["model_id"]) != model_name:
                 raise ApiError(
                     404, f"the model {model_id!r} does not exist", param="model", code="model_not_found"
                 )
         except ApiError as e:
             return error_response(e)
-        return JSONResponse(model_card())
+        return JSONResponse(server.model_card())
 
-    @app.post("/v1/chat/completions")
+    @route(app, "POST", "/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await _handle(server, request, ChatCompletionRequest, "chatcmpl-")
 
-    @app.post("/v1/completions")
+    @route(app, "POST", "/v1/completions")
     async def completions(request: Request) -> Response:
         return await _handle(server, request, CompletionRequest, "cmpl-")
 

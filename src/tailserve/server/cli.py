@@ -76,7 +76,9 @@ def _serve(args: argparse.Namespace) -> int:
         app = build_app(engine, server_config, name, tracer_provider=provider)
         if app.state.server.obs.metrics is not None:
             app.state.server.obs.metrics.registry.register(timer.collector(name))
-        timer.lap("app")
+        timer.lap("app", next_phase="grammar")
+        engine.wait_prepared()
+        timer.lap("grammar")
         timer.ready()
         log.info("%s", timer.summary())
         log.info("serving %s (context %d tokens)", name, engine.max_model_len)

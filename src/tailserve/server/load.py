@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI
+from starlette.applications import Starlette
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -73,11 +74,11 @@ class LoadHeader:
         await self.app(scope, receive, send_with_load)
 
 
-def install_load(app: FastAPI, server: OpenAIServer) -> None:
+def install_load(app: Starlette, server: OpenAIServer) -> None:
     """`GET /load` and the header on every response."""
 
-    @app.get("/load")
-    async def load() -> JSONResponse:
+    async def load(request: Request) -> JSONResponse:
         return JSONResponse(snapshot(server))
 
+    app.add_route("/load", load, ["GET"])
     app.add_middleware(LoadHeader, server=server)

@@ -20,12 +20,12 @@ import uvicorn
 from tailserve.server.supervise import watch_loaded
 
 if TYPE_CHECKING:  # the server module needs torch: not imported before the socket is bound
-    from fastapi import FastAPI
+    from starlette.applications import Starlette
 
 log = logging.getLogger("tailserve.server")
 
 
-async def drain(app: FastAPI, grace: float, poll: float = 0.05) -> None:
+async def drain(app: Starlette, grace: float, poll: float = 0.05) -> None:
     """Graceful shutdown: refuse new work (503), let in-flight requests finish for up to `grace` seconds,
     then abort the rest (their clients get finish_reason "abort" and an error), and wait for them to end."""
     from tailserve.server.state import SHUTDOWN_MESSAGE, OpenAIServer
@@ -56,7 +56,7 @@ class DrainingServer(uvicorn.Server):
     def __init__(
         self,
         config: uvicorn.Config,
-        get_app: Callable[[], FastAPI | None],
+        get_app: Callable[[], Starlette | None],
         grace: float,
         on_listening: Callable[[], None] | None = None,
     ) -> None:

@@ -68,6 +68,16 @@ class OpenAIServer:
         with the id of a request it just abandoned must not meet that request's abort in the engine."""
         return f"{rid}#{next(self._serial)}" if client_chose else rid
 
+    def model_card(self) -> dict[str, Any]:
+        """The served model as /v1/models lists it."""
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "tailserve",
+            "max_model_len": self.engine.max_model_len,
+        }
+
     # --- the request path ------------------------------------------------------------------------
 
     def check_auth(self, request: Request) -> None:

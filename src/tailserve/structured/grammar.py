@@ -19,7 +19,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -227,6 +227,10 @@ class GrammarCompiler:
     @property
     def vocab_size(self) -> int:
         return self._tokenizer.result().vocab_size
+
+    def wait_prepared(self) -> None:
+        """Until the vocabulary is prepared (or its preparation failed: a compile will say why)."""
+        wait([self._tokenizer])
 
     def submit(self, spec: GrammarSpec) -> Future[Grammar]:
         """The spec's compilation, started now unless it is cached or running."""
