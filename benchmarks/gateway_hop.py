@@ -6,9 +6,10 @@ The fake backend answers every streamed chat request with `--chunks` SSE chunks,
 once: what remains of a request's TTFT is the HTTP hops, so the difference to direct is the gateway's
 added latency alone (on a model backend it hides under the step's noise and the cores the step fills).
 Requests alternate between the endpoints one by one (c=1), or go in interleaved bursts of `--burst`
-(c=burst), so drift hits all alike.
+(c=burst), so drift hits all alike. `--against DIR` adds the gateway of another checkout (e.g. a `git
+archive` of an older commit: its own src/ and benchmarks/) to the same rounds, for a before/after.
 
-    .venv/bin/python benchmarks/gateway_hop.py [--requests 400] [--burst 16]
+    .venv/bin/python benchmarks/gateway_hop.py [--requests 400] [--burst 16] [--against DIR]
     .venv/bin/python benchmarks/gateway_hop.py --serve-fake PORT           (internal)
     .venv/bin/python benchmarks/gateway_hop.py --serve-gateway URL PORT LOOP HTTP   (internal)
 """
@@ -136,6 +137,7 @@ def main() -> None:
     ap.add_argument("--gap", type=float, default=5.0, help="ms between chunks")
     ap.add_argument("--variants", default="asyncio/h11/httpx,uvloop/httptools/httpx,uvloop/httptools/h1")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--against", type=Path, help="another checkout whose gateway joins the rounds")
     args = ap.parse_args()
     if args.serve_fake:
         import uvicorn
@@ -159,6 +161,15 @@ def main() -> None:
             port = PORT + 1 + i
             cmd = [*me, "--serve-gateway", fake, str(port), *v.split("/")]
             urls["gateway " + v] = stack.enter_context(serving(cmd, port, RESULTS / f"hop-gw-{i}.log"))
+        if args.against is not None:
+            port = PORT + 1 + len(variants)
+            base = args.against.resolve()
+            path = f"PYTHONPATH={base / 'src'}{os.pathsep}{base / 'benchmarks'}"
+            script = str(base / "benchmarks" / "gateway_hop.py")
+            loop = ["uvloop", "httptools", "h1"]
+            cmd = ["env", path, sys.executable, script, "--serve-gateway", fake, str(port), *loop]
+            log = RESULTS / "hop-gw-base.log"
+            urls[f"gateway @{base.name}"] = stack.enter_context(serving(cmd, port, log))
         results = {}
         for conc in (1, args.burst):
             n = args.requests if conc > 1 else args.requests // 2

@@ -7,9 +7,11 @@
    our AffinityRouter vs Ray Serve's default (power of two choices): prefix hit rate (cached prompt
    tokens / prompt tokens, from each response's usage) and TTFT p50/p99. Rounds alternate.
 3. 2 replicas × 1 thread vs 1 replica × 2 threads: output tokens/s at c=16.
+4. Scale-up: autoscaling 1 → 2 replicas under a burst; from Ray's decision (the deployment turns
+   UPSCALING) to the new replica RUNNING, i.e. constructed: process, imports, model load, warm-up.
 
     flock /work/bench.lock .venv/bin/python benchmarks/ray_serve.py [--rounds 3]
-        [--parts overhead,routing,shapes] [--default-path]
+        [--parts overhead,routing,shapes,scaleup] [--default-path]
 
 The cluster runs on tailserve's data path (cluster/data_path.py: Ray Serve's throughput-optimized mode,
 the ingress replica serving HTTP itself); `--default-path` runs it on Ray Serve's defaults instead
@@ -97,6 +99,45 @@ async def load(url: str, bodies: list[dict], concurrency: int) -> dict:
     }
 
 
+def scale_up(serve, url: str, r: int) -> dict[str, float]:
+    """Burst `url` (c=8) until the replica deployment has two RUNNING replicas; the seconds from the
+    burst's start to Ray's decision (UPSCALING) and from the decision to the replica running."""
+    stamps: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    async def watch(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            d = (await asyncio.to_thread(serve.status)).applications["bench"].deployments["replica"]
+            now = time.perf_counter() - t0
+            if d.status == "UPSCALING" or sum(d.replica_states.values()) > 1:
+                stamps.setdefault("decided", now)  # a second replica is wanted (or already starting)
+            if d.replica_states.get("RUNNING", 0) >= 2:
+                stamps["running"] = now
+                stop.set()
+            await asyncio.sleep(0.05)
+
+    async def burst(stop: asyncio.Event) -> None:
+        async with httpx.AsyncClient(timeout=300) as client:
+
+            async def worker(k: int) -> None:
+                i = 0
+                while not stop.is_set():
+                    await one(client, url, completion(f"Burst {r}-{k}-{i}: a long story", 64))
+                    i += 1
+
+            await asyncio.gather(*(worker(k) for k in range(8)))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        await asyncio.wait_for(asyncio.gather(watch(stop), burst(stop)), 300)
+
+    asyncio.run(main())
+    return {
+        "burst_to_decision_s": stamps["decided"],
+        "decision_to_running_s": stamps["running"] - stamps["decided"],
+    }
+
+
 def q(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(p * len(xs)))] * 1000
@@ -129,7 +170,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--parts", default="overhead,routing,shapes")
+    ap.add_argument("--parts", default="overhead,routing,shapes,scaleup")
     ap.add_argument("--default-path", action="store_true", help="Ray Serve's default data path")
     ap.add_argument("--tag", default="", help="recorded/ray_serve-TAG.json instead of ray_serve.json")
     args = ap.parse_args()
@@ -262,6 +303,17 @@ def main() -> int:
                     serve.delete("bench")
             results["shapes"] = {n: statistics.median(v) for n, v in tput.items()}
             print("shapes", json.dumps(results["shapes"]), flush=True)
+
+        if "scaleup" in parts:
+            # 4. from the autoscaler's decision to a second replica serving
+            scale = {"replicas": 1, "max_replicas": 2, "target_ongoing": 2.0, "upscale_delay": 0.5}
+            results["scaleup"] = []
+            for r in range(args.rounds):
+                deploy(serve, {**scale, "replica_cpus": 1.0, "ingress_cpus": 0.5}, {}, "bench", here)
+                wait_ready(ray_url)
+                results["scaleup"].append(scale_up(serve, ray_url, r))
+                print("scaleup", json.dumps(results["scaleup"][-1]), flush=True)
+                serve.delete("bench")
     finally:
         plain.terminate()
         plain.wait(timeout=30)

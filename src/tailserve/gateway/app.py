@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -20,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import JSONResponse, Response
 
 from tailserve.api.errors import ApiError, error_response, install_error_handlers
-from tailserve.api.http import CancelOnDisconnect, ClientGone, read_json, require_key, validate
+from tailserve.api.http import CancelOnDisconnect, ClientGone, parse_json, read_body, require_key, validate
 from tailserve.api.ids import HEADER as REQUEST_ID
 from tailserve.api.ids import request_id
 from tailserve.api.openapi import documented_app
@@ -179,7 +178,8 @@ async def _handle(gw: Gateway, request: Request, route: str, prefix: str) -> Res
     status: int | None = None
     try:
         require_key(request, gw.config.api_key)
-        raw_obj = await read_json(request, gw.config.max_body_bytes)
+        raw = await read_body(request, gw.config.max_body_bytes)
+        raw_obj = parse_json(raw)
         fields = validate(raw_obj, RoutingFields)
         if fields.model not in gw.pools and fields.model not in gw.groups:
             raise ApiError(
@@ -195,7 +195,7 @@ async def _handle(gw: Gateway, request: Request, route: str, prefix: str) -> Res
             headers |= passthrough(request.headers)
         call = Call(
             route=route,
-            raw=json.dumps(raw_obj, ensure_ascii=False, separators=(",", ":")).encode(),
+            raw=raw,  # as the client sent it: a backend that needs no change gets these bytes
             body=raw_obj,
             model=model,
             stream=fields.stream,
