@@ -187,7 +187,7 @@ def main() -> None:
             }
     RECORDED.mkdir(parents=True, exist_ok=True)
     (RECORDED / f"gateway_hop{'-' + args.tag if args.tag else ''}.json").write_text(
-        json.dumps({"config": vars(args), "summary": summary}, indent=2)
+        json.dumps({"config": vars(args), "summary": summary}, indent=2, default=str)
     )
     print(header("Gateway hop (fake backend)", "python benchmarks/gateway_hop.py"))
     cols = ["endpoint", "conc", "n", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "added p50", "added p99"]
