@@ -24,6 +24,11 @@ INGRESS_PORT_SPAN = 8
 # Ray keeps a draining direct ingress open this long for a load balancer in front to notice; there is
 # none in front (clients connect to it), and Ray's default (30 s) would hold every shutdown that long.
 DRAIN_FOR_BALANCER_S = 1.0
+# Ray keeps a released ingress port from every replica for 150 s by default, so an ingress replica
+# that restarts (after a crash, or a redeploy) would come back on the next port and the user's address
+# would answer nothing for that long. The port is free again once the old process is gone
+# (uvicorn binds with SO_REUSEADDR), so it is handed back at once.
+PORT_QUARANTINE_S = 0.0
 
 
 def serve_env(port: int) -> dict[str, str]:
@@ -33,6 +38,7 @@ def serve_env(port: int) -> dict[str, str]:
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + INGRESS_PORT_SPAN),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(DRAIN_FOR_BALANCER_S),
+        "RAY_SERVE_PORT_QUARANTINE_S": str(PORT_QUARANTINE_S),
     }
 
 
