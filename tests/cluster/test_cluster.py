@@ -137,9 +137,14 @@ def test_killed_replica_requests_are_resent(cluster: LiveCluster) -> None:
                 asyncio.create_task(client.post(cluster.base_url + "/completions", json=body))
                 for _ in range(6)
             ]
-            await asyncio.sleep(0.5)
-            states = await asyncio.to_thread(cluster.states)
-            victim = next(s["replica"] for s in states if s["requests"])
+            victim = None
+            for _ in range(100):  # until a replica is running some of them (a busy machine takes longer)
+                await asyncio.sleep(0.1)
+                states = await asyncio.to_thread(cluster.states)
+                victim = next((s["replica"] for s in states if s["requests"]), None)
+                if victim is not None:
+                    break
+            assert victim is not None, "no replica took the requests within 10 s"
             [name] = [
                 a["name"]
                 for a in ray.util.list_named_actors(all_namespaces=True)
