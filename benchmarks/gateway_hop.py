@@ -1,6 +1,6 @@
 """The gateway's own cost, without a model: TTFT and ITL of a zero-work fake backend measured
-directly and through `tailserve gateway` servers that differ only in uvicorn's event loop and HTTP
-parser, in one run.
+directly and through `tailserve gateway` servers that differ only in their event loop and upstream
+client, in one run.
 
 The fake backend answers every streamed chat request with `--chunks` SSE chunks, `--gap` ms apart, at
 once: what remains of a request's TTFT is the HTTP hops, so the difference to direct is the gateway's
@@ -11,7 +11,7 @@ archive` of an older commit: its own src/ and benchmarks/) to the same rounds, f
 
     .venv/bin/python benchmarks/gateway_hop.py [--requests 400] [--burst 16] [--against DIR]
     .venv/bin/python benchmarks/gateway_hop.py --serve-fake PORT           (internal)
-    .venv/bin/python benchmarks/gateway_hop.py --serve-gateway URL PORT LOOP HTTP   (internal)
+    .venv/bin/python benchmarks/gateway_hop.py --serve-gateway URL PORT LOOP HTTP CLIENT  (internal)
 """
 
 from __future__ import annotations
@@ -61,24 +61,32 @@ def fake_app(chunks: int, gap: float) -> Any:
 
 
 def serve_gateway(url: str, port: int, loop: str, http: str, client: str) -> None:
-    """`tailserve gateway --backend URL`, with uvicorn's loop and parser forced, and the upstream
-    client the gateway's own (h1) or httpx's (its API is the one h1client copies)."""
-    import uvicorn
-
+    """`tailserve gateway --backend URL` on `loop` (uvloop or asyncio), with the upstream client the
+    gateway's own (h1) or httpx's (its API is the one h1client copies). `http` names the HTTP server:
+    this checkout has one, the gateway's own front ("front"); the argument stays so that `--against`
+    can start an older checkout's gateway, whose uvicorn took "httptools" or "h11" there."""
     from tailserve.gateway import pools
-    from tailserve.gateway.app import Gateway, build_app
+    from tailserve.gateway.app import Gateway, run_gateway
     from tailserve.gateway.cli import config_from_backends
     from tailserve.gateway.config import parse_config
     from tailserve.gateway.pools import make_pools
 
+    if http != "front":
+        raise SystemExit(f"this checkout's gateway serves HTTP with its own front, not {http!r}")
     if client == "httpx":
         pools.make_client = lambda _cap: httpx.AsyncClient(timeout=None, trust_env=False)  # type: ignore
 
     config = parse_config(config_from_backends([url]))
     urls = {(m, i): [(b.url, b.kind)] for m, s in config.models.items() for i, b in enumerate(s.backends)}
-    app = build_app(Gateway(config, make_pools(config, urls)))
+    gateway = Gateway(config, make_pools(config, urls))
     Path(f"/tmp/tailserve-hop-{port}.pid").write_text(str(os.getpid()))  # for its CPU time
-    uvicorn.run(app, host="127.0.0.1", port=port, loop=loop, http=http, access_log=False, log_level="warning")
+    main = run_gateway(gateway, asyncio.Event(), host="127.0.0.1", port=port)
+    if loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
 
 
 async def one(client: httpx.AsyncClient, url: str, body: bytes) -> tuple[float, list[float]]:
@@ -135,7 +143,7 @@ def main() -> None:
     ap.add_argument("--burst", type=int, default=16)
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--gap", type=float, default=5.0, help="ms between chunks")
-    ap.add_argument("--variants", default="asyncio/h11/httpx,uvloop/httptools/httpx,uvloop/httptools/h1")
+    ap.add_argument("--variants", default="uvloop/front/h1", help="LOOP/HTTP/CLIENT, comma-separated")
     ap.add_argument("--tag", default="")
     ap.add_argument("--against", type=Path, help="another checkout whose gateway joins the rounds")
     args = ap.parse_args()

@@ -10,14 +10,13 @@ import pytest
 
 from tailserve.config import ServerConfig
 from tailserve.gateway.app import Gateway
-from tailserve.gateway.app import build_app as build_gateway
 from tailserve.gateway.config import parse_config
 from tailserve.gateway.pools import make_pools, resolve_urls
 from tailserve.gateway.spawn import Spawned
 from tailserve.server.app import build_app
 from tests.e2e.conftest import MODEL, LiveServer
 from tests.e2e.fuzz_checks import fuzz
-from tests.gateway.conftest import serve
+from tests.gateway.conftest import serve, serve_gateway
 
 pytestmark = pytest.mark.model
 
@@ -35,7 +34,7 @@ def fuzz_url(request, server: LiveServer) -> Iterator[str]:
             if request.param == "gateway":
                 config = parse_config({"models": {MODEL: {"backends": [{"url": url, "kind": "tailserve"}]}}})
                 gw = Gateway(config, make_pools(config, resolve_urls(config, Spawned())))
-                url = stack.enter_context(serve(build_gateway(gw), lifespan="on"))
+                url = stack.enter_context(serve_gateway(gw))
             yield url
     finally:
         engine.step_hooks[:], engine.overflow_hooks[:] = hooks

@@ -22,12 +22,13 @@ from typing import Any
 
 import httpx
 import uvicorn
+import uvloop
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tailserve.gateway.app import Gateway, build_app
+from tailserve.gateway.app import Gateway, run_gateway
 from tailserve.gateway.config import parse_config
 from tailserve.gateway.pools import make_pools
 
@@ -169,6 +170,34 @@ def serve(app: Any, lifespan: str = "off", send_buffer: int | None = None) -> It
 
 
 @contextlib.contextmanager
+def serve_gateway(gw: Gateway) -> Iterator[str]:
+    """`gw` served by its own front on a thread of this process (uvloop, as the CLI runs it); its URL.
+    Stopped on exit, requests in flight given 1 s."""
+    sock = _free_socket()
+    loop = uvloop.new_event_loop()
+    stop: asyncio.Event | None = None
+    up = threading.Event()
+
+    async def main() -> None:
+        nonlocal stop
+        stop = asyncio.Event()
+        await run_gateway(gw, stop, sock=sock, grace=1.0, started=up.set)
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert up.wait(10), "gateway did not start"
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        assert stop is not None
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "gateway did not stop"
+        loop.close()
+        sock.close()
+
+
+@contextlib.contextmanager
 def fakes(*fs: Fake) -> Iterator[list[Fake]]:
     with contextlib.ExitStack() as stack:
         for f in fs:
@@ -214,7 +243,7 @@ def gateway(config: dict[str, Any], tracer_provider: Any = None) -> Iterator[Liv
     cfg = parse_config(config)
     urls = {(m, i): [(b.url, b.kind)] for m, spec in cfg.models.items() for i, b in enumerate(spec.backends)}
     gw = Gateway(cfg, make_pools(cfg, urls), tracer_provider)  # type: ignore[arg-type]
-    with serve(build_app(gw), lifespan="on") as url:
+    with serve_gateway(gw) as url:
         yield LiveGateway(url, gw)
 
 

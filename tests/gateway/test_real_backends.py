@@ -13,13 +13,13 @@ from fastapi import FastAPI
 
 from tailserve.config import EngineConfig, ServerConfig
 from tailserve.engine.async_engine import AsyncEngine
-from tailserve.gateway.app import Gateway, build_app
+from tailserve.gateway.app import Gateway
 from tailserve.gateway.config import parse_config
 from tailserve.gateway.pools import make_pools, resolve_urls
 from tailserve.gateway.spawn import Spawned
 from tailserve.server.app import build_app as build_server
 from tests.e2e.conftest import ENGINE_FLAGS, MODEL
-from tests.gateway.conftest import LiveGateway, serve
+from tests.gateway.conftest import LiveGateway, serve, serve_gateway
 
 pytestmark = pytest.mark.model
 
@@ -43,7 +43,7 @@ def two() -> Iterator[tuple[LiveGateway, list[tuple[str, FastAPI, AsyncEngine]]]
             urls = resolve_urls(config, Spawned())
             assert all(kind == "tailserve" for [(_, kind)] in urls.values())
             gw = Gateway(config, make_pools(config, urls))
-            with serve(build_app(gw), lifespan="on") as url:
+            with serve_gateway(gw) as url:
                 yield LiveGateway(url, gw), [a, b]
     finally:
         engine.shutdown()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -25,9 +26,9 @@ def authorized(authorization: str | None, api_key: str | None) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
 
 
-def require_key(request: Request, api_key: str | None) -> None:
-    """A 401 in the OpenAI shape unless the request carries the key."""
-    if not authorized(request.headers.get("authorization"), api_key):
+def require_key(headers: Mapping[str, str], api_key: str | None) -> None:
+    """A 401 in the OpenAI shape unless the request's headers carry the key."""
+    if not authorized(headers.get("authorization"), api_key):
         raise ApiError(
             401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key"
         )

@@ -19,6 +19,7 @@ from tailserve.api.errors import ApiError
 from tailserve.api.http import CancelOnDisconnect, ClientGone
 
 DONE = "data: [DONE]\n\n"
+SSE_TYPE = "text/event-stream; charset=utf-8"
 # No caching, and no buffering in a reverse proxy (nginx honours X-Accel-Buffering) between us and the client.
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

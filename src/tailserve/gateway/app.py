@@ -11,23 +11,23 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import JSONResponse, Response
 
 from tailserve.api.errors import ApiError, error_response, install_error_handlers
-from tailserve.api.http import CancelOnDisconnect, ClientGone, parse_json, read_body, require_key, validate
+from tailserve.api.http import parse_json, require_key, validate
 from tailserve.api.ids import HEADER as REQUEST_ID
 from tailserve.api.ids import request_id
 from tailserve.api.openapi import documented_app
 from tailserve.api.protocol import RoutingFields
-from tailserve.api.sse import SSEResponse
+from tailserve.api.sse import SSE_TYPE, STREAM_HEADERS
 from tailserve.gateway.attempts import Answer, Attempts, Call
 from tailserve.gateway.config import GatewayConfig
-from tailserve.gateway.fastpath import FastPath
+from tailserve.gateway.front import Front, Incoming, Stream, Whole, error_whole
 from tailserve.gateway.groups import Groups
 from tailserve.gateway.hedge import Hedger
 from tailserve.gateway.metrics import NO_BACKEND, GatewayMetrics
@@ -105,19 +105,9 @@ class Gateway:
         return await self.attempts.run(call), {}
 
 
-def build_app(gateway: Gateway) -> FastPath:
-    """The app; its lifespan starts the load poller and closes the connection pools. The completion
-    routes bypass FastAPI (fastpath.py); the rest are FastAPI routes."""
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        gateway.start()
-        try:
-            yield
-        finally:
-            await gateway.close()
-
-    app = documented_app("tailserve gateway", lambda: list(gateway.pools), lifespan=lifespan)
+def build_front(gateway: Gateway) -> Front:
+    """The gateway's server: the completion routes answered by `front` itself, the rest by a FastAPI app."""
+    app = documented_app("tailserve gateway", lambda: list(gateway.pools))
     app.state.gateway = gateway
     install_error_handlers(app, log)
     key = gateway.config.api_key
@@ -142,7 +132,7 @@ def build_app(gateway: Gateway) -> FastPath:
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         try:
-            require_key(request, key)
+            require_key(request.headers, key)
         except ApiError as e:
             return error_response(e)
         return JSONResponse({"object": "list", "data": gateway.model_cards()})
@@ -150,7 +140,7 @@ def build_app(gateway: Gateway) -> FastPath:
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request) -> Response:
         try:
-            require_key(request, key)
+            require_key(request.headers, key)
             card = next((c for c in gateway.model_cards() if c["id"] == model_id), None)
             if card is None:
                 raise ApiError(
@@ -160,16 +150,27 @@ def build_app(gateway: Gateway) -> FastPath:
             return error_response(e)
         return JSONResponse(card)
 
-    async def chat_completions(request: Request) -> Response:
+    async def chat_completions(request: Incoming) -> Whole | Stream:
         return await _handle(gateway, request, "/chat/completions", "chatcmpl-")
 
-    async def completions(request: Request) -> Response:
+    async def completions(request: Incoming) -> Whole | Stream:
         return await _handle(gateway, request, "/completions", "cmpl-")
 
-    return FastPath(app, {"/v1/chat/completions": chat_completions, "/v1/completions": completions})
+    routes = {"/v1/chat/completions": chat_completions, "/v1/completions": completions}
+    return Front(app, routes, gateway.config.max_body_bytes)
 
 
-async def _handle(gw: Gateway, request: Request, route: str, prefix: str) -> Response:
+async def run_gateway(gateway: Gateway, stop: asyncio.Event, **serve: Any) -> None:
+    """Serve `gateway` until `stop` is set (`serve`: Front.serve's address and hooks); its load poller
+    runs meanwhile, and its connection pools close at the end."""
+    gateway.start()
+    try:
+        await build_front(gateway).serve(stop, **serve)
+    finally:
+        await gateway.close()
+
+
+async def _handle(gw: Gateway, request: Incoming, route: str, prefix: str) -> Whole | Stream:
     arrival = time.monotonic()
     rid, _ = request_id(request.headers, prefix)
     span = gw.tracing.request_span("/v1" + route, request.headers, rid) if gw.tracing is not None else None
@@ -177,8 +178,8 @@ async def _handle(gw: Gateway, request: Request, route: str, prefix: str) -> Res
     handed_off = False
     status: int | None = None
     try:
-        require_key(request, gw.config.api_key)
-        raw = await read_body(request, gw.config.max_body_bytes)
+        require_key(request.headers, gw.config.api_key)
+        raw = request.body
         raw_obj = parse_json(raw)
         fields = validate(raw_obj, RoutingFields)
         if fields.model not in gw.pools and fields.model not in gw.groups:
@@ -204,8 +205,7 @@ async def _handle(gw: Gateway, request: Request, route: str, prefix: str) -> Res
             headers=headers,
             span=span,
         )
-        async with CancelOnDisconnect(request.receive):
-            result, said = await gw.serve(call, request.headers)
+        result, said = await gw.serve(call, request.headers)
         if isinstance(result, Relay):
             status = 200
             gw.metrics.requests.labels(model, result.upstream.name, "200").inc()
@@ -216,17 +216,19 @@ async def _handle(gw: Gateway, request: Request, route: str, prefix: str) -> Res
                 end_span(span, 200, None if relay.outcome != "failure" else relay.label)
 
             handed_off = True
-            return SSEResponse(relay.body(), {**said, REQUEST_ID: rid}, on_close)
+            headers = {**STREAM_HEADERS, "content-type": SSE_TYPE, **said, REQUEST_ID: rid}
+            return Stream(headers, relay.body(), on_close)
         status = result.status
         gw.metrics.requests.labels(model, result.backend, str(status)).inc()
-        return Response(result.body, status_code=status, headers={**result.headers, **said, REQUEST_ID: rid})
+        return Whole(status, {**result.headers, **said, REQUEST_ID: rid}, result.body)
     except ApiError as e:
         status = e.status
         gw.metrics.requests.labels(model or "unknown", NO_BACKEND, str(status)).inc()
-        return error_response(e, rid)
-    except ClientGone:
-        status = 499
-        return Response(status_code=499)
+        return error_whole(e, {REQUEST_ID: rid})
+    except asyncio.CancelledError:
+        if request.disconnected():
+            status = 499  # the client left: its attempt has closed the upstream connection
+        raise
     finally:
         if not handed_off:
             end_span(span, status, None if status is not None and status < 400 else str(status))

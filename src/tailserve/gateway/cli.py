@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
-import sys
+from collections.abc import Coroutine
 from typing import Any
 
 log = logging.getLogger("tailserve.gateway")
@@ -34,9 +35,7 @@ def config_from_backends(urls: list[str], api_key: str | None = None) -> dict[st
 
 
 def _gateway(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from tailserve.gateway.app import Gateway, build_app
+    from tailserve.gateway.app import Gateway
     from tailserve.gateway.config import ConfigError, load_config, parse_config
     from tailserve.gateway.pools import make_pools, resolve_urls
     from tailserve.gateway.spawn import Spawned
@@ -74,26 +73,42 @@ def _gateway(args: argparse.Namespace) -> int:
         if timeouts:
             spawned.wait_ready(max(timeouts))
         gateway = Gateway(config, make_pools(config, urls), provider)
-        app = build_app(gateway)
-
-        # uvicorn re-raises the SIGTERM it caught once it has stopped: exit through `finally` instead
-        # of dying of it, so the spawned backends are stopped too.
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        log.info("gateway on %s:%d serving %s", config.host, config.port, ", ".join(config.models))
-        uvicorn.run(
-            app,
-            host=config.host,
-            port=config.port,
-            lifespan="on",
-            access_log=False,
-            timeout_graceful_shutdown=5,
-        )
+        try:
+            run(_serve(gateway, config.host, config.port))
+        except OSError as e:
+            log.error("cannot serve on %s:%d: %s", config.host, config.port, e)
+            return 1
     except RuntimeError as e:
         log.error("%s", e)
         return 1
     finally:
         spawned.stop()
     return 0
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """`main` on uvloop where it is installed (a lower cost per request), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
+async def _serve(gateway: Any, host: str, port: int) -> None:
+    """Serve until SIGTERM or SIGINT, then drain (requests in flight get 5 s) and return."""
+    from tailserve.gateway.app import run_gateway
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    models = ", ".join(gateway.pools)
+    await run_gateway(
+        gateway, stop, host=host, port=port, grace=5.0,
+        started=lambda: log.info("gateway on %s:%d serving %s", host, port, models),
+    )  # fmt: skip
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -81,7 +81,7 @@ class OpenAIServer:
     # --- the request path ------------------------------------------------------------------------
 
     def check_auth(self, request: Request) -> None:
-        require_key(request, self.admission.api_key)
+        require_key(request.headers, self.admission.api_key)
 
     def check_open(self) -> None:
         if self.admission.draining:
