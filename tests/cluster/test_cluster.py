@@ -107,6 +107,12 @@ def test_one_scrape_has_every_replica(cluster: LiveCluster) -> None:
         line for line in text.splitlines() if line.startswith("tailserve:time_to_first_token_seconds_count")
     ]
     assert {line.split('replica="')[1].split('"')[0] for line in ttft} == names
+    # Each replica's start → ready, warm-up included, exported as `tailserve serve` exports its own.
+    ready = [line for line in text.splitlines() if line.startswith("tailserve:startup_seconds{")]
+    assert {line.split('replica="')[1].split('"')[0] for line in ready} == names
+    assert all(float(line.rsplit(" ", 1)[1]) > 0 for line in ready)
+    phases = [ln for ln in text.splitlines() if ln.startswith("tailserve:startup_phase_seconds{")]
+    assert len([ln for ln in phases if 'phase="warmup"' in ln]) == len(names)
 
 
 def test_disconnect_frees_the_replicas_blocks(cluster: LiveCluster) -> None:

@@ -26,12 +26,12 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from tailserve.api.errors import ApiError, error_response
 from tailserve.api.http import read_body
-from tailserve.api.sse import DONE, sse_error
+from tailserve.api.sse import DONE, SSEResponse, sse_error
 from tailserve.cluster.asgi import Start, request_scope
 from tailserve.cluster.config import REPLICA_DEPLOYMENT
 from tailserve.cluster.metrics import IngressMetrics, merge
@@ -164,7 +164,12 @@ class Ingress:
             finally:
                 cancel(gen)
 
-        return StreamingResponse(relay(), start.status, headers)
+        async def closed() -> None:
+            cancel(gen)  # already done by relay's own end; a stream that never began ends here
+
+        # SSEResponse, not Starlette's StreamingResponse: one watcher task for the client's disconnect
+        # instead of an anyio task group per stream (uvicorn speaks ASGI 2.3), as in server and gateway.
+        return SSEResponse(relay(), headers, closed)
 
     # --- tracing -----------------------------------------------------------------------------------
 

@@ -18,7 +18,10 @@ from typing import Any
 from tailserve.cluster.asgi import Start, play
 from tailserve.config import EngineConfig, ServerConfig
 from tailserve.engine.async_engine import AsyncEngine
+from tailserve.engine.load import load_engine
+from tailserve.obs.startup import StartupTimer
 from tailserve.server.app import build_app
+from tailserve.server.loading import warm_up
 from tailserve.server.shutdown import drain
 
 log = logging.getLogger("tailserve.cluster")
@@ -43,14 +46,28 @@ class EngineReplica:
     def __init__(self, engine_config: EngineConfig, server_config: ServerConfig, model_name: str) -> None:
         from ray import serve
 
-        t0 = time.perf_counter()
+        # The replica's own part of its start (the process start is Ray's), phase by phase as
+        # `tailserve serve` times it, and exported the same way (`tailserve:startup_*`).
+        timer = StartupTimer(started=time.perf_counter())
         self.name = serve.get_replica_context().replica_id.unique_id
         self.grace = server_config.shutdown_grace
-        self.engine = AsyncEngine.from_config(engine_config)
+        llm = load_engine(engine_config, timer)
+        # Warmed and prepared before the constructor returns, since Ray routes to a replica from then:
+        # the first request a new replica gets (a scale-up's) runs at the steady state's TTFT.
+        timer.phase = "warmup"
+        warm_up(llm)
+        timer.lap("warmup", next_phase="app")
+        self.engine = AsyncEngine(llm)
         self.app = build_app(self.engine, server_config, model_name)
         self.server = self.app.state.server
-        self.init_s = time.perf_counter() - t0  # model load to ready (the process start is Ray's)
-        log.info("replica %s serving %s (ready in %.2f s)", self.name, model_name, self.init_s)
+        if self.server.obs.metrics is not None:
+            self.server.obs.metrics.registry.register(timer.collector(model_name))
+        timer.lap("app", next_phase="grammar")
+        self.engine.wait_prepared()
+        timer.lap("grammar")
+        timer.ready()
+        self.init_s = timer.ready_seconds or 0.0
+        log.info("replica %s serving %s: %s", self.name, model_name, timer.summary())
 
     async def forward(
         self, scope: dict[str, Any], body: bytes, key: str | None = None
