@@ -191,6 +191,24 @@ def test_idle_connection_is_closed_after_keep_alive(monkeypatch) -> None:
         assert s.sock.recv(10) == b""
 
 
+def test_a_request_that_stalls_midway_is_dropped(monkeypatch) -> None:
+    monkeypatch.setattr(front_module, "KEEP_ALIVE", 0.2)
+    with running(Probe()) as (port, _, _), Conn(port) as s:
+        s.sendall(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-le")
+        time.sleep(0.5)
+        assert s.sock.recv(10) == b""
+
+
+def test_a_long_request_outlives_keep_alive(monkeypatch) -> None:
+    monkeypatch.setattr(front_module, "KEEP_ALIVE", 0.2)
+    probe = Probe()
+    with running(probe) as (port, _, _), Conn(port) as s:
+        s.sendall(post("/slow", b"{}"))
+        time.sleep(0.6)
+        probe.hold.set()
+        assert s.response()[2] == b"done"
+
+
 def test_expect_100_continue_then_answer() -> None:
     with running(Probe()) as (port, _, _), Conn(port) as s:
         body = b'{"x":1}'

@@ -185,8 +185,10 @@ class _Connection(asyncio.Protocol):
                 self.close()
         except httptools.HttpParserError:
             self._refuse(400, "the request is not valid HTTP/1.1", "invalid_request")
-        if self.answered and not self.gone:
-            self._arm_idle()  # a refused body still arriving is read and dropped, but not forever
+        if self.task is None and not self.gone:
+            # Waiting on the client (the rest of a request, or a refused body being read and dropped):
+            # it must send something every KEEP_ALIVE seconds, or the connection ends.
+            self._arm_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gone = True
@@ -222,8 +224,9 @@ class _Connection(asyncio.Protocol):
         self._begin()
 
     def on_url(self, url: bytes) -> None:
-        self.url += url
         self.head_size += len(url)
+        if self.head_size <= MAX_HEAD:
+            self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_size += len(name) + len(value)
@@ -292,6 +295,7 @@ class _Connection(asyncio.Protocol):
         if self.closing:
             self.close()
         elif self.queue:
+            self._disarm_idle()
             self.task = self.loop.create_task(self._run(self.queue.popleft()))
             self.task.add_done_callback(self._done)
         else:
