@@ -62,17 +62,15 @@ def fake_app(chunks: int, gap: float) -> Any:
 
 def serve_gateway(url: str, port: int, loop: str, http: str, client: str) -> None:
     """`tailserve gateway --backend URL` on `loop` (uvloop or asyncio), with the upstream client the
-    gateway's own (h1) or httpx's (its API is the one h1client copies). `http` names the HTTP server:
-    this checkout has one, the gateway's own front ("front"); the argument stays so that `--against`
-    can start an older checkout's gateway, whose uvicorn took "httptools" or "h11" there."""
+    gateway's own (h1) or httpx's (its API is the one h1client copies). `http` is ignored: this
+    checkout's gateway has one HTTP server, its own front. The argument stays so that `--against` can
+    start an older checkout's gateway, whose uvicorn took "httptools" or "h11" there."""
     from tailserve.gateway import pools
     from tailserve.gateway.app import Gateway, run_gateway
     from tailserve.gateway.cli import config_from_backends
     from tailserve.gateway.config import parse_config
     from tailserve.gateway.pools import make_pools
 
-    if http != "front":
-        raise SystemExit(f"this checkout's gateway serves HTTP with its own front, not {http!r}")
     if client == "httpx":
         pools.make_client = lambda _cap: httpx.AsyncClient(timeout=None, trust_env=False)  # type: ignore
 
