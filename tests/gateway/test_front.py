@@ -248,6 +248,15 @@ def test_oversized_headers_431_and_malformed_400_in_the_envelope() -> None:
             assert status == 400 and json.loads(body)["error"]["code"] == "invalid_request"
 
 
+def test_bad_bytes_after_a_good_request_are_answered_after_it() -> None:
+    with running(Probe()) as (port, _, _), Conn(port) as s:
+        s.sendall(post("/echo", b'{"a":1}') + b"\x00 not http\r\n\r\n")
+        assert s.response()[:3:2] == (200, b'{"a":1}')
+        status, headers, body = s.response()
+        assert status == 400 and headers["connection"] == "close"
+        assert json.loads(body)["error"]["code"] == "invalid_request"
+
+
 def test_method_not_allowed_unknown_route_and_handler_crash() -> None:
     with running(Probe()) as (port, _, _), Conn(port) as s:
         s.sendall(b"GET /echo HTTP/1.1\r\nhost: x\r\n\r\n")

@@ -159,7 +159,8 @@ class _Connection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.queue: deque[Incoming] = deque()
         self.gone = False
-        self.closing = False
+        self.closing = False  # the connection ends once what was asked before is answered
+        self.refusal_due: Whole | None = None  # bad bytes after good requests: answered after theirs
         self._writable: asyncio.Future[None] | None = None
         self._idle: asyncio.TimerHandle | None = None
         self._lost: asyncio.Future[None] = self.loop.create_future()
@@ -184,7 +185,13 @@ class _Connection(asyncio.Protocol):
             if self.task is None and not self.queue:
                 self.close()
         except httptools.HttpParserError:
-            self._refuse(400, "the request is not valid HTTP/1.1", "invalid_request")
+            err = error_whole(ApiError(400, "the request is not valid HTTP/1.1", code="invalid_request"))
+            if self.task is None and not self.queue:
+                self._write_refusal(err)
+                self.close()
+            else:  # the requests before the bad bytes are answered first, in order
+                self.refusal_due = err
+                self.transport.pause_reading()
         if self.task is None and not self.gone:
             # Waiting on the client (the rest of a request, or a refused body being read and dropped):
             # it must send something every KEEP_ALIVE seconds, or the connection ends.
@@ -290,14 +297,17 @@ class _Connection(asyncio.Protocol):
     # -- running requests --
 
     def _next(self) -> None:
-        if self.gone:
+        if self.gone or self.transport is None or self.transport.is_closing():
             return
-        if self.closing:
-            self.close()
-        elif self.queue:
+        if self.queue:
             self._disarm_idle()
             self.task = self.loop.create_task(self._run(self.queue.popleft()))
             self.task.add_done_callback(self._done)
+        elif self.refusal_due is not None:
+            self._write_refusal(self.refusal_due)
+            self.close()
+        elif self.closing:
+            self.close()
         else:
             self._arm_idle()
 
@@ -453,11 +463,6 @@ class _Connection(asyncio.Protocol):
             request.keep_alive = False  # the app ended without finishing its answer
 
     # -- the connection's end --
-
-    def _refuse(self, status: int, message: str, code: str) -> None:
-        if self.task is None:
-            self._write_refusal(error_whole(ApiError(status, message, code=code)))
-        self.close()
 
     def _write_refusal(self, reply: Whole) -> None:
         """An answer before (or instead of) a whole request; the connection ends after it."""
