@@ -11,7 +11,9 @@ What a client sees is what uvicorn gives it: keep-alive (closed after `KEEP_ALIV
 requests answered in order, `Expect: 100-continue`, HTTP/1.0, a 400 for a malformed request, 413 for
 a body over the limit and 431 for oversized headers (both in the OpenAI error envelope), and write
 backpressure (a slow reader pauses the relay, so nothing buffers without bound). A client that
-disconnects cancels its request's task: the handler's cleanup closes the upstream connection.
+disconnects cancels its request's task: the handler's cleanup closes the upstream connection. As under
+uvicorn, the end of the client's input counts as a disconnect (a half-closed socket is not told apart
+from a gone one), so a backend's work for a client that left stops at once.
 """
 
 from __future__ import annotations
