@@ -60,11 +60,12 @@ def fake_app(chunks: int, gap: float) -> Any:
     return app
 
 
-def serve_gateway(url: str, port: int, loop: str, http: str, client: str) -> None:
+def serve_gateway(url: str, port: int, loop: str, http: str, client: str, cpus: str = "") -> None:
     """`tailserve gateway --backend URL` on `loop` (uvloop or asyncio), with the upstream client the
     gateway's own (h1) or httpx's (its API is the one h1client copies). `http` is ignored: this
     checkout's gateway has one HTTP server, its own front. The argument stays so that `--against` can
-    start an older checkout's gateway, whose uvicorn took "httptools" or "h11" there."""
+    start an older checkout's gateway, whose uvicorn took "httptools" or "h11" there. `cpus`, as
+    "cpu1" or "cpu0+1", pins the gateway (its `cpus` setting)."""
     from tailserve.gateway import pools
     from tailserve.gateway.app import Gateway, run_gateway
     from tailserve.gateway.cli import config_from_backends
@@ -75,6 +76,8 @@ def serve_gateway(url: str, port: int, loop: str, http: str, client: str) -> Non
         pools.make_client = lambda _cap: httpx.AsyncClient(timeout=None, trust_env=False)  # type: ignore
 
     config = parse_config(config_from_backends([url]))
+    if cpus:
+        config.cpus = [int(c) for c in cpus.removeprefix("cpu").split("+")]
     urls = {(m, i): [(b.url, b.kind)] for m, s in config.models.items() for i, b in enumerate(s.backends)}
     gateway = Gateway(config, make_pools(config, urls))
     Path(f"/tmp/tailserve-hop-{port}.pid").write_text(str(os.getpid()))  # for its CPU time
@@ -136,12 +139,14 @@ async def measure(urls: dict[str, str], requests: int, burst: int) -> dict[str, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--serve-fake", type=int)
-    ap.add_argument("--serve-gateway", nargs=5, metavar=("URL", "PORT", "LOOP", "HTTP", "CLIENT"))
+    ap.add_argument("--serve-gateway", nargs="+", metavar="URL PORT LOOP HTTP CLIENT [CPUS]")
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--burst", type=int, default=16)
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--gap", type=float, default=5.0, help="ms between chunks")
-    ap.add_argument("--variants", default="uvloop/front/h1", help="LOOP/HTTP/CLIENT, comma-separated")
+    ap.add_argument(
+        "--variants", default="uvloop/front/h1", help="LOOP/HTTP/CLIENT[/cpuN[+M]], comma-separated"
+    )
     ap.add_argument("--tag", default="")
     ap.add_argument("--against", type=Path, help="another checkout whose gateway joins the rounds")
     args = ap.parse_args()
@@ -152,8 +157,8 @@ def main() -> None:
                     loop="uvloop", http="httptools", access_log=False, log_level="warning")  # fmt: skip
         return
     if args.serve_gateway:
-        url, port, loop, http, client = args.serve_gateway
-        serve_gateway(url, int(port), loop, http, client)
+        url, port, loop, http, client, *cpus = args.serve_gateway
+        serve_gateway(url, int(port), loop, http, client, *cpus)
         return
     from harness import RECORDED, RESULTS, header, serving  # imports torch: not in the servers
 

@@ -38,6 +38,10 @@ from tests.gateway.conftest import Fake, fakes
             "retry.max_attempts",
         ),
         ([1, 2], "the top level must be a mapping"),
+        (
+            {"models": {"a": {"backends": [{"url": "http://x"}]}}, "cpus": [0, 4096]},
+            "cpus[1]: CPU 4096 is not one this process may run on",
+        ),
     ],
 )
 def test_bad_config_names_the_key(data: object, message: str) -> None:
@@ -77,7 +81,8 @@ def test_cli_serves_the_models_its_backends_list() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        args = ["--port", str(port)] + [a for f in fs for a in ("--backend", f.url)]
+        cpu = max(os.sched_getaffinity(0))
+        args = ["--port", str(port), "--cpus", str(cpu)] + [a for f in fs for a in ("--backend", f.url)]
         proc = subprocess.Popen(
             _gateway_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ
         )
@@ -94,6 +99,7 @@ def test_cli_serves_the_models_its_backends_list() -> None:
                 assert time.monotonic() < end
                 time.sleep(0.1)
             assert sorted(m["id"] for m in httpx.get(url + "/v1/models").json()["data"]) == ["alpha", "beta"]
+            assert os.sched_getaffinity(proc.pid) == {cpu}  # --cpus pinned the serving thread
             r = httpx.post(
                 url + "/v1/chat/completions",
                 json={"model": "beta", "messages": [{"role": "user", "content": "x"}]},

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -162,7 +163,11 @@ def build_front(gateway: Gateway) -> Front:
 
 async def run_gateway(gateway: Gateway, stop: asyncio.Event, **serve: Any) -> None:
     """Serve `gateway` until `stop` is set (`serve`: Front.serve's address and hooks); its load poller
-    runs meanwhile, and its connection pools close at the end."""
+    runs meanwhile, and its connection pools close at the end. With `cpus` configured, the calling
+    thread (the event loop's) and the threads it starts from then on are pinned to them."""
+    if gateway.config.cpus:
+        os.sched_setaffinity(0, gateway.config.cpus)
+        log.info("gateway pinned to CPUs %s", ",".join(map(str, gateway.config.cpus)))
     gateway.start()
     try:
         await build_front(gateway).serve(stop, **serve)

@@ -36,7 +36,7 @@ def config_from_backends(urls: list[str], api_key: str | None = None) -> dict[st
 
 def _gateway(args: argparse.Namespace) -> int:
     from tailserve.gateway.app import Gateway
-    from tailserve.gateway.config import ConfigError, load_config, parse_config
+    from tailserve.gateway.config import ConfigError, check_cpus, load_config, parse_config
     from tailserve.gateway.pools import make_pools, resolve_urls
     from tailserve.gateway.spawn import Spawned
 
@@ -56,6 +56,9 @@ def _gateway(args: argparse.Namespace) -> int:
             )
         overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
         config = config.model_copy(update=overrides)
+        if args.cpus is not None:
+            check_cpus(args.cpus, "--cpus")
+            config = config.model_copy(update={"cpus": args.cpus})
         if config.api_key is None:
             config.api_key = os.environ.get("TAILSERVE_API_KEY") or None
     except ConfigError as e:
@@ -122,6 +125,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default=None, help="overrides the config's host")
     p.add_argument("--port", type=int, default=None, help="overrides the config's port")
+    p.add_argument(
+        "--cpus",
+        type=lambda v: [int(c) for c in v.split(",")],
+        default=None,
+        help="pin the gateway to these CPUs, e.g. 1 or 2,3 (overrides the config's cpus)",
+    )
     p.add_argument(
         "--log-level",
         default="info",

@@ -18,6 +18,7 @@ models:
     hedge: {max_share: 0.05}             # latency policies: see gateway/policy_config.py
 retry: {max_attempts: 3, backoff_base: 0.025, backoff_cap: 1.0, budget_ratio: 0.2, budget_min: 10}
 breaker: {failures: 5, window: 10, open_for: 5, probes: 1, successes: 2}
+cpus: [1]                       # pin the gateway to these CPUs (default: wherever the OS puts it)
 ```
 
 A bad file is refused before anything is served, with the dotted path of the offending key.
@@ -25,6 +26,7 @@ A bad file is refused before anything is served, with the dotted path of the off
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +34,22 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tailserve.gateway.policy_config import GroupSpec, HedgeSpec
+
+
+def usable_cpus() -> set[int]:
+    """The CPUs this process may be scheduled on (all of them where the OS cannot say)."""
+    try:
+        return os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return set(range(os.cpu_count() or 1))
+
+
+def check_cpus(cpus: list[int], where: str) -> None:
+    """A ConfigError naming the first of `cpus` this process may not run on."""
+    allowed = usable_cpus()
+    for i, cpu in enumerate(cpus):
+        if cpu not in allowed:
+            raise ConfigError(f"{where}[{i}]: CPU {cpu} is not one this process may run on {sorted(allowed)}")
 
 
 class ConfigError(ValueError):
@@ -113,10 +131,19 @@ class GatewayConfig(_Strict):
     ttft_slack: float = Field(0.25, ge=0)
     ttft_ratio: float = Field(2.0, ge=1.0)
     poll_interval: float = Field(1.0, ge=0)  # seconds between reads of tailserve backends' load; 0: off
+    # The CPUs the gateway runs on (sched_setaffinity). Its one event loop thread, woken twice per
+    # request, otherwise moves between cores and starts each request with cold caches: pinned, the hop
+    # costs ~0.2 ms less at one stream (BENCHMARKS.md). Give it a core the backends' engines leave free.
+    cpus: list[int] | None = Field(None, min_length=1)
     otel_exporter: Literal["console", "otlp"] | None = None
     retry: RetrySpec = Field(default_factory=RetrySpec)
     breaker: BreakerSpec = Field(default_factory=BreakerSpec)
     models: dict[str, ModelSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _cpus_exist(self) -> GatewayConfig:
+        check_cpus(self.cpus or [], "cpus")
+        return self
 
     @model_validator(mode="after")
     def _fallbacks_exist(self) -> GatewayConfig:
