@@ -17,11 +17,8 @@ from typing import Any
 
 from tailserve.cluster.asgi import Start, play
 from tailserve.config import EngineConfig, ServerConfig
-from tailserve.engine.async_engine import AsyncEngine
-from tailserve.engine.load import load_engine
 from tailserve.obs.startup import StartupTimer
-from tailserve.server.app import build_app
-from tailserve.server.loading import warm_up
+from tailserve.server.loading import start_serving
 from tailserve.server.shutdown import drain
 
 log = logging.getLogger("tailserve.cluster")
@@ -51,21 +48,8 @@ class EngineReplica:
         timer = StartupTimer(started=time.perf_counter())
         self.name = serve.get_replica_context().replica_id.unique_id
         self.grace = server_config.shutdown_grace
-        llm = load_engine(engine_config, timer)
-        # Warmed and prepared before the constructor returns, since Ray routes to a replica from then:
-        # the first request a new replica gets (a scale-up's) runs at the steady state's TTFT.
-        timer.phase = "warmup"
-        warm_up(llm)
-        timer.lap("warmup", next_phase="app")
-        self.engine = AsyncEngine(llm)
-        self.app = build_app(self.engine, server_config, model_name)
+        self.engine, self.app = start_serving(engine_config, server_config, model_name, timer)
         self.server = self.app.state.server
-        if self.server.obs.metrics is not None:
-            self.server.obs.metrics.registry.register(timer.collector(model_name))
-        timer.lap("app", next_phase="grammar")
-        self.engine.wait_prepared()
-        timer.lap("grammar")
-        timer.ready()
         self.init_s = timer.ready_seconds or 0.0
         log.info("replica %s serving %s: %s", self.name, model_name, timer.summary())
 

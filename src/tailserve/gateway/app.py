@@ -229,7 +229,7 @@ async def _handle(gw: Gateway, request: Incoming, route: str, prefix: str) -> Wh
     except ApiError as e:
         status = e.status
         gw.metrics.requests.labels(model or "unknown", NO_BACKEND, str(status)).inc()
-        return error_whole(e, {REQUEST_ID: rid})
+        return error_whole(e, rid)
     except asyncio.CancelledError:
         if request.disconnected():
             status = 499  # the client left: its attempt has closed the upstream connection

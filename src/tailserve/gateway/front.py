@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,7 +31,7 @@ from urllib.parse import unquote
 import httptools
 from starlette.types import ASGIApp, Message
 
-from tailserve.api.errors import ApiError
+from tailserve.api.errors import ApiError, error_response
 
 log = logging.getLogger("tailserve.gateway")
 
@@ -80,10 +79,10 @@ class Stream:
 Handler = Callable[[Incoming], Awaitable[Whole | Stream]]
 
 
-def error_whole(err: ApiError, extra: dict[str, str] | None = None) -> Whole:
-    """An ApiError in the OpenAI envelope, as a Whole."""
-    headers = {"content-type": "application/json", **err.headers, **(extra or {})}
-    return Whole(err.status, headers, json.dumps(err.body(), separators=(",", ":")).encode())
+def error_whole(err: ApiError, request_id: str | None = None) -> Whole:
+    """An ApiError as `api.errors.error_response` answers it (envelope, its headers, the request's id)."""
+    r = error_response(err, request_id)
+    return Whole(r.status_code, dict(r.headers), bytes(r.body))
 
 
 def _head(status: int, headers: dict[str, str] | list[tuple[bytes, bytes]], framing: bytes) -> bytes:
@@ -189,7 +188,7 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError:
             err = error_whole(ApiError(400, "the request is not valid HTTP/1.1", code="invalid_request"))
             if self.task is None and not self.queue:
-                self._write_refusal(err)
+                self._write_whole(err, None)
                 self.close()
             else:  # the requests before the bad bytes are answered first, in order
                 self.refusal_due = err
@@ -253,8 +252,8 @@ class _Connection(asyncio.Protocol):
         if declared is not None and declared.isdigit() and int(declared) > limit:
             self.refusal = _too_large(limit)
             if self.task is None and not self.queue:  # answered now, not after the body was sent
-                self._write_refusal(self.refusal)
-                self.answered = True
+                self._write_whole(self.refusal, None)
+                self.closing = self.answered = True
         elif self.task is None and not self.queue and _expects_continue(self.raw_headers):
             self.transport.write(CONTINUE)  # (not for a pipelined request: it would come out of turn)
 
@@ -306,7 +305,7 @@ class _Connection(asyncio.Protocol):
             self.task = self.loop.create_task(self._run(self.queue.popleft()))
             self.task.add_done_callback(self._done)
         elif self.refusal_due is not None:
-            self._write_refusal(self.refusal_due)
+            self._write_whole(self.refusal_due, None)
             self.close()
         elif self.closing:
             self.close()
@@ -332,7 +331,7 @@ class _Connection(asyncio.Protocol):
                 await self._asgi(request)
             elif request.method != "POST":
                 self._write_whole(
-                    error_whole(ApiError(405, "Method Not Allowed"), {"allow": "POST"}), request
+                    error_whole(ApiError(405, "Method Not Allowed", headers={"Allow": "POST"})), request
                 )
             else:
                 await self._native(handler, request)
@@ -379,13 +378,15 @@ class _Connection(asyncio.Protocol):
                 await reply.body.aclose()  # type: ignore[attr-defined]
             await reply.close()
 
-    def _write_whole(self, reply: Whole, request: Incoming) -> None:
-        if self.transport is None or self.gone:
+    def _write_whole(self, reply: Whole, request: Incoming | None) -> None:
+        """`reply` with its length; `request` None: an answer before (or instead of) a whole request,
+        after which the connection ends."""
+        if self.transport is None or self.gone or self.transport.is_closing():
             return
         headers = {**reply.headers, "content-length": str(len(reply.body))}
-        if not request.keep_alive:
+        if request is None or not request.keep_alive:
             headers["connection"] = "close"
-        body = b"" if request.method == "HEAD" else reply.body
+        body = b"" if request is not None and request.method == "HEAD" else reply.body
         self.transport.write(_head(reply.status, headers, b"\r\n") + body)
 
     async def _asgi(self, request: Incoming) -> None:
@@ -465,13 +466,6 @@ class _Connection(asyncio.Protocol):
             request.keep_alive = False  # the app ended without finishing its answer
 
     # -- the connection's end --
-
-    def _write_refusal(self, reply: Whole) -> None:
-        """An answer before (or instead of) a whole request; the connection ends after it."""
-        if self.transport is not None and not self.gone and not self.transport.is_closing():
-            headers = {**reply.headers, "content-length": str(len(reply.body)), "connection": "close"}
-            self.transport.write(_head(reply.status, headers, b"\r\n") + reply.body)
-        self.closing = True
 
     def _arm_idle(self) -> None:
         self._disarm_idle()

@@ -59,27 +59,12 @@ def _serve(args: argparse.Namespace) -> int:
         import torch  # noqa: F401  (timed on its own: the largest import)
 
         timer.lap("import_torch", next_phase="engine_imports")
-        from tailserve.engine.async_engine import AsyncEngine
-        from tailserve.engine.load import load_engine
         from tailserve.obs.observer import log_requests_to_stderr
-        from tailserve.server.app import build_app
-        from tailserve.server.loading import warm_up
+        from tailserve.server.loading import start_serving
 
-        timer.lap("engine_imports", next_phase="model_config")
         if server_config.request_log:
             log_requests_to_stderr()
-        llm = load_engine(engine_config, timer)
-        timer.phase = "warmup"
-        warm_up(llm)
-        timer.lap("warmup", next_phase="app")
-        engine = AsyncEngine(llm)
-        app = build_app(engine, server_config, name, tracer_provider=provider)
-        if app.state.server.obs.metrics is not None:
-            app.state.server.obs.metrics.registry.register(timer.collector(name))
-        timer.lap("app", next_phase="grammar")
-        engine.wait_prepared()
-        timer.lap("grammar")
-        timer.ready()
+        engine, app = start_serving(engine_config, server_config, name, timer, provider)
         log.info("%s", timer.summary())
         log.info("serving %s (context %d tokens)", name, engine.max_model_len)
         return engine, app

@@ -22,6 +22,10 @@ from typing import TYPE_CHECKING, Any
 from tailserve.obs.startup import StartupTimer
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from tailserve.config import EngineConfig, ServerConfig
+    from tailserve.engine.async_engine import AsyncEngine
     from tailserve.engine.engine import LLMEngine
 
 log = logging.getLogger("tailserve.server")
@@ -138,3 +142,33 @@ def warm_up(engine: LLMEngine, prompt_tokens: int = 48, new_tokens: int = 8) -> 
         engine.step()
     engine.step_times = StepTimeModel()
     engine.decode_step_times = StepTimeModel()
+
+
+def start_serving(
+    engine_config: EngineConfig,
+    server_config: ServerConfig,
+    name: str,
+    timer: StartupTimer,
+    tracer_provider: TracerProvider | None = None,
+) -> tuple[AsyncEngine, Any]:
+    """The engine and its app, ready: loaded phase by phase, warmed (`warm_up`), the grammar
+    vocabulary prepared, and the start's phases exported on the app's metrics. `tailserve serve` runs
+    it on its loader thread; a Ray replica in its constructor, since Ray routes to it once that returns."""
+    from tailserve.engine.async_engine import AsyncEngine
+    from tailserve.engine.load import load_engine
+    from tailserve.server.app import build_app
+
+    timer.lap("engine_imports", next_phase="model_config")
+    llm = load_engine(engine_config, timer)
+    timer.phase = "warmup"
+    warm_up(llm)
+    timer.lap("warmup", next_phase="app")
+    engine = AsyncEngine(llm)
+    app = build_app(engine, server_config, name, tracer_provider=tracer_provider)
+    if app.state.server.obs.metrics is not None:
+        app.state.server.obs.metrics.registry.register(timer.collector(name))
+    timer.lap("app", next_phase="grammar")
+    engine.wait_prepared()
+    timer.lap("grammar")
+    timer.ready()
+    return engine, app
