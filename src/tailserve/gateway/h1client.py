@@ -86,6 +86,7 @@ class _Conn(asyncio.Protocol):
         self.done = False
         self.got_bytes = False
         self.framed = False  # content-length or chunked: EOF before the end is an error
+        self.keep_alive = False  # read at the head: the parser forgets it once the message is complete
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
         self.error: Exception | None = None
@@ -118,6 +119,7 @@ class _Conn(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
+        self.keep_alive = self.parser.should_keep_alive()
         self.head_done = True
 
     def on_body(self, body: bytes) -> None:
@@ -320,7 +322,7 @@ class Client:
 
     def _release(self, conn: _Conn, reusable: bool) -> None:
         self._live.discard(conn)
-        if reusable and not conn.closed and conn.parser.should_keep_alive():
+        if reusable and not conn.closed and conn.keep_alive:
             conn.idle_since = time.monotonic()
             self._idle.setdefault(conn.origin, []).append(conn)
         else:
