@@ -87,6 +87,12 @@ def test_affinity_key() -> None:
     }
     assert affinity_key(turn1) == affinity_key(turn2) != affinity_key(other)
     assert affinity_key({**turn1, "tools": [{"type": "function"}]}) != affinity_key(turn1)
+    as_user = {"messages": [{"role": "user", "content": "You are terse."}, {"role": "user", "content": "a"}]}
+    assert affinity_key(as_user) != affinity_key(turn1)  # the role is part of the key
+    named = {"messages": [{**system, "name": "n"}, {"role": "user", "content": "a"}]}
+    assert affinity_key(named) != affinity_key(turn1)  # and every other field of the message
+    parts = {"messages": [{"role": "system", "content": [{"type": "text", "text": "You are terse."}]}]}
+    assert affinity_key(parts) not in (None, affinity_key(turn1))
     assert affinity_key({**turn1, "user": "u1"}) == "session:u1"
     assert affinity_key(turn1, session="s") == "session:s"
     long_a, long_b = "x" * 2000 + "a", "x" * 2000 + "b"

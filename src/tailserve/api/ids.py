@@ -6,14 +6,16 @@ forwards it so one id names the request on every hop.
 
 from __future__ import annotations
 
-import uuid
+import os
 from collections.abc import Mapping
 
 HEADER = "X-Request-ID"
 
 
 def new_request_id(prefix: str) -> str:
-    return prefix + uuid.uuid4().hex
+    """128 random bits in hex, as `uuid4().hex` but without building a UUID (it is on every request's
+    critical path)."""
+    return prefix + os.urandom(16).hex()
 
 
 def request_id(headers: Mapping[str, str], prefix: str) -> tuple[str, bool]:

@@ -234,8 +234,8 @@ class Client:
         return response
 
     async def send(self, request: Request, stream: bool = True) -> Response:
-        """Send `request`; the answer once its head has come, its body to follow on `aiter_raw` (always
-        streamed: `stream` is httpx's signature)."""
+        """Send `request`; the answer once its head and the body's first bytes have come, the body to
+        follow on `aiter_raw` (always streamed: `stream` is httpx's signature)."""
         parts = urlsplit(request.url)
         scheme = parts.scheme
         host = parts.hostname or ""
@@ -260,7 +260,9 @@ class Client:
                 self._live.add(conn)
                 try:
                     conn.transport.write(data)  # type: ignore[union-attr]
-                    await conn.wait(t.read, lambda c=conn: c.head_done)
+                    # The head and the body's first bytes (or its end): one wake where a backend
+                    # writes the head apart from the first chunk, as uvicorn does.
+                    await conn.wait(t.read, lambda c=conn: c.head_done and (c.chunks or c.done))
                     return Response(self, conn, t.read)
                 except _Stale:
                     self._drop(conn)

@@ -27,6 +27,16 @@ def _digest(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
+def _plain(message: Any) -> bool:
+    """A message of a text role and text content alone."""
+    return (
+        isinstance(message, dict)
+        and len(message) == 2
+        and isinstance(message.get("role"), str)
+        and isinstance(message.get("content"), str)
+    )
+
+
 def affinity_key(body: dict[str, Any], session: str | None = None) -> str | None:
     """A stable key for `body` (an OpenAI chat or completion request), or None if it has no content."""
     if session:
@@ -35,7 +45,10 @@ def affinity_key(body: dict[str, Any], session: str | None = None) -> str | None
         return "session:" + body["user"]
     messages = body.get("messages")
     if isinstance(messages, list) and messages:
-        lead = json.dumps([messages[0], body.get("tools")], sort_keys=True, default=str)
+        first = messages[0]
+        if not body.get("tools") and _plain(first):  # the common case, without serializing it
+            return "prefix:" + _digest(f"{first['role']}\x00{first['content'][: PREFIX_CHARS * 4]}")
+        lead = json.dumps([first, body.get("tools")], sort_keys=True, default=str)
         return "prefix:" + _digest(lead[: PREFIX_CHARS * 4])
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt:
