@@ -158,10 +158,12 @@ class Chooser:
             return None, ""
         if self.policy == "round_robin":
             return self._round_robin(pool), "round_robin"
+        if len(pool) == 1:  # nothing to weigh: spares the bound and the TTFT estimates
+            return pool[0], "least_loaded"
         under = self._under_bound(pool)
         held_names = self.holders.of(key) if key is not None else []
         allowed = self._fast_enough(under, now, prompt, held_names)
-        if key is None or len(pool) == 1 or self.policy == "least_loaded":
+        if key is None or self.policy == "least_loaded":
             return self._least_loaded(allowed or pool), "least_loaded"
         names = {b.name for b in allowed}
         held = [self._by_name[n] for n in held_names if n in self._by_name]

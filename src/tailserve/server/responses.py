@@ -230,6 +230,9 @@ async def stream(
         return sse({**head, "choices": [choice]})
 
     error: ApiError | None = None
+    # The role events lead the first delta in one piece: one write, so a client (or a gateway) takes
+    # both, and the first token, in one wake-up.
+    lead = ""
     if chat:
         for i in range(k):
             role = {
@@ -238,12 +241,13 @@ async def stream(
                 "logprobs": None,
                 "finish_reason": None,
             }
-            yield sse({**head, "choices": [role]})
+            lead += sse({**head, "choices": [role]})
     i, out = first
     while True:
         text = chunk(i, out)
-        if text is not None:
-            yield text
+        if lead or text is not None:
+            yield lead + (text or "")
+            lead = ""
         if out.finished and error is None:
             error = finish_error(gen, out)
         try:
