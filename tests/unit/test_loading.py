@@ -80,3 +80,38 @@ def test_ready_is_503_until_the_load_returns() -> None:
     release.set()
     thread.join(timeout=10)
     assert get(front, "/ready")[0].status_code == 200
+
+
+def test_start_serving_freezes_start_up_objects_once_everything_is_built(monkeypatch) -> None:
+    """Start-up's objects are frozen out of the collector's full passes (a full pass over ~200k of
+    them held every thread for 79 ms under load), after the last of them is built, before ready."""
+    import types
+
+    import tailserve.engine.async_engine
+    import tailserve.engine.load
+    import tailserve.server.app
+    from tailserve.server import loading
+
+    events: list[str] = []
+
+    class Engine:
+        def __init__(self, llm: object) -> None:
+            events.append("engine")
+
+        def wait_prepared(self) -> None:
+            events.append("prepared")
+
+    class Timer(StartupTimer):
+        def ready(self) -> None:
+            events.append("ready")
+            super().ready()
+
+    app = types.SimpleNamespace(state=types.SimpleNamespace(server=types.SimpleNamespace(
+        obs=types.SimpleNamespace(metrics=None))))  # fmt: skip
+    monkeypatch.setattr(tailserve.engine.load, "load_engine", lambda cfg, timer: events.append("load"))
+    monkeypatch.setattr(loading, "warm_up", lambda llm: events.append("warm"))
+    monkeypatch.setattr(tailserve.engine.async_engine, "AsyncEngine", Engine)
+    monkeypatch.setattr(tailserve.server.app, "build_app", lambda *a, **k: events.append("app") or app)
+    monkeypatch.setattr(loading, "gc", types.SimpleNamespace(freeze=lambda: events.append("freeze")))
+    loading.start_serving(None, None, "m", Timer())  # type: ignore[arg-type]
+    assert events == ["load", "warm", "engine", "app", "prepared", "freeze", "ready"]
