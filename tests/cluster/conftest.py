@@ -90,7 +90,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
             max_num_seqs=4,
             weight_cache=False,
         )
-        server = ServerConfig(request_log=False, max_queue=8, shutdown_grace=5.0)
+        server = ServerConfig(request_log=True, max_queue=8, shutdown_grace=5.0)
         shape = ClusterConfig(
             replicas=2,
             max_replicas=3,

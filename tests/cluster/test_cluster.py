@@ -8,6 +8,7 @@ import json
 import math
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -113,6 +114,35 @@ def test_one_scrape_has_every_replica(cluster: LiveCluster) -> None:
     assert all(float(line.rsplit(" ", 1)[1]) > 0 for line in ready)
     phases = [ln for ln in text.splitlines() if ln.startswith("tailserve:startup_phase_seconds{")]
     assert len([ln for ln in phases if 'phase="warmup"' in ln]) == len(names)
+
+
+def test_a_replica_logs_each_request_where_the_user_sees_it(cluster: LiveCluster) -> None:
+    """One JSON line per request on the replica's real stderr (the worker's .err file, which Ray shows on
+    the driver's console), as `tailserve serve` writes it, at once, not held in Ray Serve's buffer."""
+    rid = f"log-{time.monotonic_ns()}"
+    r = httpx.post(
+        cluster.base_url + "/completions",
+        json={"model": MODEL, "prompt": "hello", "max_tokens": 2},
+        headers={"x-request-id": rid},
+        timeout=30,
+    )
+    assert r.status_code == 200
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    end = time.monotonic() + 10.0
+    while True:
+        lines = [
+            line
+            for f in logs.glob("worker-*.err")
+            for line in f.read_text(errors="replace").splitlines()
+            if rid in line
+        ]
+        if lines:
+            break
+        assert time.monotonic() < end, "no request log line from the replica"
+        time.sleep(0.1)
+    entry = json.loads(lines[0][lines[0].index("{") :])
+    assert entry["event"] == "request" and entry["request_id"] == rid
+    assert entry["status"] == 200 and entry["output_tokens"] == 2
 
 
 def test_disconnect_frees_the_replicas_blocks(cluster: LiveCluster) -> None:

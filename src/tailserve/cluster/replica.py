@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from tailserve.cluster.asgi import Start, play
 from tailserve.config import EngineConfig, ServerConfig
+from tailserve.obs.observer import log_requests_to_stderr
 from tailserve.obs.startup import StartupTimer
 from tailserve.server.loading import start_serving
 from tailserve.server.shutdown import drain
@@ -46,6 +48,11 @@ class EngineReplica:
         # The replica's own part of its start (the process start is Ray's), phase by phase as
         # `tailserve serve` times it, and exported the same way (`tailserve:startup_*`).
         timer = StartupTimer(started=time.perf_counter())
+        if server_config.request_log:
+            # The process's own stderr (Ray writes it to the worker's .err file and shows it on the
+            # driver's console), not `sys.stderr`: Ray Serve's throughput-optimized mode swaps that for
+            # its logger, which walks the stack on every line and buffers 1,000 records before writing.
+            log_requests_to_stderr(sys.__stderr__)
         self.name = serve.get_replica_context().replica_id.unique_id
         self.grace = server_config.shutdown_grace
         self.engine, self.app = start_serving(engine_config, server_config, model_name, timer)

@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tailserve.obs.metrics import Metrics, prompt_len_bucket
 
@@ -125,9 +125,10 @@ def log_lines(rec: RequestRecord, model: str, wall: float, trace_id: str | None)
     return lines or [base]
 
 
-def log_requests_to_stderr() -> None:
-    """Send the request log to stderr as bare JSON lines, apart from the server's own log format."""
-    handler = logging.StreamHandler()
+def log_requests_to_stderr(stream: TextIO | None = None) -> None:
+    """Send the request log to stderr (or `stream`) as bare JSON lines, apart from the server's own log
+    format."""
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(message)s"))
     REQUEST_LOG.addHandler(handler)
     REQUEST_LOG.setLevel(logging.INFO)
