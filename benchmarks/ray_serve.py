@@ -3,6 +3,10 @@
 1. Overhead: one replica behind the Ray Serve ingress vs one `tailserve serve`, same engine flags
    (the default model, 1 engine thread each), streaming completions of 32 tokens at c=1 and c=16;
    rounds alternate between the two and are pooled: TTFT p50/p99, ITL p50/p99.
+1b. Delivery: the same two endpoints and load, each request's TTFT split in three by its server's
+   request log (found by its X-Request-ID): delivery (client send → the server app has it), the
+   engine's own TTFT, and return (first token → client); at c=16, requests of the opening burst apart
+   from those that followed one that ended.
 2. Routing: 2 replicas, 8 distinct system prompts (~300 tokens each) in a seeded random order, c=8;
    our AffinityRouter vs Ray Serve's default (power of two choices): prefix hit rate (cached prompt
    tokens / prompt tokens, from each response's usage) and TTFT p50/p99. Rounds alternate.
@@ -11,7 +15,7 @@
    UPSCALING) to the new replica RUNNING, i.e. constructed: process, imports, model load, warm-up.
 
     flock /work/bench.lock .venv/bin/python benchmarks/ray_serve.py [--rounds 3]
-        [--parts overhead,routing,shapes,scaleup] [--default-path]
+        [--parts overhead,delivery,routing,shapes,scaleup] [--default-path]
 
 The cluster runs on tailserve's data path (cluster/data_path.py: Ray Serve's throughput-optimized mode,
 the ingress replica serving HTTP itself); `--default-path` runs it on Ray Serve's defaults instead
@@ -38,6 +42,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
 ENGINE = {"num_threads": 1, "max_num_seqs": 32, "kv_cache_memory": 0.5}
+WALL: dict[str, tuple[float, float]] = {}  # request id → (sent, first token), wall clock
 
 
 def free_port() -> int:
@@ -58,12 +63,18 @@ def wait_ready(url: str, timeout: float = 300) -> None:
     raise TimeoutError(url)
 
 
-async def one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, list[float], float, int]:
-    """(TTFT, ITLs, cached share of the prompt, output chunks) of one streaming completion."""
+async def one(
+    client: httpx.AsyncClient, url: str, body: dict, rid: str | None = None
+) -> tuple[float, list[float], float, int]:
+    """(TTFT, ITLs, cached share of the prompt, output chunks) of one streaming completion. With `rid`
+    it goes as the request's X-Request-ID, and the wall-clock times of its send and first token are
+    kept in WALL[rid] (the servers' request logs stamp in wall-clock time)."""
     t0 = time.perf_counter()
+    wall0 = time.time()
     stamps: list[float] = []
     cached = prompt = 0
-    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+    headers = {"x-request-id": rid} if rid else None
+    async with client.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
         assert r.status_code == 200, r.status_code
         async for line in r.aiter_lines():
             if not line.startswith("data: {"):
@@ -75,17 +86,20 @@ async def one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, l
             if data["choices"] and data["choices"][0].get("text"):
                 stamps.append(time.perf_counter())
     itl = [b - a for a, b in itertools.pairwise(stamps)]
+    if rid:
+        WALL[rid] = (wall0, wall0 + stamps[0] - t0)
     return stamps[0] - t0, itl, cached / max(prompt, 1), len(stamps)
 
 
-async def load(url: str, bodies: list[dict], concurrency: int) -> dict:
-    queue = list(bodies)
+async def load(url: str, bodies: list[dict], concurrency: int, ids: list[str] | None = None) -> dict:
+    queue = list(zip(bodies, ids or [None] * len(bodies)))
     out: list[tuple[float, list[float], float, int]] = []
     t0 = time.perf_counter()
 
     async def worker(client: httpx.AsyncClient) -> None:
         while queue:
-            out.append(await one(client, url, queue.pop(0)))
+            body, rid = queue.pop(0)
+            out.append(await one(client, url, body, rid))
 
     async with httpx.AsyncClient(timeout=300) as client:
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
@@ -138,6 +152,45 @@ def scale_up(serve, url: str, r: int) -> dict[str, float]:
     }
 
 
+def request_logs(paths: list[Path]) -> dict[str, dict]:
+    """The servers' request-log entries (one JSON line per request) by request id."""
+    entries: dict[str, dict] = {}
+    for path in paths:
+        for line in path.read_text(errors="replace").splitlines():
+            start = line.find('{"event":"request"')
+            if start >= 0:
+                entry = json.loads(line[start:])
+                entries[entry["request_id"]] = entry
+    return entries
+
+
+def delivery_split(entries: dict[str, dict], concurrency: int) -> dict[str, dict[str, float]]:
+    """Each request's TTFT in three parts, from the client's stamps (WALL) and its server's log line:
+    delivery (sent → the server app has it), the engine's TTFT, and return (first token → client).
+    The log stamps the response's end in wall-clock ms; minus its network and e2e times, that is the
+    arrival. Grouped by endpoint and, at c > 1, by whether the request came in the opening burst (the
+    first `concurrency` sent at once) or followed one that ended."""
+    parts: dict[str, dict[str, list[float]]] = {}
+    for rid, (sent, first) in WALL.items():
+        entry = entries.get(rid)
+        name, c, _, i = rid.split("-")
+        if entry is None or int(c) != concurrency:
+            continue
+        arrival = entry["time"] - entry["network_s"] - entry["e2e_s"]
+        group = f"{name}-c{c}" + ("" if concurrency == 1 else "-burst" if int(i) < concurrency else "-follow")
+        into = parts.setdefault(group, {"client_ttft": [], "delivery": [], "engine_ttft": [], "return": []})
+        into["client_ttft"].append(first - sent)
+        into["delivery"].append(arrival - sent)
+        into["engine_ttft"].append(entry["ttft_s"])
+        into["return"].append(first - arrival - entry["ttft_s"])
+    return {
+        g: {"n": len(v["delivery"])}
+        | {f"{k}_p50": q(x, 0.5) for k, x in v.items()}
+        | {f"{k}_mean": statistics.mean(x) * 1000 for k, x in v.items()}
+        for g, v in sorted(parts.items())
+    }
+
+
 def q(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(p * len(xs)))] * 1000
@@ -155,13 +208,32 @@ def completion(prompt: str, tokens: int = 32) -> dict:
     }
 
 
-def deploy(serve, cluster_kw: dict, engine_kw: dict, name: str, ingress_node: str | None = None) -> None:
+def start_plain(port: int, log: Path | None = None) -> subprocess.Popen:
+    """One `tailserve serve` with the replicas' engine flags; with `log`, its request log goes there."""
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items()]
+    cmd = [sys.executable, "-m", "tailserve.cli", "serve", "--port", str(port), *flags]
+    return subprocess.Popen(
+        cmd if log else [*cmd, "--no-request-log"],
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w") if log else subprocess.DEVNULL,
+    )
+
+
+def deploy(
+    serve,
+    cluster_kw: dict,
+    engine_kw: dict,
+    name: str,
+    ingress_node: str | None = None,
+    request_log: bool = False,
+) -> None:
     from tailserve.cluster.app import build
     from tailserve.cluster.config import ClusterConfig
     from tailserve.config import EngineConfig, ServerConfig
 
     engine = EngineConfig(model=MODEL, **{**ENGINE, **engine_kw})
-    server = ServerConfig(request_log=False)
+    server = ServerConfig(request_log=request_log)
     app = build(ClusterConfig(**cluster_kw), engine, server, MODEL, ingress_node)
     serve.run(app, name=name, route_prefix="/")
 
@@ -170,7 +242,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--parts", default="overhead,routing,shapes,scaleup")
+    ap.add_argument("--parts", default="overhead,delivery,routing,shapes,scaleup")
     ap.add_argument("--default-path", action="store_true", help="Ray Serve's default data path")
     ap.add_argument("--tag", default="", help="recorded/ray_serve-TAG.json instead of ray_serve.json")
     args = ap.parse_args()
@@ -194,22 +266,7 @@ def main() -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
     here = None if args.default_path else ray.util.get_node_ip_address()
     ray_url, plain_url = f"http://127.0.0.1:{ray_port}", f"http://127.0.0.1:{plain_port}"
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items()]
-    plain = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tailserve.cli",
-            "serve",
-            "--port",
-            str(plain_port),
-            "--no-request-log",
-            *flags,
-        ],
-        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    plain = start_plain(plain_port)
     try:
         if "overhead" in parts:
             # 1. overhead
@@ -246,6 +303,43 @@ def main() -> int:
                 print(f"c={c}", json.dumps(overhead[c]), flush=True)
             results["overhead"] = overhead
             serve.delete("bench")
+
+        if "delivery" in parts:
+            # 1b. where the overhead's time goes: delivery, engine, return (both servers' request logs)
+            log_port, plain_log = (
+                free_port(),
+                ROOT / "benchmarks" / "results" / "ray_serve-plain-requests.log",
+            )
+            plain_log.parent.mkdir(parents=True, exist_ok=True)
+            logged = start_plain(log_port, plain_log)
+            log_url = f"http://127.0.0.1:{log_port}"
+            try:
+                deploy(
+                    serve, {"replicas": 1, "replica_cpus": 1.0, "ingress_cpus": 0.5}, {}, "bench", here, True
+                )
+                wait_ready(ray_url)
+                wait_ready(log_url)
+                for url in (ray_url, log_url):
+                    asyncio.run(load(url, [completion("warm up")] * 4, 2))
+                for c in (1, 16):
+                    for r in range(args.rounds):
+                        order = [("ray", ray_url), ("serve", log_url)]
+                        for name, url in order if r % 2 == 0 else order[::-1]:
+                            bodies = [
+                                completion(f"Request {r}-{i}: tell me about the sea.")
+                                for i in range(args.requests)
+                            ]
+                            ids = [f"{name}-{c}-{r}-{i}" for i in range(args.requests)]
+                            asyncio.run(load(url, bodies, c, ids))
+                time.sleep(2.0)  # the servers write their request logs off the hot path
+                worker_logs = Path(ray._private.worker._global_node.get_logs_dir_path()).glob("worker-*.err")
+                entries = request_logs([plain_log, *worker_logs])
+                results["delivery"] = {f"c{c}": delivery_split(entries, c) for c in (1, 16)}
+                print("delivery", json.dumps(results["delivery"]), flush=True)
+                serve.delete("bench")
+            finally:
+                logged.terminate()
+                logged.wait(timeout=30)
 
         if "routing" in parts:
             # 2. routing
