@@ -208,6 +208,33 @@ def completion(prompt: str, tokens: int = 32) -> dict:
     }
 
 
+def one_replica_beside(
+    serve, here: str | None, ray_url: str, plain_url: str, request_log: bool = False
+) -> None:
+    """The overhead setup: one replica deployed and, with the plain server at `plain_url`, ready and
+    warmed."""
+    deploy(serve, {"replicas": 1, "replica_cpus": 1.0, "ingress_cpus": 0.5}, {}, "bench", here, request_log)
+    for url in (ray_url, plain_url):
+        wait_ready(url)
+        asyncio.run(load(url, [completion("warm up")] * 4, 2))
+
+
+def alternate(
+    urls: dict[str, str], args: argparse.Namespace, c: int, tagged: bool = False
+) -> list[tuple[str, dict]]:
+    """`args.rounds` rounds of `args.requests` streamed completions at concurrency `c` against each
+    endpoint, the order reversed every other round: (endpoint, its `load`) per run. With `tagged`,
+    each request carries the X-Request-ID `name-c-round-i` (WALL keeps its stamps)."""
+    runs = []
+    for r in range(args.rounds):
+        order = list(urls.items())
+        for name, url in order if r % 2 == 0 else order[::-1]:
+            bodies = [completion(f"Request {r}-{i}: tell me about the sea.") for i in range(args.requests)]
+            ids = [f"{name}-{c}-{r}-{i}" for i in range(args.requests)] if tagged else None
+            runs.append((name, asyncio.run(load(url, bodies, c, ids))))
+    return runs
+
+
 def start_plain(port: int, log: Path | None = None) -> subprocess.Popen:
     """One `tailserve serve` with the replicas' engine flags; with `log`, its request log goes there."""
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items()]
@@ -270,27 +297,16 @@ def main() -> int:
     try:
         if "overhead" in parts:
             # 1. overhead
-            deploy(serve, {"replicas": 1, "replica_cpus": 1.0, "ingress_cpus": 0.5}, {}, "bench", here)
-            wait_ready(ray_url)
-            wait_ready(plain_url)
-            for url in (ray_url, plain_url):  # warm both
-                asyncio.run(load(url, [completion("warm up")] * 4, 2))
+            one_replica_beside(serve, here, ray_url, plain_url)
             overhead = {}
             for c in (1, 16):
                 pooled: dict[str, dict[str, list[float]]] = {
                     "ray": {"ttft": [], "itl": []},
                     "serve": {"ttft": [], "itl": []},
                 }
-                for r in range(args.rounds):
-                    order = [("ray", ray_url), ("serve", plain_url)]
-                    for name, url in order if r % 2 == 0 else order[::-1]:
-                        bodies = [
-                            completion(f"Request {r}-{i}: tell me about the sea.")
-                            for i in range(args.requests)
-                        ]
-                        got = asyncio.run(load(url, bodies, c))
-                        pooled[name]["ttft"] += got["ttft"]
-                        pooled[name]["itl"] += got["itl"]
+                for name, got in alternate({"ray": ray_url, "serve": plain_url}, args, c):
+                    pooled[name]["ttft"] += got["ttft"]
+                    pooled[name]["itl"] += got["itl"]
                 overhead[c] = {
                     n: {
                         "ttft_p50": q(v["ttft"], 0.5),
@@ -306,31 +322,15 @@ def main() -> int:
 
         if "delivery" in parts:
             # 1b. where the overhead's time goes: delivery, engine, return (both servers' request logs)
-            log_port, plain_log = (
-                free_port(),
-                ROOT / "benchmarks" / "results" / "ray_serve-plain-requests.log",
-            )
+            log_port = free_port()
+            plain_log = ROOT / "benchmarks" / "results" / "ray_serve-plain-requests.log"
             plain_log.parent.mkdir(parents=True, exist_ok=True)
             logged = start_plain(log_port, plain_log)
             log_url = f"http://127.0.0.1:{log_port}"
             try:
-                deploy(
-                    serve, {"replicas": 1, "replica_cpus": 1.0, "ingress_cpus": 0.5}, {}, "bench", here, True
-                )
-                wait_ready(ray_url)
-                wait_ready(log_url)
-                for url in (ray_url, log_url):
-                    asyncio.run(load(url, [completion("warm up")] * 4, 2))
+                one_replica_beside(serve, here, ray_url, log_url, request_log=True)
                 for c in (1, 16):
-                    for r in range(args.rounds):
-                        order = [("ray", ray_url), ("serve", log_url)]
-                        for name, url in order if r % 2 == 0 else order[::-1]:
-                            bodies = [
-                                completion(f"Request {r}-{i}: tell me about the sea.")
-                                for i in range(args.requests)
-                            ]
-                            ids = [f"{name}-{c}-{r}-{i}" for i in range(args.requests)]
-                            asyncio.run(load(url, bodies, c, ids))
+                    alternate({"ray": ray_url, "serve": log_url}, args, c, tagged=True)
                 time.sleep(2.0)  # the servers write their request logs off the hot path
                 worker_logs = Path(ray._private.worker._global_node.get_logs_dir_path()).glob("worker-*.err")
                 entries = request_logs([plain_log, *worker_logs])
