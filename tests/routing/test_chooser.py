@@ -221,3 +221,13 @@ def test_rank_puts_the_choice_first_then_the_least_loaded() -> None:
     assert chooser.rank("prefix:k", now=0.0, tried=[again[1].name])[-1] is again[1]
     again[2].max_concurrency = 3
     assert again[2] not in chooser.rank("prefix:k", now=0.0)
+
+
+def test_the_one_backend_left_is_chosen_whatever_its_load_and_still_holds_the_key() -> None:
+    backends = pool(2)
+    c = Chooser(backends)
+    backends[1].in_flight = 5  # far past the load bound
+    for key in ("prefix:k", None):
+        assert c.choose(key, now=0.0, tried={"b0"}) is backends[1]
+        assert c.last_reason == "least_loaded"
+    assert c.holders.of("prefix:k") == ["b1"]
