@@ -31,7 +31,7 @@ def _best_seconds(fn, repeats: int = REPEATS) -> float:
 
 def measure(threads: int = 2, tier: str | None = None) -> dict[str, float | str]:
     """Read bandwidth (GB/s, a 512 MB fp32 sum, best of a few) and the CPU tier's own multiply-add
-    rates (its kernels' int8 and bf16-pair dot products, register-resident, csrc/kernels.cpp:
+    rates (its kernels' int8 and bf16-pair dot products, register-resident, csrc/ops.cpp:
     peak_macs), so an AVX2 machine's shares are of what AVX2 can do, not of an emulated bf16 GEMM."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

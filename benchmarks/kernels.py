@@ -126,7 +126,7 @@ def main() -> None:
         if "kernel" in impls:
             variants[prec, "kernel"] = LlamaModel(config, weights, dtype, prec).eval()
         if "fused" in impls:
-            variants[prec, "fused"] = FusedLlama(config, weights, prec).eval()
+            variants[prec, "fused"] = FusedLlama.pack(config, weights, prec)
     del weights
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):

@@ -101,7 +101,7 @@ def main() -> None:
     results, ref_gen, ref_lp = {}, None, None
     for name, (dtype, quantization, impl) in PRECISIONS.items():
         if impl == "fused":
-            model: LlamaModel | FusedLlama = FusedLlama(config, weights, quantization).eval()
+            model: LlamaModel | FusedLlama = FusedLlama.pack(config, weights, quantization)
         else:
             model = LlamaModel(config, weights, dtype, quantization).eval()
         gen = generate(model, prompts, args.tokens)

@@ -70,7 +70,7 @@ def main() -> None:
     llm = LLM(args.model, max_num_batched_tokens=args.chunk, prefix_cache=False)
     eng = llm.engine
     c, bs = eng.model.config, eng.config.block_size
-    layer = kv_bytes_per_block(eng.model, bs, eng.dtype) // c.num_layers  # one layer's K and V, one block
+    layer = kv_bytes_per_block(eng.model, bs) // c.num_layers  # one layer's K and V, one block
     n_slide = sum(c.is_sliding(i) for i in range(c.num_layers))
     n_full = c.num_layers - n_slide
     bm = eng.block_manager

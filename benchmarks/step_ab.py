@@ -12,6 +12,8 @@ Batches (seeded chat workload, default model and precision, as `tailserve serve`
            tokens of context, the step that the 16-stream p99 TTFT waits on seven times over);
   decode:  one decode step of those sequences.
 
+A base revision must have the kernels' C interface (csrc/capi.cpp); older ones were PyTorch extensions.
+
     .venv/bin/python benchmarks/step_ab.py --base HEAD~1 [--batch prefill,decode] [--streams 16] [--pairs 40]
 
 `--pairs 0` compares the logits only (no timing: it needs no quiet machine, nothing is recorded).
@@ -28,6 +30,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 from harness import RECORDED, ROOT, commit
 from offline import chat_prompts
 
@@ -91,8 +94,8 @@ def main() -> None:
         logits = {}
         for k, impl in impls.items():
             model.impl = impl
-            logits[k] = runner.run(sched.scheduled).logits.clone()
-        diff = float((logits["base"] - logits["head"]).abs().max())
+            logits[k] = runner.run(sched.scheduled).logits.copy()
+        diff = float(np.abs(logits["base"] - logits["head"]).max())
         if args.pairs == 0:
             print(f"{name} ({sched.num_tokens} rows): max |logit diff| {diff:.3g}", flush=True)
             continue

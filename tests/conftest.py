@@ -22,9 +22,9 @@ TIERS = [
 
 
 def pytest_sessionstart(session) -> None:
-    """A fresh machine compiles one kernels module per runnable tier (~50 s each): start those builds in
+    """A fresh machine compiles one kernels library per runnable tier (~15 s each): start those builds in
     the background, two at a time, so they overlap the tests that need no kernels; a test that needs a
-    tier still building waits on its build's lock (torch.utils.cpp_extension) instead of compiling it."""
+    tier still building waits on its build's lock (layers/kernels.py) instead of compiling it."""
     if os.environ.get("TAILSERVE_DISABLE_KERNELS") or not (shutil.which("c++") or shutil.which("g++")):
         return
     todo = [t for t in RUNNABLE if not kernels.is_built(t)]

@@ -20,7 +20,7 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaModel:
 def tiny_fused_model(
     seed: int = 0, quantization: str = "none", draft_head: bool = False, tier: str | None = None
 ) -> FusedLlama:
-    return FusedLlama(TINY, tiny_weights(seed=seed), quantization, draft_head, tier=tier).eval()
+    return FusedLlama.pack(TINY, tiny_weights(seed=seed), quantization, draft_head, tier=tier)
 
 
 # The model paths every engine-level equality must hold on: the PyTorch reference in fp32, and the

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,7 +41,7 @@ def loaded(default_model_path: Path):
 @pytest.fixture(scope="module", params=["none", "int8", "int4"])
 def fused(request, loaded) -> FusedLlama:
     config, weights, _ = loaded
-    return FusedLlama(config, weights, request.param).eval()
+    return FusedLlama.pack(config, weights, request.param)
 
 
 def reference_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
@@ -59,17 +60,17 @@ def fused_logits(model: FusedLlama, ids: list[int]) -> torch.Tensor:
     c, t = model.config, len(ids)
     nblk = -(-t // BLOCK)
     shape = model.kv_cache_shape(nblk, BLOCK)
-    k = [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(c.num_layers)]
-    v = [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(c.num_layers)]
-    return model.compute_logits(
-        torch.tensor(ids), torch.tensor([[0, t]]), torch.arange(nblk)[None], BLOCK, torch.arange(t), k, v
+    k = [np.zeros(shape, np.uint16) for _ in range(c.num_layers)]
+    v = [np.zeros(shape, np.uint16) for _ in range(c.num_layers)]
+    return torch.from_numpy(
+        model.compute_logits(ids, [[0, t]], np.arange(nblk)[None], BLOCK, np.arange(t), k, v)
     )
 
 
 @pytest.fixture(scope="module")
 def int4_draft(loaded) -> FusedLlama:
     config, weights, _ = loaded
-    return FusedLlama(config, weights, "int4", draft_head=True).eval()
+    return FusedLlama.pack(config, weights, "int4", draft_head=True)
 
 
 def test_next_token_distributions_match_fp32(
@@ -175,8 +176,8 @@ def test_logits_of_a_few_rows_equal_those_of_all_rows(fused: FusedLlama, loaded,
     tables = torch.arange(2 * nblk).reshape(2, nblk)
     few = torch.tensor([3, len(a) - 1, len(a) + len(b) - 1])
     for depth in (None, c.num_layers // 2):
-        k = [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(c.num_layers)]
-        v = [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(c.num_layers)]
-        every = fused.compute_logits(ids, seqs, tables, BLOCK, torch.arange(len(ids)), k, v, depth)
+        k = [np.zeros(shape, np.uint16) for _ in range(c.num_layers)]
+        v = [np.zeros(shape, np.uint16) for _ in range(c.num_layers)]
+        every = fused.compute_logits(ids, seqs, tables, BLOCK, np.arange(len(ids)), k, v, depth)
         some = fused.compute_logits(ids, seqs, tables, BLOCK, few, k, v, depth)
-        assert torch.equal(some, every[few])
+        assert np.array_equal(some, every[few.numpy()])

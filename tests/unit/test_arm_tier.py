@@ -22,7 +22,7 @@ from tailserve.models.loader import cache_home
 
 CXX, QEMU = "aarch64-linux-gnu-g++", "qemu-aarch64"
 SOURCE = Path(__file__).resolve().parent.parent / "native" / "kernel_check.cpp"
-FLAGS = ["-O2", "-std=c++17", *kernels.tier_flags("neon-dotprod"), "-static", "-DTAILSERVE_KERNELS_ONLY"]
+FLAGS = ["-O2", "-std=c++17", *kernels.tier_flags("neon-dotprod"), "-static"]
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which(CXX) and shutil.which(QEMU)),

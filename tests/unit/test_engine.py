@@ -76,7 +76,7 @@ def test_preempted_and_recomputed_equals_uninterrupted(model) -> None:
     ps = prompts(2)
     ref = batched(ps, greedy(24), model)
     bs = tiny_engine(model).block_manager.block_size
-    per_block = kv_bytes_per_block(model, bs, model.embed.dtype)
+    per_block = kv_bytes_per_block(model, bs)
     eng = tiny_engine(model, kv_cache_memory=240 // bs * per_block / (1 << 30), prefix_cache=False)
     assert eng.block_manager.num_blocks * bs == 240
     for i, p in enumerate(ps):
@@ -142,7 +142,7 @@ def test_a_partial_hits_source_evicted_in_the_same_step_is_still_read(model) -> 
     params = greedy(bs - 1)
     off = batched([prompt], params, model, prefix_cache=False)
     blocks = -(-len(prompt) // bs)
-    per_block = kv_bytes_per_block(model, bs, model.embed.dtype)
+    per_block = kv_bytes_per_block(model, bs)
     eng = tiny_engine(model, kv_cache_memory=blocks * per_block / (1 << 30), max_num_batched_tokens=512)
     assert eng.block_manager.num_blocks == blocks
     eng.add_request("warm", shared, greedy(1))
@@ -313,7 +313,7 @@ def test_random_request_streams_under_kv_pressure(
     bases = prompts(11)
     ps = [bases[6][:40][: 4 * pre] + bases[5][:n] for pre, n, _ in reqs]
     bs = tiny_engine(model).block_manager.block_size
-    per_block = kv_bytes_per_block(model, bs, model.embed.dtype)
+    per_block = kv_bytes_per_block(model, bs)
     eng = tiny_engine(
         model,
         kv_cache_memory=num_blocks * 4 // bs * per_block / (1 << 30),

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tailserve.layers import kernels
+from tailserve.layers import kernel_ops, kernels
 from tailserve.layers.attention import AttentionMetadata, PrefillChunk, paged_attention, write_kv
 
 if kernels.ops() is None and shutil.which("c++") is None and shutil.which("g++") is None:
@@ -62,23 +62,23 @@ def test_decode_attention_matches_reference(ops, dtype, heads, kv_heads, dim) ->
     lens = [1, 3, 4, 5, 31, 32, 33, 70]  # single token, block and tile (32) boundaries, several tiles
     q, kc, vc, tables, lens_t = make_case(lens, heads, kv_heads, dim, block, dtype)
     want = reference(q, kc, vc, tables, lens_t, block)
-    got = ops.decode_attention(q, kc, vc, tables, block, lens_t, dim**-0.5)
+    got = kernel_ops.decode_attention(q, kc, vc, tables, block, lens_t, dim**-0.5)
     assert got.dtype == dtype
     torch.testing.assert_close(got.double(), want, atol=TOL[dtype], rtol=TOL[dtype])
     # The same rows addressed through a padded slot matrix (block size 1) give the same result.
     pos = torch.arange(max(lens))
     slots = tables[:, pos // block] * block + pos % block
     torch.testing.assert_close(
-        ops.decode_attention(q, kc, vc, slots, 1, lens_t, dim**-0.5), got, atol=0, rtol=0
+        kernel_ops.decode_attention(q, kc, vc, slots, 1, lens_t, dim**-0.5), got, atol=0, rtol=0
     )
 
 
 def test_decode_attention_rejects_bad_lengths(ops) -> None:
     q, kc, vc, tables, _ = make_case([5], 4, 2, 16, 4, torch.float32)
     with pytest.raises(RuntimeError, match="context length"):
-        ops.decode_attention(q, kc, vc, tables, 4, torch.tensor([9]), 0.25)  # 2 blocks hold 8 tokens
+        kernel_ops.decode_attention(q, kc, vc, tables, 4, torch.tensor([9]), 0.25)  # 2 blocks hold 8 tokens
     with pytest.raises(RuntimeError, match="context length"):
-        ops.decode_attention(q, kc, vc, tables, 4, torch.tensor([0]), 0.25)
+        kernel_ops.decode_attention(q, kc, vc, tables, 4, torch.tensor([0]), 0.25)
 
 
 def mixed_batch(dtype: torch.dtype, block: int = 4):

@@ -15,7 +15,7 @@ from tailserve.config import EngineConfig
 from tailserve.engine.block_manager import BlockManager
 from tailserve.engine.engine import LLMEngine
 from tailserve.engine.kv_pools import HybridBlockManager
-from tailserve.engine.model_runner import ModelRunner
+from tailserve.engine.model_runner import make_runner
 from tailserve.engine.sequence import Status
 from tailserve.sampling import SamplingParams
 from tests.unit.test_families_fused import TIE, build
@@ -144,7 +144,7 @@ def one_pool(eng: LLMEngine) -> LLMEngine:
     """The same engine with every layer's KV in one pool, as before the split: the reference."""
     bm = BlockManager(eng.block_manager.full.num_blocks, eng.config.block_size, eng.config.prefix_cache)
     eng.block_manager = eng.scheduler.bm = bm
-    eng.runner = ModelRunner(eng.model, bm.num_blocks, eng.config.block_size, eng.dtype, eng.device)
+    eng.runner = make_runner(eng.model, bm.num_blocks, eng.config.block_size, eng.dtype, eng.device)
     return eng
 
 

@@ -147,7 +147,7 @@ def test_draft_of_the_first_layers_is_accepted_when_the_rest_add_nothing(cpu_tie
     last = f"model.layers.{TINY.num_layers - 1}."
     w[last + "self_attn.o_proj.weight"].zero_()
     w[last + "mlp.down_proj.weight"].zero_()
-    model = FusedLlama(TINY, w, "none", draft_head=True).eval()
+    model = FusedLlama.pack(TINY, w, "none", draft_head=True)
     eng = tiny_engine(model, speculative="draft", draft_model="layers:1", spec_adaptive=False)
     for i, p in enumerate(LOOPS):
         eng.add_request(str(i), p, GREEDY)
@@ -170,7 +170,7 @@ def test_separate_draft_model_keeps_output_and_its_own_kv(same: bool, cpu_tier: 
     for i, p in enumerate(LOOPS):
         ref.add_request(str(i), p, GREEDY)
     want = run_all(ref)
-    per_block = kv_bytes_per_block(target, 16, torch.bfloat16)
+    per_block = kv_bytes_per_block(target, 16)
     for options in (
         {},
         {"max_num_batched_tokens": 24, "max_num_seqs": 3, "kv_cache_memory": 12 * per_block / (1 << 30)},
@@ -192,7 +192,9 @@ def test_separate_draft_model_keeps_output_and_its_own_kv(same: bool, cpu_tier: 
 
 @NO_FUSED
 def test_draft_model_with_another_vocabulary_is_refused() -> None:
-    other = FusedLlama(replace(TINY, vocab_size=128), tiny_weights(replace(TINY, vocab_size=128)), "none")
+    other = FusedLlama.pack(
+        replace(TINY, vocab_size=128), tiny_weights(replace(TINY, vocab_size=128)), "none"
+    )
     with pytest.raises(ValueError, match="vocabulary"):
         tiny_engine(tiny_fused_model(), draft=other, speculative="draft")
 

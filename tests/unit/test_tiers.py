@@ -62,9 +62,9 @@ def test_tiers_of_a_machine_family_end_with_portable() -> None:
 def test_every_unit_is_compiled_and_keyed(tmp_path: Path) -> None:
     """A build compiles every .cpp of its folder (an older revision's one unit, or several) and its key
     changes with any unit or header, so a stale unit never links with a fresh one."""
-    for name in ("kernels.cpp", "llama.cpp", "llama.h"):
+    for name in ("capi.cpp", "llama.cpp", "llama.h"):
         (tmp_path / name).write_text("// a\n")
-    assert [p.name for p in kernels.sources(tmp_path)] == ["kernels.cpp", "llama.cpp"]
+    assert [p.name for p in kernels.sources(tmp_path)] == ["capi.cpp", "llama.cpp"]
     key = kernels._build_key(tmp_path, "avx2")
     for name in ("llama.cpp", "llama.h"):
         (tmp_path / name).write_text("// b\n")

@@ -1,17 +1,16 @@
-// Shared helpers of the CPU kernels: bf16 widening, a vectorizable exp, and the AVX-512 helpers of the
-// PyTorch path's decode attention (the fused step's kernels use simd.h instead). Only the PyTorch
-// path's bf16 type needs PyTorch (c10's header alone, not the whole of torch: every translation unit
-// parses this): TAILSERVE_KERNELS_ONLY builds the kernels alone (tests/native/).
+// Shared helpers of the CPU kernels: argument checks, bf16 as bits, a vectorizable exp, and the AVX-512
+// helpers of the PyTorch path's decode attention (the fused step's kernels use simd.h instead). Nothing
+// here needs PyTorch: the module is plain C++ behind a C interface (capi.cpp), loaded by a process that
+// may never import torch.
 #pragma once
-#if !defined(TAILSERVE_KERNELS_ONLY)
-#include <c10/util/BFloat16.h>
-#endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <sstream>
+#include <stdexcept>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -20,15 +19,40 @@
 
 namespace tailserve {
 
+// A bad argument: the C interface (capi.cpp) turns it into an error code and this message.
+template <typename... Parts>
+[[noreturn]] void fail(const Parts&... parts) {
+  std::ostringstream s;
+  (s << ... << parts);
+  throw std::invalid_argument(s.str());
+}
+#define TS_CHECK(cond, ...)                        \
+  do {                                             \
+    if (!(cond)) ::tailserve::fail(__VA_ARGS__);   \
+  } while (0)
+
+// fp32 → bf16 bits, rounding to nearest even; NaN stays a (quiet) NaN, as PyTorch rounds.
+inline uint16_t bf16_bits(float f) {
+  if (std::isnan(f)) return 0x7FC0;
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// A bf16 value, held as its bits (the PyTorch path's bf16 tensors, the fused step's weights and KV).
+struct BF16 {
+  uint16_t x;
+  BF16() = default;
+  explicit BF16(float f) : x(bf16_bits(f)) {}
+};
+
 inline float load_f(float v) { return v; }
-#if !defined(TAILSERVE_KERNELS_ONLY)
-inline float load_f(c10::BFloat16 v) {
+inline float load_f(BF16 v) {
   uint32_t u = static_cast<uint32_t>(v.x) << 16;
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
-#endif
 
 // exp for the softmax, written so loops over it vectorize (Cephes' expf; ~2 ulp on [-87, 0]).
 inline float fast_exp(float x) {
@@ -64,7 +88,7 @@ inline void thread_range(int64_t n, int tid, int nt, int64_t& begin, int64_t& en
 
 #if defined(__AVX512F__)
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
+inline __m512 load16(const BF16* p) {
   const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
 }

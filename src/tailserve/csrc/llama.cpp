@@ -3,8 +3,7 @@
 // apart from the bindings so that the two compile on two cores at once.
 #include "llama.h"
 
-#include <ATen/ops/empty.h>
-
+#include <algorithm>
 #include <chrono>
 
 #include "team.h"
@@ -16,13 +15,9 @@ Team& Team::instance() {
   return team;
 }
 
-using BF16 = c10::BFloat16;
-
 // From this many rows a linear's input is quantized by all threads, each a share of the rows, then a
 // barrier; below it every thread quantizes all rows itself, which is cheaper than the barrier.
 constexpr int64_t kSharedInputRows = 16;
-
-inline uint16_t bf16_bits(float f) { return BF16(f).x; }
 
 // y = x / rms(x) · w, rounded to bf16 (the next linear's input).
 inline void rms_norm_row(const float* x, const float* w, int64_t n, float eps, uint16_t* y) {
@@ -67,58 +62,46 @@ inline void rope_heads(float* v, int64_t heads, int64_t D, const float* c, const
     }
 }
 
-at::Tensor Llama::step(at::Tensor ids, at::Tensor seqs, at::Tensor tables, at::Tensor sliding_tables,
-                       int64_t block_size, at::Tensor sample_rows, const std::vector<at::Tensor>& k_caches,
-                       const std::vector<at::Tensor>& v_caches, int64_t depth) const {
+void Llama::step(const Batch& batch, const Caches& caches, int64_t depth, float* out) const {
   const int64_t L = static_cast<int64_t>(layers_.size()), H = H_, Hkv = Hkv_, D = D_, Hd = hidden_, I = inter_;
-  TORCH_CHECK(L > 0 && static_cast<int64_t>(k_caches.size()) == L && static_cast<int64_t>(v_caches.size()) == L,
-              "one K and one V cache per layer");
-  TORCH_CHECK(depth >= 1 && depth <= L, "depth must be in [1, layers]");
+  TS_CHECK(L > 0 && caches.layers == L, "one K and one V cache per layer");
+  TS_CHECK(depth >= 1 && depth <= L, "depth must be in [1, layers]");
   const Linear& head = depth < L && draft_head_ ? *draft_head_ : head_;
   const int64_t QD = H * D, KVD = Hkv * D, QKV = QD + 2 * KVD, V = head.pw.N, W = window_;
-  const bool split = !sliding_tables.is_same(tables);  // the sliding layers' own pool and table
+  const bool split = batch.sliding_tables != nullptr;  // the sliding layers' own pool and table
+  TS_CHECK(!split || W > 0, "a split pool needs set_family's window");
   int64_t num_blocks = -1, num_blocks_s = -1;  // blocks in the pool each table addresses (the least of its layers')
   for (int64_t l = 0; l < L; ++l) {
-    const auto& k = k_caches[l];
-    const auto& v = v_caches[l];
-    TORCH_CHECK(k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 && k.is_contiguous() &&
-                    v.is_contiguous() && k.sizes() == v.sizes() && k.dim() == 4 && k.size(1) == Hkv &&
-                    k.size(2) == block_size && k.size(3) == D,
-                "caches: bf16 [blocks, kv_heads, block_size, head_dim] (attention.h's pair layout)");
+    TS_CHECK(caches.k[l] && caches.v[l] && caches.blocks[l] > 0, "layer ", l, ": no KV pool");
     int64_t& n = split && layers_[l].opt.sliding ? num_blocks_s : num_blocks;
-    n = n < 0 ? k.size(0) : std::min(n, k.size(0));
+    n = n < 0 ? caches.blocks[l] : std::min(n, caches.blocks[l]);
   }
-  for (const auto* t : {&ids, &seqs, &tables, &sample_rows})
-    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "index tensors must be contiguous int64");
-  TORCH_CHECK(sliding_tables.scalar_type() == at::kLong && sliding_tables.is_contiguous(),
-              "index tensors must be contiguous int64");
-  TORCH_CHECK(seqs.dim() == 2 && seqs.size(1) == 2 && tables.dim() == 2 && tables.size(0) == seqs.size(0) &&
-                  sliding_tables.dim() == 2 && sliding_tables.size(0) == seqs.size(0),
-              "seqs [S, 2] and tables [S, blocks]");
-  const int64_t S = seqs.size(0), nblk = tables.size(1), nblk_s = sliding_tables.size(1), bs = block_size;
-  const int64_t max_pos = cos_.size(0), vocab_in = embed_.size(0);
-  TORCH_CHECK(bs > 0 && bs % 16 == 0, "the fused step needs a block size that is a multiple of 16");
-  const int64_t* sq = seqs.data_ptr<int64_t>();
-  const int64_t* tb = tables.data_ptr<int64_t>();
-  const int64_t* tbs = sliding_tables.data_ptr<int64_t>();
-  const int64_t* id = ids.data_ptr<int64_t>();
+  const int64_t S = batch.S, nblk = batch.nblk, bs = batch.block_size;
+  const int64_t nblk_s = split ? batch.nblk_s : nblk;
+  const int64_t max_pos = positions_, vocab_in = vocab_in_;
+  TS_CHECK(S >= 0 && nblk >= 0 && nblk_s >= 0 && batch.T >= 0 && batch.R >= 0, "negative sizes");
+  TS_CHECK(bs > 0 && bs % 16 == 0, "the fused step needs a block size that is a multiple of 16");
+  const int64_t* sq = batch.seqs;
+  const int64_t* tb = batch.tables;
+  const int64_t* tbs = split ? batch.sliding_tables : tb;
+  const int64_t* id = batch.ids;
   int64_t T = 0;
   for (int64_t s = 0; s < S; ++s) {
     const int64_t start = sq[2 * s], count = sq[2 * s + 1], end = start + count;
-    TORCH_CHECK(start >= 0 && count > 0 && end <= max_pos && (end + bs - 1) / bs <= std::min(nblk, nblk_s),
-                "sequence ", s, " out of range");
+    TS_CHECK(start >= 0 && count > 0 && end <= max_pos && (end + bs - 1) / bs <= std::min(nblk, nblk_s),
+             "sequence ", s, " out of range");
     for (int64_t j = 0; j < (end + bs - 1) / bs; ++j) {
-      TORCH_CHECK(num_blocks < 0 || (tb[s * nblk + j] >= 0 && tb[s * nblk + j] < num_blocks), "block id out of range");
-      TORCH_CHECK(num_blocks_s < 0 || (tbs[s * nblk_s + j] >= 0 && tbs[s * nblk_s + j] < num_blocks_s),
-                  "sliding block id out of range");
+      TS_CHECK(num_blocks < 0 || (tb[s * nblk + j] >= 0 && tb[s * nblk + j] < num_blocks), "block id out of range");
+      TS_CHECK(num_blocks_s < 0 || (tbs[s * nblk_s + j] >= 0 && tbs[s * nblk_s + j] < num_blocks_s),
+               "sliding block id out of range");
     }
     T += count;
   }
-  TORCH_CHECK(ids.numel() == T, "ids must hold every sequence's tokens");
-  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(id[t] >= 0 && id[t] < vocab_in, "token id out of range");
-  const int64_t R = sample_rows.numel();
-  const int64_t* sr = sample_rows.data_ptr<int64_t>();
-  for (int64_t r = 0; r < R; ++r) TORCH_CHECK(sr[r] >= 0 && sr[r] < T, "sample row out of range");
+  TS_CHECK(batch.T == T, "ids must hold every sequence's tokens");
+  for (int64_t t = 0; t < T; ++t) TS_CHECK(id[t] >= 0 && id[t] < vocab_in, "token id out of range");
+  const int64_t R = batch.R;
+  const int64_t* sr = batch.sample_rows;
+  for (int64_t r = 0; r < R; ++r) TS_CHECK(sr[r] >= 0 && sr[r] < T, "sample row out of range");
 
   std::vector<int64_t> pos(T), row_seq(T), blk_base(T), blk_base_s(split ? T : 0), lens(T), starts(W > 0 ? T : 0);
   for (int64_t s = 0, t = 0; s < S; ++s)
@@ -135,16 +118,11 @@ at::Tensor Llama::step(at::Tensor ids, at::Tensor seqs, at::Tensor tables, at::T
   for (const Layer& ly : layers_) sandwich = sandwich || ly.opt.attn_out_norm || ly.opt.mlp_out_norm;
   std::vector<float> x(T * Hd), qkv(T * QKV), sublayer(sandwich ? T * Hd : 0);
   std::vector<uint16_t> xn(std::max(T, R) * Hd), attn(T * QD), act(T * I);
-  auto logits = at::empty({R, V}, at::kFloat);
-  float* out = logits.data_ptr<float>();
   const int nth = threads_;
   PairAttentionArgs aa{H,       Hkv,     D,  bs, qkv.data(), QKV, nullptr, nullptr, tb, nblk, row_seq.data(),
                        lens.data(), attn_scale_, attn.data(), QD};
-  const auto* emb = embed_.data_ptr<BF16>();
-  const float* cs = cos_.data_ptr<float>();
-  const float* sn = sin_.data_ptr<float>();
-  const float* cs_local = cos_local_.data_ptr<float>();
-  const float* sn_local = sin_local_.data_ptr<float>();
+  const BF16* emb = embed_;
+  const float *cs = cos_, *sn = sin_, *cs_local = cos_local_, *sn_local = sin_local_;
 
   // The last layer's attention and MLP matter only for the rows whose logits are wanted (the other
   // rows' hidden states are dropped, their K and V already written): they run on those rows alone.
@@ -202,13 +180,13 @@ at::Tensor Llama::step(at::Tensor ids, at::Tensor seqs, at::Tensor tables, at::T
     for (int64_t l = 0; l < depth; ++l) {
       const Layer& ly = layers_[l];
       const LayerOptions& op = ly.opt;
-      auto* kc = reinterpret_cast<uint16_t*>(k_caches[l].data_ptr());
-      auto* vc = reinterpret_cast<uint16_t*>(v_caches[l].data_ptr());
+      uint16_t* kc = caches.k[l];
+      uint16_t* vc = caches.v[l];
       const bool own_pool = split && op.sliding;  // this layer's KV is in the sliding layers' pool
       const int64_t* base = own_pool ? blk_base_s.data() : blk_base.data();
       rows(T);
       for (int64_t t = b; t < e; ++t)
-        rms_norm_row(&x[t * Hd], ly.in_norm.data_ptr<float>(), Hd, eps_, &xn[t * Hd]);
+        rms_norm_row(&x[t * Hd], ly.in_norm, Hd, eps_, &xn[t * Hd]);
       team.barrier(nt);
       lap(kNorm);
       linear(ly.qkv, xn.data(), Hd, T, StoreF32{qkv.data(), QKV, QKV});
@@ -276,7 +254,7 @@ at::Tensor Llama::step(at::Tensor ids, at::Tensor seqs, at::Tensor tables, at::T
       lap(kO);
       rows(M);
       for (int64_t t = b; t < e; ++t)
-        rms_norm_row(&xr[t * Hd], ly.post_norm.data_ptr<float>(), Hd, eps_, &xn[t * Hd]);
+        rms_norm_row(&xr[t * Hd], ly.post_norm, Hd, eps_, &xn[t * Hd]);
       team.barrier(nt);
       lap(kNorm);
       if (gelu_) linear(ly.gate_up, xn.data(), Hd, M, GeluGlu{act.data(), I, I});
@@ -297,7 +275,7 @@ at::Tensor Llama::step(at::Tensor ids, at::Tensor seqs, at::Tensor tables, at::T
     rows(R);
     for (int64_t r = b; r < e; ++r) {
       const float* xf = trim ? &x_s[r * Hd] : &x[sr[r] * Hd];
-      rms_norm_row(xf, norm_.data_ptr<float>(), Hd, eps_, &xn[r * Hd]);
+      rms_norm_row(xf, norm_, Hd, eps_, &xn[r * Hd]);
     }
     team.barrier(nt);
     lap(kNorm);
@@ -306,7 +284,6 @@ at::Tensor Llama::step(at::Tensor ids, at::Tensor seqs, at::Tensor tables, at::T
     team.barrier(nt);
     lap(kHead);  // (the barrier only so that the head's time is the slowest thread's)
   });
-  return logits;
 }
 
 }  // namespace tailserve

@@ -8,13 +8,14 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
-import torch
+import numpy as np
 
 from tailserve.config import EngineConfig
 from tailserve.engine.faults import rerun_alone
 from tailserve.engine.masks import GrammarMasks
-from tailserve.engine.model_runner import ModelRunner, kv_bytes_per_block, pools_for
+from tailserve.engine.model_runner import ModelRunner, kv_bytes_per_block, make_runner, pools_for
 from tailserve.engine.outputs import RequestOutput, TokenLogprob
 from tailserve.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from tailserve.engine.sequence import Sequence, Status
@@ -30,7 +31,6 @@ from tailserve.engine.step_time import StepTimeModel
 from tailserve.layers import kernels
 from tailserve.layers.sampler import Sampler, SampleRow
 from tailserve.models.fused import FusedLlama
-from tailserve.models.llama import LlamaModel
 from tailserve.sampling import SamplingParams
 from tailserve.structured.grammar import Grammar
 
@@ -63,53 +63,11 @@ class EngineStats:
     spec_decode_num_verify_steps: int = 0  # (request, step) pairs that checked guesses
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def resolve_dtype(dtype: str, device: str, fused: bool = False) -> torch.dtype:
-    """`auto` → bf16 on a GPU and on the fused step (every CPU tier runs it in bf16); elsewhere on a CPU,
-    bf16 only where the CPU computes it natively."""
-    if dtype == "auto":
-        if device == "cuda" or fused:
-            return torch.bfloat16
-        return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else torch.float32
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
-
-
-QUANTIZATIONS = ("none", "int8", "int4", "auto")
-
-
-def resolve_quantization(quantization: str, checkpoint: str, fused: bool) -> str:
-    """`auto` → the checkpoint's own precision on the fused step, where decode reads every weight byte
-    per step and int4 runs 2.5-3× faster than bf16 at batch 1 and as fast from batch 8 (BENCHMARKS.md);
-    a Q4_1 GGUF's weights are then served exactly. Elsewhere `auto` → none (bf16/fp32)."""
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
-    if quantization != "auto":
-        return quantization
-    return checkpoint if fused else "none"
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        return False
-
-
 class LLMEngine:
     def __init__(
         self,
         config: EngineConfig,
-        model: LlamaModel | FusedLlama,
+        model: Any,
         tokenizer=None,
         draft: FusedLlama | None = None,
     ) -> None:
@@ -119,11 +77,13 @@ class LLMEngine:
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
-        self.device = str(next(model.parameters()).device)
-        self.dtype = model.embed.dtype
+        # The fused step: bf16 on the CPU; the PyTorch model (models/llama.py): its own device and dtype.
+        fused = isinstance(model, FusedLlama)
+        self.device = "cpu" if fused else str(next(model.parameters()).device)
+        self.dtype = "bfloat16" if fused else str(model.embed.dtype).removeprefix("torch.")
         mc = model.config
         longest = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-        plan = pools_for(model, config, self.dtype, longest)  # one KV pool, or two (kv_pools.py)
+        plan = pools_for(model, config, longest)  # one KV pool, or two (kv_pools.py)
         num_blocks = plan.num_blocks
         self.max_model_len = min(longest, plan.max_tokens)
         if config.max_num_batched_tokens < config.max_num_seqs:
@@ -140,7 +100,7 @@ class LLMEngine:
             long_prefill_threshold=config.long_prefill_threshold,
             priority_aging=config.priority_aging,
         )
-        self.runner = ModelRunner(
+        self.runner = make_runner(
             model, num_blocks, config.block_size, self.dtype, self.device, plan.sliding_blocks
         )
         self.sampler = Sampler(config.seed)
@@ -185,11 +145,11 @@ class LLMEngine:
                     f"the draft model's vocabulary ({draft.config.vocab_size} tokens) is not the "
                     f"target's ({self.model.config.vocab_size})"
                 )
-            pool = ModelRunner(draft, num_blocks, config.block_size, self.dtype, self.device)
+            pool = ModelRunner(draft, num_blocks, config.block_size)
             log.info(
                 "draft model: %d layers, KV pool %.0f MiB beside the target's",
                 draft.config.num_layers,
-                num_blocks * kv_bytes_per_block(draft, config.block_size, self.dtype) / (1 << 20),
+                num_blocks * kv_bytes_per_block(draft, config.block_size) / (1 << 20),
             )
             return SpecDecoder(DraftProposer(pool, blocks=self.block_manager), controller)
         layers = self.model.config.num_layers
@@ -306,7 +266,6 @@ class LLMEngine:
         self._snapshot(sched, time.perf_counter() - t0)
         return outputs
 
-    @torch.inference_mode()
     def _run(self, sched: SchedulerOutput, t0: float) -> None:
         now = t0
         for s in sched.scheduled:
@@ -391,7 +350,7 @@ class LLMEngine:
             s.draft = draft
             bm.trim(s.seq.table, s.seq.num_tokens + len(draft))
 
-    def _check_guesses(self, s: ScheduledSeq, logits: torch.Tensor, now: float) -> None:
+    def _check_guesses(self, s: ScheduledSeq, logits: np.ndarray, now: float) -> None:
         """Keep the confirmed guesses' KV, emit them and the target's own next token, drop the rest."""
         assert self.spec is not None
         seq = s.seq

@@ -10,21 +10,72 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from tailserve.config import EngineConfig
-from tailserve.engine.engine import LLMEngine, resolve_device, resolve_dtype, resolve_quantization
+from tailserve.engine.engine import LLMEngine
 from tailserve.layers import kernels
 from tailserve.models.fused import BLOCK_MULTIPLE as FUSED_BLOCK_MULTIPLE
 from tailserve.models.fused import FusedLlama, cached_fused, default_threads, fused_supported
-from tailserve.models.llama import LlamaModel
 from tailserve.models.loader import load_config, load_config_and_weights, resolve_model
 from tailserve.models.meta_cache import cached_config, cached_tokenizer
 from tailserve.obs.startup import StartupTimer
 from tailserve.tokenizer import Tokenizer
 
 log = logging.getLogger("tailserve.engine")
+
+
+def gpu_present() -> bool:
+    """Whether a GPU driver is there (NVIDIA's, or ROCm's /dev/kfd): only then is PyTorch asked,
+    so that a CPU-only start never imports it to learn there is no GPU."""
+    return any(Path(p).exists() for p in ("/proc/driver/nvidia/version", "/dev/nvidia0", "/dev/kfd"))
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        if not gpu_present():
+            return "cpu"
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str, fused: bool = False) -> str:
+    """`auto` → bf16 on a GPU and on the fused step (every CPU tier runs it in bf16); elsewhere on a CPU,
+    bf16 only where the CPU computes it natively."""
+    if dtype == "auto":
+        if device == "cuda" or fused:
+            return "bfloat16"
+        import torch
+
+        return "bfloat16" if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    return dtype
+
+
+QUANTIZATIONS = ("none", "int8", "int4", "auto")
+
+
+def resolve_quantization(quantization: str, checkpoint: str, fused: bool) -> str:
+    """`auto` → the checkpoint's own precision on the fused step, where decode reads every weight byte
+    per step and int4 runs 2.5-3× faster than bf16 at batch 1 and as fast from batch 8 (BENCHMARKS.md);
+    a Q4_1 GGUF's weights are then served exactly. Elsewhere `auto` → none (bf16/fp32)."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
+    if quantization != "auto":
+        return quantization
+    return checkpoint if fused else "none"
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
 
 
 def load_fused(
@@ -34,7 +85,7 @@ def load_fused(
 
     def build() -> FusedLlama:
         mc, weights = load_config_and_weights(path)
-        return FusedLlama(mc, weights, quantization, draft_head, num_threads=threads).eval()
+        return FusedLlama.pack(mc, weights, quantization, draft_head, num_threads=threads)
 
     if weight_cache and path.is_file():
         return cached_fused(path, quantization, draft_head, threads, build)
@@ -56,12 +107,23 @@ def load_draft(name: str, target_path: Path, threads: int, weight_cache: bool) -
     return draft
 
 
+def load_torch_model(path: Path, config: EngineConfig, device: str, dtype: str, quantization: str) -> Any:
+    """The PyTorch model (models/llama.py): the one path that imports torch to serve."""
+    import torch
+
+    from tailserve.models.llama import LlamaModel
+
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    model_config, weights = load_config_and_weights(path)
+    weights = {k: v.to(device) for k, v in weights.items()}
+    return LlamaModel(model_config, weights, getattr(torch, dtype), quantization).to(device).eval()
+
+
 def load_engine(config: EngineConfig, timer: StartupTimer | None = None) -> LLMEngine:
     """The engine `config` describes; each phase of the load is lapped on `timer` when given."""
     timer = timer or StartupTimer(started=0.0)  # a throwaway clock: laps cost nothing
 
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
     path = resolve_model(config.model)
     model_config = cached_config(path)
     timer.lap("model_config", next_phase="kernels")
@@ -73,12 +135,12 @@ def load_engine(config: EngineConfig, timer: StartupTimer | None = None) -> LLME
         and fused_supported(model_config)
     )
     dtype = resolve_dtype(config.dtype, device, fused_shape)
-    fused = fused_shape and dtype == torch.bfloat16
+    fused = fused_shape and dtype == "bfloat16"
     quantization = resolve_quantization(config.quantization, model_config.weight_precision, fused)
     # A draft model is named, or "layers:N" (the default) takes the target's own first layers.
     draft_name = config.draft_model or ""
     separate = config.speculative == "draft" and draft_name != "" and not draft_name.startswith("layers:")
-    model: LlamaModel | FusedLlama
+    model: Any
     draft: FusedLlama | None = None
     if fused:
         tier = kernels.active_tier()  # built once per tier and cached; loaded here
@@ -88,21 +150,15 @@ def load_engine(config: EngineConfig, timer: StartupTimer | None = None) -> LLME
         model = load_fused(path, quantization, self_draft, threads, config.weight_cache)
         if separate:
             draft = load_draft(draft_name, path, threads, config.weight_cache)
-        # The step runs on its own thread team; PyTorch's (OpenMP) team, woken by the few torch
-        # ops around a step, would spin against it for the cores.
-        torch.set_num_threads(1)
     else:
         tier = None
-        model_config, weights = load_config_and_weights(path)
-        weights = {k: v.to(device) for k, v in weights.items()}
-        model = LlamaModel(model_config, weights, dtype, quantization).to(device).eval()
-        del weights
+        model = load_torch_model(path, config, device, dtype, quantization)
     timer.lap("weights", next_phase="tokenizer")
     log.info(
         "model %s: %s step, %s activations, weights %s (checkpoint: %s)",
         path.name,
         f"fused C++ (CPU tier {tier})" if fused else "PyTorch",
-        str(dtype).removeprefix("torch."),
+        dtype,
         quantization,
         model_config.weight_precision,
     )

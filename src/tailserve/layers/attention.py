@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tailserve.layers import kernels
+from tailserve.layers import kernel_ops, kernels
 
 
 @dataclass
@@ -155,7 +155,9 @@ def paged_attention(
         else:
             (table, lens), block_size = meta.window_decode(window), 1
     if nd and ops is not None:
-        od = ops.decode_attention(q[:nd].contiguous(), k_cache, v_cache, table, block_size, lens, scale)
+        od = kernel_ops.decode_attention(
+            q[:nd].contiguous(), k_cache, v_cache, table, block_size, lens, scale
+        )
         if nd == q.shape[0]:
             return od
         out[:nd] = od

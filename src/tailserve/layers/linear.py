@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tailserve.layers import kernels, quant
+from tailserve.layers import kernel_ops, kernels, quant
 
 QUANTIZATIONS = ("none", "int8", "int4")
+BF16, INT8, INT4, VNNI_INT4, VNNI_INT8 = 0, 1, 2, 3, 4  # the packed kinds (csrc/linear.h: kBf16 … kU8)
 
 
 def default_backend(weight: torch.Tensor) -> str:
@@ -66,7 +67,7 @@ class DenseLinear(Linear):
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "kernel":
-            return kernels.ops().linear_bf16(x.contiguous(), self.packed, self.out_features)
+            return kernel_ops.linear(BF16, self.packed, None, self.out_features, x.contiguous())
         return F.linear(x, self.weight)
 
 
@@ -88,7 +89,7 @@ class Int8Linear(Linear):
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "kernel":
             xb = x.to(torch.bfloat16).contiguous()
-            return kernels.ops().linear_int8(xb, self.packed, self.scale, self.out_features).to(x.dtype)
+            return kernel_ops.linear(INT8, self.packed, self.scale, self.out_features, xb).to(x.dtype)
         if self.backend == "torch":
             return torch._weight_int8pack_mm(x.contiguous(), self.q, self.scale)
         return F.linear(x, self.q.to(x.dtype)) * self.scale
@@ -124,13 +125,10 @@ class Int4Linear(Linear):
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend in ("kernel", "vnni"):
             xb = x.to(torch.bfloat16).contiguous()
-            if self.backend == "vnni":
-                y = kernels.ops().linear_vnni(
-                    xb, VNNI_INT4, self.packed, self.scales, self.out_features, self.group
-                )
-            else:
-                y = kernels.ops().linear_int4(xb, self.packed, self.scales, self.out_features, self.group)
-            return y.to(x.dtype)
+            kind = VNNI_INT4 if self.backend == "vnni" else INT4
+            return kernel_ops.linear(kind, self.packed, self.scales, self.out_features, xb, self.group).to(
+                x.dtype
+            )
         if self.backend == "torch":
             xb = x.to(torch.bfloat16).contiguous()
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, self.group, self.scales)
@@ -163,14 +161,9 @@ class Int8GroupLinear(Linear):
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "vnni":
             xb = x.to(torch.bfloat16).contiguous()
-            y = kernels.ops().linear_vnni(
-                xb, VNNI_INT8, self.packed, self.scales, self.out_features, self.group
-            )
+            y = kernel_ops.linear(VNNI_INT8, self.packed, self.scales, self.out_features, xb, self.group)
             return y.to(x.dtype)
         return F.linear(x, quant.dequantize_int8_groups(self.q, self.scale).to(x.dtype))
-
-
-VNNI_INT4, VNNI_INT8 = 3, 4  # csrc/linear.h: kU4, kU8
 
 
 def make_linear(weight: torch.Tensor, quantization: str, dtype: torch.dtype, vnni: bool = False) -> Linear:

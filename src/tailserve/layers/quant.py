@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-BLOCK = 32  # output channels per packed block (csrc/kernels.cpp: kBlock)
+BLOCK = 32  # output channels per packed block (csrc/linear.h: kBlock)
 INT4_GROUP = 32
 
 

