@@ -29,7 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from tailserve.server.loading import LoadingApp
 
-    timer.lap("imports", next_phase="import_torch")
+    timer.lap("imports", next_phase="engine_imports")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine_config = dataclass_from_args(EngineConfig, args)
     server_config = dataclass_from_args(ServerConfig, args)
@@ -56,9 +56,6 @@ def _serve(args: argparse.Namespace) -> int:
     def load() -> tuple[AsyncEngine, Any]:
         """On the loader thread, while the socket already answers /health."""
         timer.skip()
-        import torch  # noqa: F401  (timed on its own: the largest import)
-
-        timer.lap("import_torch", next_phase="engine_imports")
         from tailserve.obs.observer import log_requests_to_stderr
         from tailserve.server.loading import start_serving
 
