@@ -1,4 +1,5 @@
-"""`tailserve serve` as a process: load shedding under a burst, and a graceful drain on SIGTERM."""
+"""`tailserve serve` as a process: load shedding under a burst, a graceful drain on SIGTERM, and a start
+from the caches that never loads PyTorch."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import json
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
+from tailserve.layers import kernels
 from tests.e2e.conftest import MODEL, spawn_server
 
 pytestmark = pytest.mark.model
@@ -77,3 +80,19 @@ def test_sigterm_drains_in_flight_streams_then_exits() -> None:
         assert long_[-1] == "[DONE]" and "shutting down" in long_[-2]["error"]["message"]
         assert long_[-3]["choices"][0]["finish_reason"] == "abort"
         assert srv.proc.wait(timeout=30) == 0
+
+
+def test_a_start_from_the_caches_serves_without_loading_torch() -> None:
+    """`import torch` was ~1 s of a 1.6 s warm start (issue 23). The first start packs the weights (with
+    PyTorch) into the cache; a start after it serves the fused step with libtorch never mapped."""
+    if kernels.ops() is None:
+        pytest.skip("no C++ kernels here: the server runs the PyTorch model")
+    with spawn_server():
+        pass  # fills the packed-weight cache, if no start had
+    with spawn_server() as srv:
+        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0.7}
+        r = httpx.post(srv.base_url + "/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
+        libraries = {line.split()[-1] for line in Path(f"/proc/{srv.proc.pid}/maps").read_text().splitlines()}
+        assert any("tailserve_kernels" in lib for lib in libraries)  # the fused step did run
+        assert not [lib for lib in libraries if "libtorch" in lib], "the server loaded PyTorch"
