@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 from harness import RECORDED, ROOT, commit
 from offline import chat_prompts
 
@@ -91,8 +92,8 @@ def main() -> None:
         logits = {}
         for k, impl in impls.items():
             model.impl = impl
-            logits[k] = runner.run(sched.scheduled).logits.clone()
-        diff = float((logits["base"] - logits["head"]).abs().max())
+            logits[k] = runner.run(sched.scheduled).logits.copy()
+        diff = float(np.abs(logits["base"] - logits["head"]).max())
         if args.pairs == 0:
             print(f"{name} ({sched.num_tokens} rows): max |logit diff| {diff:.3g}", flush=True)
             continue

@@ -15,6 +15,7 @@ import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tailserve.config import EngineConfig
@@ -29,7 +30,9 @@ from tailserve.models.llama import LlamaModel
 
 @dataclass
 class RunResult:
-    logits: torch.Tensor  # [rows, vocab]: each sampling sequence's last token, then one row per guess
+    # [rows, vocab] float32: each sampling sequence's last token, then one row per guess. A numpy array:
+    # the sampler side (sampler, masks, spec_decode) works on numpy, without torch.
+    logits: np.ndarray
     sampled: list[ScheduledSeq]  # the sequences whose every token is now computed, in row order
     rows: list[int]  # the first logits row of each of them
 
@@ -215,8 +218,10 @@ class ModelRunner:
             ids, positions = ids.to(self.device), positions.to(self.device)
             meta = meta.to(self.device)
         hidden = self.model(ids, positions, self.kv_caches, meta)
-        logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)]) if rows else hidden[:0]
-        return RunResult(logits=logits.cpu(), sampled=self._sampled(batch), rows=firsts)
+        logits = (
+            self.model.logits(hidden[torch.tensor(rows, device=self.device)]) if rows else hidden[:0].float()
+        )
+        return RunResult(logits=logits.cpu().numpy(), sampled=self._sampled(batch), rows=firsts)
 
     @staticmethod
     def _sampled(batch: list[ScheduledSeq]) -> list[ScheduledSeq]:
@@ -227,7 +232,7 @@ class ModelRunner:
         logits = self._fused(
             [s.seq for s in batch], [s.token_ids for s in batch], [s.seq.num_computed for s in batch], rows
         )
-        return RunResult(logits=logits, sampled=self._sampled(batch), rows=firsts)
+        return RunResult(logits=logits.numpy(), sampled=self._sampled(batch), rows=firsts)
 
     def _fused(
         self, seqs: list[Sequence], tokens: list[list[int]], starts: list[int], rows: list[int], depth=None
@@ -250,11 +255,11 @@ class ModelRunner:
     @torch.inference_mode()
     def run_chunks(
         self, seqs: list[Sequence], chunks: list[list[int]], starts: list[int], depth: int | None = None
-    ) -> torch.Tensor:
+    ) -> np.ndarray:
         """A draft pass: `chunks[i]` of `seqs[i]` at positions from `starts[i]` (within its blocks),
         through the first `depth` layers (all when None); logits of each chunk's last token
         [len(seqs), vocab]. Writes those layers' KV there, which a full pass of the target later
         overwrites when this pool is the target's."""
         assert isinstance(self.model, FusedLlama), "draft passes run on the fused step"
         rows = list(itertools.accumulate(len(c) for c in chunks))
-        return self._fused(seqs, chunks, starts, [r - 1 for r in rows], depth)
+        return self._fused(seqs, chunks, starts, [r - 1 for r in rows], depth).numpy()  # numpy: as `run`
