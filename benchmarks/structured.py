@@ -3,7 +3,7 @@
 For each library: the one-off vocabulary preparation, the cold compile time of a few JSON schemas
 (best of --repeat, nothing cached), and the per-step cost of the token mask while walking a valid
 instance token by token (fill the bitmask, then accept the token), plus applying the mask to rows of
-logits (one torch thread, as the engine runs). xgrammar's own C++ warnings go to stderr.
+logits (numpy, as the engine does). xgrammar's own C++ warnings go to stderr.
 Run under `flock /work/bench.lock`; the figures go to BENCHMARKS.md.
 
     python benchmarks/structured.py [--model PATH] [--repeat 3]
@@ -214,20 +214,20 @@ def main() -> None:
             )
     from tailserve.structured.bitmask import to_bias
 
-    mask = torch.zeros(16, (vocab + 31) // 32, dtype=torch.int32)
+    mask = np.zeros((16, (vocab + 31) // 32), dtype=np.int32)
     mask[:, :10] = -1
-    batch = torch.randn(16, vocab)
+    batch = np.random.default_rng(0).standard_normal((16, vocab), dtype=np.float32)
 
     def unpack_and_fill(rows: int) -> None:  # the engine's way before engine/masks.py
-        bits = np.unpackbits(mask[:rows].numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab]
-        batch[:rows].masked_fill_(~torch.from_numpy(bits).bool(), float("-inf"))
+        bits = np.unpackbits(mask[:rows].view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+        np.copyto(batch[:rows], -np.inf, where=bits == 0)
 
     for rows in (1, 16):
         bias = to_bias(mask[:rows], vocab, vocab)
         ways = {
-            "unpack bits + masked_fill_": lambda r=rows: unpack_and_fill(r),
+            "unpack bits + fill -inf": lambda r=rows: unpack_and_fill(r),
             "to_bias (mask thread)": lambda r=rows: to_bias(mask[:r], vocab, vocab),
-            "add the bias (engine thread)": lambda r=rows, b=bias: batch[:r].add_(b),
+            "add the bias (engine thread)": lambda r=rows, b=bias: np.add(batch[:r], b, out=batch[:r]),
         }
         for what, fn in ways.items():
             times = []

@@ -160,16 +160,3 @@ def prefill_logits(model, ids: list[int] | None = None) -> torch.Tensor:
     meta = AttentionMetadata(torch.arange(t), 0, prefills=[PrefillChunk(0, t, t, None, None)])
     with torch.inference_mode():
         return model.logits(model(torch.tensor(ids), torch.arange(t), pools, meta)).float()
-
-
-@pytest.mark.parametrize("n", [1, 5, 16, 17, 1000, 49152])
-def test_argmax_rows_equals_torch_including_ties_and_strides(n: int, ops) -> None:
-    from tailserve.layers.sampler import argmax_rows
-
-    g = torch.Generator().manual_seed(n)
-    for x in (
-        torch.randn(7, n, generator=g),
-        torch.randn(7, n + 9, generator=g)[:, :n],  # rows with a stride
-        torch.zeros(3, n).index_fill_(1, torch.arange(n // 2, n), 1.0),  # ties: the first one wins
-    ):
-        assert torch.equal(argmax_rows(x), x.argmax(-1))

@@ -43,3 +43,22 @@ def test_serve_path_imports_only_what_serving_uses() -> None:
     assert "torch" in seen["all"]  # the probe did reach the loader's imports
     leaked = sorted(set(NOT_FOR_SERVING) & (set(seen["all"]) | set(seen["modules"])))
     assert leaked == [], f"the serve path imports {leaked}"
+
+
+# Everything downstream of the model's logits: numpy only, so the fused step's path can leave torch out.
+SAMPLING = ("tailserve.layers.sampler", "tailserve.engine.masks", "tailserve.engine.spec_decode",
+            "tailserve.structured.bitmask", "tailserve.structured.grammar",
+            "tailserve.engine.sequence")  # fmt: skip
+NO_TORCH = """
+import importlib, sys
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+print("torch" in sys.modules)
+"""
+
+
+def test_sampling_modules_do_not_import_torch() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, *SAMPLING], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    assert out.split() == ["False"], "a sampling module imports torch"

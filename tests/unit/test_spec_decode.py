@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 from tailserve.engine.model_runner import kv_bytes_per_block
 from tailserve.engine.sequence import Sequence
 from tailserve.engine.spec_decode import Controller, NgramProposer, Proposer, SpecDecoder, SpecState, verify
+from tailserve.layers.sampler import filter_top_k_top_p, softmax
 from tailserve.models.fused import FusedLlama
 from tailserve.sampling import SamplingParams
 from tests.tiny import (
@@ -47,32 +49,39 @@ def test_ngram_proposes_the_continuation_of_the_latest_match() -> None:
 
 
 def test_verify_greedy_accepts_the_matching_prefix_then_corrects() -> None:
-    logits = torch.full((4, 10), -5.0)
+    logits = np.full((4, 10), -5.0, dtype=np.float32)
     for i, t in enumerate([4, 6, 2, 8]):
         logits[i, t] = 5.0
-    assert verify(logits, [4, 6, 2], GREEDY, None) == ([4, 6, 2, 8], 3)  # all taken, plus a bonus
-    assert verify(logits, [4, 1, 2], GREEDY, None) == ([4, 6], 1)  # the target's token at the miss
-    assert verify(logits[:1], [], GREEDY, None) == ([4], 0)
+    g = np.random.default_rng(0)
+    assert verify(logits, [4, 6, 2], GREEDY, g) == ([4, 6, 2, 8], 3)  # all taken, plus a bonus
+    assert verify(logits, [4, 1, 2], GREEDY, g) == ([4, 6], 1)  # the target's token at the miss
+    assert verify(logits[:1], [], GREEDY, g) == ([4], 0)
 
 
-def test_verify_sampled_keeps_the_target_distribution() -> None:
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.8, max_tokens=8),
+        SamplingParams(temperature=0.8, max_tokens=8, top_k=4, top_p=0.9),  # filtered row by row
+    ],
+)
+def test_verify_sampled_keeps_the_target_distribution(params: SamplingParams) -> None:
     """Rejection sampling with point-mass guesses: the first emitted token follows p0, and the second,
     when the first guess was accepted, follows p1 — whatever the guesses are."""
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 6, generator=g) * 1.5
-    params = SamplingParams(temperature=0.8, max_tokens=8)
-    p = (logits / 0.8).softmax(-1)
+    g = np.random.default_rng(0)
+    logits = (g.standard_normal((3, 6)) * 1.5).astype(np.float32)
+    p = softmax(filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p))
     n = 40_000
-    firsts = torch.zeros(6)
-    seconds = torch.zeros(6)
+    firsts = np.zeros(6)
+    seconds = np.zeros(6)
     draft = [int(p[0].argmax()), 4]
     for _ in range(n):
         tokens, _ = verify(logits, draft, params, g)
         firsts[tokens[0]] += 1
         if tokens[0] == draft[0] and len(tokens) > 1:
             seconds[tokens[1]] += 1
-    assert (firsts / n - p[0]).abs().sum() / 2 < 0.015
-    assert (seconds / seconds.sum() - p[1]).abs().sum() / 2 < 0.02
+    assert np.abs(firsts / n - p[0]).sum() / 2 < 0.015
+    assert np.abs(seconds / seconds.sum() - p[1]).sum() / 2 < 0.02
 
 
 def test_controller_backs_off_and_comes_back() -> None:

@@ -133,8 +133,9 @@ class LLMEngine:
         if config.num_speculative_tokens < 1:
             raise ValueError("num_speculative_tokens must be at least 1")
         controller = Controller(config.num_speculative_tokens, adaptive=config.spec_adaptive)
+        rng = self.sampler.generator  # unseeded requests' draws come from the engine's seed either way
         if config.speculative == "ngram":
-            return SpecDecoder(NgramProposer(), controller)
+            return SpecDecoder(NgramProposer(), controller, rng)
         if not isinstance(self.model, FusedLlama):
             raise ValueError("draft speculation runs on the fused C++ step (CPU, bf16)")
         if draft is not None:
@@ -151,7 +152,7 @@ class LLMEngine:
                 draft.config.num_layers,
                 num_blocks * kv_bytes_per_block(draft, config.block_size) / (1 << 20),
             )
-            return SpecDecoder(DraftProposer(pool, blocks=self.block_manager), controller)
+            return SpecDecoder(DraftProposer(pool, blocks=self.block_manager), controller, rng)
         layers = self.model.config.num_layers
         spec = config.draft_model or f"layers:{max(1, layers // 4)}"
         kind, _, n = spec.partition(":")
@@ -160,7 +161,7 @@ class LLMEngine:
                 f"draft model {spec!r}: give layers:N, the target's first N layers (1 <= N < {layers}), "
                 "or a model that shares the target's tokenizer (loaded by LLMEngine.from_config)"
             )
-        return SpecDecoder(DraftProposer(self.runner, depth=int(n)), controller)
+        return SpecDecoder(DraftProposer(self.runner, depth=int(n)), controller, rng)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:

@@ -20,8 +20,8 @@ their last token is accepted (`prefetch`), on the mask thread, while the engine 
 step, hands out its deltas and schedules the next one. An eager row the prefetch did not cover (a
 prompt's first token, a sequence that skipped a step) is filled at the start of the step that samples
 it, beside the model. Each fill is one llguidance call for the batch (`grammar.fill_masks`), turned
-into an additive bias on the same thread; applying it is one in-place `index_add_` for all rows that
-need it, and a row whose grammar allows every token (free text) gets none.
+into an additive bias on the same thread; applying it is an in-place add per row that needs it, and
+a row whose grammar allows every token (free text) gets none.
 
 Why lazy first: on 2 cores the fused step's thread team uses both cores and spin-waits at barriers,
 so the mask thread's time preempts a team thread and costs the step more than its own length; a
@@ -36,7 +36,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from tailserve.engine.scheduler import ScheduledSeq
 from tailserve.engine.sequence import Sequence
@@ -51,7 +50,7 @@ class Filled:
     """One batch's biases: row of `bias` per sequence, only for rows that forbid some token."""
 
     rows: dict[Sequence, int]
-    bias: torch.Tensor | None
+    bias: np.ndarray | None
 
 
 @dataclass
@@ -129,7 +128,7 @@ class GrammarMasks:
     def sample(
         self,
         sampler: Sampler,
-        logits: torch.Tensor,
+        logits: np.ndarray,
         seqs: list[Sequence],
         rows: list[SampleRow],
         batches: list[Batch],
@@ -150,14 +149,14 @@ class GrammarMasks:
             mask = allocate(len(missed), matchers[0].vocab_size)
             fill_masks(matchers, mask)
             bias = to_bias(mask, matchers[0].vocab_size, self.width)
-            masked = logits[missed] + bias.to(device=logits.device, dtype=logits.dtype)
+            masked = logits[missed] + bias
             again = sampler(masked, [rows[i] for i in missed])
             for k, i in enumerate(missed):
                 sample.token_ids[i] = again.token_ids[k]
         self.stats.lazy_seconds += time.perf_counter() - t0
         return sample
 
-    def apply(self, logits: torch.Tensor, seqs: list[Sequence], batches: list[Batch]) -> None:
+    def apply(self, logits: np.ndarray, seqs: list[Sequence], batches: list[Batch]) -> None:
         """Mask, in place, row i of `logits` (sequence seqs[i]) to what its grammar allows next."""
         if not batches:
             return
@@ -174,13 +173,10 @@ class GrammarMasks:
             self.stats.unrestricted_rows += len(covered) - len(live)
             if not live or f.bias is None:
                 continue
-            targets, sources = zip(*live)
-            bias = f.bias if list(sources) == list(range(len(f.bias))) else f.bias[list(sources)]
-            bias = bias.to(device=logits.device, dtype=logits.dtype)  # a no-op on CPU in fp32
-            if list(targets) == list(range(len(logits))):
-                logits.add_(bias)
-            else:
-                logits.index_add_(0, torch.tensor(targets, device=logits.device), bias)
+            # Row by row, in place: as fast as one add over all rows, and 3x faster than numpy's
+            # gather-add-scatter for some of them (16 of 49152 tokens: 0.22 vs 0.66 ms).
+            for target, source in live:
+                logits[target] += f.bias[source]
         self.stats.apply_seconds += time.perf_counter() - t1
 
     def _submit(self, seqs: list[Sequence]) -> Batch:
@@ -192,7 +188,7 @@ class GrammarMasks:
             fill_masks(matchers, mask)
             keep = np.flatnonzero(restricted_rows(mask, matchers[0].vocab_size)).tolist()
             if len(keep) < len(seqs):
-                mask = mask[keep].contiguous()
+                mask = mask[keep]
             bias = to_bias(mask, matchers[0].vocab_size, self.width) if keep else None
             self.stats.fill_seconds += time.perf_counter() - t0
             return Filled({seqs[k]: j for j, k in enumerate(keep)}, bias)

@@ -11,7 +11,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+import numpy as np
 
 from tailserve.engine.block_manager import BlockTable
 from tailserve.engine.outputs import RequestTimes, TokenLogprob
@@ -43,7 +43,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None
-    generator: torch.Generator | None = None
+    generator: np.random.Generator | None = None  # a seeded request's own: its draws alone
     detokenizer: Any = None  # IncrementalDetokenizer; typed loosely to keep this module torch-light
     pending_text: str = ""
     pending_tokens: list[int] = field(default_factory=list)
@@ -56,7 +56,7 @@ class Sequence:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
         if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
+            self.generator = np.random.default_rng(self.params.seed)
 
     @property
     def num_prompt_tokens(self) -> int:

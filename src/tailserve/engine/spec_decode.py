@@ -37,11 +37,11 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from tailserve.engine.block_manager import BlockManager
 from tailserve.engine.sequence import Sequence
-from tailserve.layers.sampler import argmax_rows, filter_top_k_top_p
+from tailserve.layers.sampler import draw, filter_top_k_top_p, softmax
 from tailserve.sampling import SamplingParams
 
 PROPOSERS = ("off", "ngram", "draft")
@@ -133,7 +133,7 @@ class DraftProposer(Proposer):
             starts = [seqs[i].num_computed + step + 1 - len(c) for i, c in zip(live, chunks)]
             t0 = time.perf_counter()
             logits = self.runner.run_chunks([seqs[i] for i in live], chunks, starts, self.depth)
-            for i, t in zip(live, argmax_rows(logits).tolist()):
+            for i, t in zip(live, np.argmax(logits, axis=-1).tolist()):
                 drafts[i].append(t)
             self._observe(time.perf_counter() - t0, len(live), sum(len(c) for c in chunks))
             step += 1
@@ -264,32 +264,36 @@ def speculation_allowed(seq: Sequence) -> bool:
 
 
 def verify(
-    logits: torch.Tensor, draft: list[int], params: SamplingParams, generator: torch.Generator | None
+    logits: np.ndarray, draft: list[int], params: SamplingParams, generator: np.random.Generator
 ) -> tuple[list[int], int]:
-    """(tokens to emit, how many guesses were accepted) from the target's logits at the k+1 positions:
-    row i is the distribution after the row's token and the first i guesses."""
+    """(tokens to emit, how many guesses were accepted) from the target's logits at the k+1 positions
+    ([k+1, vocab] float32): row i is the distribution after the row's token and the first i guesses."""
     if params.greedy:
-        best = argmax_rows(logits).tolist()
+        best = np.argmax(logits, axis=-1).tolist()
         n = 0
         while n < len(draft) and draft[n] == best[n]:
             n += 1
         return draft[:n] + [best[n]], n
-    probs = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p).softmax(-1)
+    probs = softmax(filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p))
     for i, d in enumerate(draft):
         p = probs[i]
-        if torch.rand((), generator=generator).item() < p[d].item():
+        if generator.random() < p[d]:
             continue
-        rest = p.clone()
+        rest = p.copy()
         rest[d] = 0.0
-        return draft[:i] + [int(torch.multinomial(rest, 1, generator=generator)[0])], i
-    return draft + [int(torch.multinomial(probs[len(draft)], 1, generator=generator)[0])], len(draft)
+        return draft[:i] + [draw(rest, generator)], i
+    return draft + [draw(probs[len(draft)], generator)], len(draft)
 
 
 class SpecDecoder:
     """What the engine calls: `choose` and `propose` guesses before a step, `accept` checks them after."""
 
-    def __init__(self, proposer: Proposer, controller: Controller) -> None:
+    def __init__(
+        self, proposer: Proposer, controller: Controller, generator: np.random.Generator | None = None
+    ) -> None:
+        """generator: the draws of requests without a seed of their own (the engine's sampler's)."""
         self.proposer, self.controller = proposer, controller
+        self.generator = generator if generator is not None else np.random.default_rng()
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
         self.num_verify_steps = 0  # (sequence, step) pairs that verified guesses
@@ -324,8 +328,8 @@ class SpecDecoder:
         """The guesses (up to ks[i] each; the sequences' blocks must already hold them)."""
         return self.proposer.propose(seqs, ks)
 
-    def accept(self, seq: Sequence, draft: list[int], logits: torch.Tensor) -> tuple[list[int], int]:
-        tokens, n = verify(logits, draft, seq.params, seq.generator)
+    def accept(self, seq: Sequence, draft: list[int], logits: np.ndarray) -> tuple[list[int], int]:
+        tokens, n = verify(logits, draft, seq.params, seq.generator or self.generator)
         self.controller.observe(seq, len(draft), n)
         self.num_draft_tokens += len(draft)
         self.num_accepted_tokens += n

@@ -1,24 +1,25 @@
-"""Next-token choice for a batch of rows, each with its own parameters.
+"""Next-token choice for a batch of rows, each with its own parameters, on numpy (the serving path does
+not import torch: logits arrive as a float32 [rows, vocab] array).
 
 Greedy rows take the argmax in one batched call. Random rows draw with their own generator when
-seeded, so a seeded request gives the same tokens whatever else shares its batch.
-Logprobs are of the model's distribution (before temperature/top-k/top-p), as OpenAI reports them.
+seeded, one uniform number per draw, so a seeded request gives the same tokens whatever else shares
+its batch. Logprobs are of the model's distribution (before temperature/top-k/top-p), as OpenAI
+reports them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
-from tailserve.layers import kernels
 from tailserve.sampling import SamplingParams
 
 
 @dataclass
 class SampleRow:
     params: SamplingParams
-    generator: torch.Generator | None
+    generator: np.random.Generator | None
     banned_token_ids: list[int]  # e.g. end-of-sequence tokens before min_tokens is reached
 
 
@@ -28,52 +29,107 @@ class SampleResult:
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]  # (chosen logprob, top-k) per row
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+BLOCK = 256  # weights per block of the two-level running sums below
+
+
+def block_ends(weights: np.ndarray) -> np.ndarray:
+    """The running sum of `weights` (float64) at the end of each block of BLOCK."""
+    return np.cumsum(np.add.reduceat(weights, np.arange(0, len(weights), BLOCK), dtype=np.float64))
+
+
+def first_reaching(weights: np.ndarray, ends: np.ndarray, target: float) -> int:
+    """The first index whose running sum of `weights` (≥ 0) reaches target ∈ (0, total]; ends: their
+    `block_ends`. A search over the block ends, then a running sum over one block: one float64 running
+    sum over all of a row's 49152 weights costs ~6x more. A zero weight is never the answer."""
+    j = int(np.searchsorted(ends, target))
+    start = j * BLOCK
+    within = np.cumsum(weights[start : start + BLOCK], dtype=np.float64)
+    rest = target - (ends[j - 1] if j else 0.0)
+    return start + int(np.searchsorted(within, min(rest, within[-1])))
+
+
+def draw(weights: np.ndarray, generator: np.random.Generator) -> int:
+    """An index drawn in proportion to `weights` (≥ 0, not all 0, unnormalized), from one uniform number
+    (a seeded row's draws then depend on nothing but its own logits)."""
+    ends = block_ends(weights)
+    return first_reaching(weights, ends, (1.0 - generator.random()) * ends[-1])
+
+
+def cutoff(logits: np.ndarray, top_k: int, top_p: float) -> float:
+    """The least logit of one row [vocab] that top-k, then top-p, keep (-inf: they keep every token).
+    A threshold rather than a list of tokens: tokens tied with the last one kept stay too."""
+    kept, least = logits, -np.inf
+    n = len(logits)
+    if 0 < top_k < n:
+        least = np.partition(logits, n - top_k)[n - top_k]
+        kept = logits[logits >= least]
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
+        desc = np.sort(kept)[::-1]
+        mass = np.exp(desc - desc[0])
+        ends = block_ends(mass)
         # Drop a token when the mass before it already reaches top_p; the first token always stays.
-        drop = probs.cumsum(-1) - probs >= top_p
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    return logits
+        keep = 1 + min(first_reaching(mass, ends, top_p * ends[-1]), len(desc) - 1)
+        least = desc[keep - 1]
+    return float(least)
 
 
-def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
-    """Each row's first maximum, as torch.argmax; the C++ op where it applies (~10× faster here)."""
-    ops = kernels.ops() if logits.device.type == "cpu" else None
-    if ops is not None and logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(1) == 1:
-        return ops.argmax_rows(logits)
-    return logits.argmax(-1)
+def filter_top_k_top_p(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """logits [rows, vocab] with the tokens top-k then top-p drop, row by row, set to -inf."""
+    if not 0 < top_k < logits.shape[-1] and top_p >= 1.0:
+        return logits
+    least = np.array([[cutoff(row, top_k, top_p)] for row in logits], dtype=logits.dtype)
+    return np.where(logits >= least, logits, -np.inf)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def sample_row(logits: np.ndarray, params: SamplingParams, generator: np.random.Generator) -> int:
+    """One row's token [vocab] under temperature, top-k and top-p; only the kept tokens are weighed."""
+    scaled = logits / params.temperature
+    least = cutoff(scaled, params.top_k, params.top_p)
+    if least == -np.inf:
+        return draw(np.exp(scaled - scaled.max()), generator)
+    ids = np.flatnonzero(scaled >= least)
+    kept = scaled[ids]
+    return int(ids[draw(np.exp(kept - kept.max()), generator)])
+
+
+def row_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """`token`'s logprob in one row [vocab], and the k most likely tokens' (most likely first, ties:
+    lower id first). log_softmax is x - max - log Σ exp(x - max): only the sum is over the row."""
+    peak = logits.max()
+    log_sum = np.log(np.exp(logits - peak).sum())
+    ids = np.argpartition(logits, -k)[-k:] if k else np.empty(0, dtype=np.intp)
+    ids = ids[np.lexsort((ids, -logits[ids]))]
+    values = (logits[ids] - peak) - log_sum
+    return float((logits[token] - peak) - log_sum), list(zip(ids.tolist(), values.tolist()))
 
 
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = np.random.default_rng(seed)  # rows without a seed of their own
 
-    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
-        """logits: [N, vocab] float32, one row per entry of `rows`."""
+    def __call__(self, logits: np.ndarray, rows: list[SampleRow]) -> SampleResult:
+        """logits: [N, vocab] float32, one row per entry of `rows` (banned tokens are set to -inf in it)."""
         for i, row in enumerate(rows):
             if row.banned_token_ids:
-                logits[i, row.banned_token_ids] = float("-inf")
-        chosen = argmax_rows(logits)
-        for i, row in enumerate(rows):
-            p = row.params
-            if p.greedy:
-                continue
-            scaled = filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
-            probs = scaled.softmax(-1)
-            chosen[i] = torch.multinomial(probs, 1, generator=row.generator or self.generator)[0]
-        token_ids = chosen.tolist()
-        logprobs: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(rows)
-        want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-        if want:
-            lp = torch.log_softmax(logits[want], dim=-1)
-            for j, i in enumerate(want):
-                k = rows[i].params.logprobs or 0
-                top = torch.topk(lp[j], k) if k else None
-                top_list = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-                logprobs[i] = (lp[j, token_ids[i]].item(), top_list)
+                logits[i, row.banned_token_ids] = -np.inf
+        if all(row.params.greedy for row in rows):
+            token_ids = np.argmax(logits, axis=-1).tolist()
+        else:
+            token_ids = [
+                int(np.argmax(logits[i]))
+                if row.params.greedy
+                else sample_row(logits[i], row.params, row.generator or self.generator)
+                for i, row in enumerate(rows)
+            ]
+        logprobs = [
+            None
+            if row.params.logprobs is None
+            else row_logprobs(logits[i], token_ids[i], row.params.logprobs)
+            for i, row in enumerate(rows)
+        ]
         return SampleResult(token_ids, logprobs)

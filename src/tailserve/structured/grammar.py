@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import torch
+    import numpy as np
 
 log = logging.getLogger("tailserve.structured")
 
@@ -114,14 +114,13 @@ class Matcher:
         self._m = matcher
         self.vocab_size = vocab_size  # the bitmask's row holds at least this many bits
 
-    def fill(self, mask: torch.Tensor, row: int) -> None:
-        """Write the tokens allowed next into row `row` of a contiguous int32 bitmask.
+    def fill(self, mask: np.ndarray, row: int) -> None:
+        """Write the tokens allowed next into row `row` of a C-contiguous int32 bitmask.
 
-        Straight to llguidance's pointer API: `llguidance.torch` would import torch.compile's
-        machinery (~1.4 s) at the first request."""
+        Straight to llguidance's pointer API, as `llguidance.numpy` does (`llguidance.torch` would
+        import torch and torch.compile's machinery, ~1.4 s, at the first request)."""
         _check_bitmask(mask)
-        v = mask[row]
-        self._m.unsafe_compute_mask_ptr(v.data_ptr(), v.numel() * 4)
+        self._m.unsafe_compute_mask_ptr(mask[row].ctypes.data, mask.shape[1] * 4)
 
     def allows(self, token: int) -> bool:
         """Whether `token` may come next, without consuming it: about a microsecond, against tens
@@ -141,14 +140,19 @@ class Matcher:
         return self._m.get_error() if self._m.is_error() else ""
 
 
-def _check_bitmask(mask: torch.Tensor) -> None:
-    import torch  # here, not at the top: the gateway imports this module for its request checks
+def _check_bitmask(mask: np.ndarray) -> None:
+    import numpy as np  # here, not at the top: the gateway imports this module for its request checks
 
-    if mask.dtype != torch.int32 or not mask.is_contiguous() or mask.device.type != "cpu":
-        raise ValueError("the token bitmask must be a contiguous int32 CPU tensor")
+    if (
+        not isinstance(mask, np.ndarray)
+        or mask.dtype != np.int32
+        or mask.ndim != 2
+        or not mask.flags.c_contiguous
+    ):
+        raise ValueError("the token bitmask must be a C-contiguous int32 [rows, words] numpy array")
 
 
-def fill_masks(matchers: list[Matcher], mask: torch.Tensor) -> None:
+def fill_masks(matchers: list[Matcher], mask: np.ndarray) -> None:
     """Row k of `mask` ([len(matchers), words(vocab)] int32, contiguous) ← what matcher k allows next.
 
     One llguidance call for the batch, so the GIL is dropped and retaken once: a loop retakes it after
@@ -160,7 +164,7 @@ def fill_masks(matchers: list[Matcher], mask: torch.Tensor) -> None:
     _check_bitmask(mask)
     try:
         _executor().unsafe_compute_mask_ptr(
-            [(m._m, k) for k, m in enumerate(matchers)], mask.data_ptr(), mask.shape[1] * 4, mask.shape[0]
+            [(m._m, k) for k, m in enumerate(matchers)], mask.ctypes.data, mask.shape[1] * 4, mask.shape[0]
         )
     except Exception:
         for k, m in enumerate(matchers):
