@@ -12,6 +12,9 @@ benchmarks/recorded/peers.json.
     .venv/bin/python benchmarks/peers.py [--peers tailserve,llamacpp,vllm] [--concurrency 1,8,16] [--rounds 3]
         [--model gemma3-270m]
 
+`--against DIR` adds a peer "baseline": tailserve from another checkout's `src` (a baseline commit), in the
+same alternating rounds, so a change to the serving path is measured side by side with what it changes.
+
 TAILSERVE_CPU_TIER=avx2 LLAMA_CPU_TIER=avx2 VLLM_CPU_TIER=avx2 caps all three servers to AVX2.
 
 Every server serves the same GGUF (`--model`, a name ceilings.MODELS knows; tailserve gets it as
@@ -35,14 +38,21 @@ from tailserve.bench.stats import dist
 from tailserve.layers import kernels
 from tailserve.models.loader import resolve_model
 
-PORTS = {"tailserve": 8100, "llamacpp": 8101, "vllm": 8102}
+PORTS = {"tailserve": 8100, "llamacpp": 8101, "vllm": 8102, "baseline": 8103}
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
-def server_cmd(name: str, gguf: str, extra: list[str], model: str) -> list[str]:
+def server_cmd(name: str, gguf: str, extra: list[str], model: str, against: Path | None = None) -> list[str]:
     port = str(PORTS[name])
     if name == "tailserve":
         return tailserve_cmd(PORTS[name], "--model", model, *extra)
+    if name == "baseline":
+        assert against is not None
+        return [
+            "env",
+            f"PYTHONPATH={against.resolve() / 'src'}",
+            *tailserve_cmd(PORTS[name], "--model", model, *extra),
+        ]
     if name == "llamacpp":
         return ["bash", str(PEERS / "llama_server.sh"), "serve", gguf, port, "16"]
     return [*vllm_cap(), "bash", str(PEERS / "vllm_cpu.sh"), "serve", gguf, port]
@@ -79,7 +89,7 @@ def pooled(
         "output_tok_s": statistics.median(run["summary"]["throughput"]["output_tok_per_s"] for run in rounds),
         "prompt_tokens_mean": statistics.fmean(run["summary"]["tokens"]["prompt"]["mean"] for run in rounds),
     }
-    return row | shares(name, row, c, ceil, output_tokens, model)
+    return row | shares("tailserve" if name == "baseline" else name, row, c, ceil, output_tokens, model)
 
 
 def main() -> None:
@@ -95,18 +105,19 @@ def main() -> None:
     ap.add_argument(
         "--model", default=DEFAULT_MODEL, choices=list(MODELS), help="the GGUF every server serves"
     )
+    ap.add_argument("--against", type=Path, help="another checkout: its tailserve joins as 'baseline'")
     args = ap.parse_args()
     gguf = str(resolve_model(args.model))
     levels = [int(c) for c in args.concurrency.split(",")]
     ceil = measure()
     print("ceilings", ceil, flush=True)
-    names = args.peers.split(",")
+    names = args.peers.split(",") + (["baseline"] if args.against else [])
     extra = args.tailserve_args.split()
     runs: dict[str, dict[int, list[dict]]] = {name: {c: [] for c in levels} for name in names}
     with contextlib.ExitStack() as stack:
         urls = {}
         for name in names:
-            cmd, log = server_cmd(name, gguf, extra, args.model), RESULTS / f"{name}.log"
+            cmd, log = server_cmd(name, gguf, extra, args.model, args.against), RESULTS / f"{name}.log"
             urls[name] = stack.enter_context(serving(cmd, PORTS[name], log))
         for c in levels:
             n = max(16, args.requests_per_stream * c)
@@ -128,6 +139,7 @@ def main() -> None:
         out = out.replace("peers", f"peers-{args.model}")
     (RECORDED / out).write_text(json.dumps({"ceilings": ceil, **results}, indent=2))
     cmd = f"python benchmarks/peers.py --peers {args.peers} --rounds {args.rounds} --model {args.model}"
+    cmd += f" --against {args.against}" if args.against else ""
     print(header("tailserve vs peers, chat workload", cmd))
     print(
         f"llama.cpp build: {os.environ.get('LLAMA_CPU_TIER', 'native')}; "
