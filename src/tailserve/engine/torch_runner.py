@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import itertools
 import math
-import mmap
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
+from tailserve.engine import model_runner
 from tailserve.engine.block_manager import BlockTable
 from tailserve.engine.model_runner import RunResult, sample_rows, sampled, sliding_blocks
 from tailserve.engine.scheduler import ScheduledSeq
@@ -19,10 +20,11 @@ from tailserve.models.llama import LlamaModel
 
 
 def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
-    """A zero tensor; on a CPU in an anonymous memory map (engine/model_runner.py's `zeroed`: why)."""
+    """A zero tensor; on a CPU the bytes of engine/model_runner.py's `zeroed` (an anonymous map: why)."""
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    return torch.frombuffer(mmap.mmap(-1, math.prod(shape) * dtype.itemsize), dtype=dtype).view(shape)
+    raw = model_runner.zeroed((math.prod(shape) * dtype.itemsize,), np.uint8)
+    return torch.from_numpy(raw).view(dtype).view(shape)
 
 
 class TorchRunner:
