@@ -32,6 +32,8 @@ SRC = str(Path(__file__).resolve().parents[2] / "src")
 class LiveCluster:
     url: str
     ingress: Any  # the app's handle: replica_states() for tests
+    deploy: Any  # ClusterConfig → the app deployed anew in place with that shape (returns its handle)
+    shape: ClusterConfig  # the shape it was deployed with
 
     @property
     def base_url(self) -> str:
@@ -104,8 +106,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
             ingress_cpus=0.25,
         )
         here = ray.util.get_node_ip_address()
-        handle = serve.run(build(shape, engine, server, MODEL, here), name=APP, route_prefix="/")
-        yield LiveCluster(f"http://127.0.0.1:{port}", handle)
+
+        def deploy(shape: ClusterConfig) -> Any:
+            return serve.run(build(shape, engine, server, MODEL, here), name=APP, route_prefix="/")
+
+        yield LiveCluster(f"http://127.0.0.1:{port}", deploy(shape), deploy, shape)
     finally:
         serve.shutdown()
         ray.shutdown()

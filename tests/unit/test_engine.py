@@ -352,6 +352,24 @@ def test_step_time_model_recovers_affine_cost() -> None:
     assert model.rate(512) == pytest.approx(512 / (0.010 + 0.0005 * 512))
 
 
+def test_step_time_model_keeps_predicting_through_steps_of_one_size() -> None:
+    """A saturated engine runs full-budget steps only: the fit keeps its intercept and its slope
+    follows those steps' time, instead of the prediction going blank while the queue is longest."""
+    model = StepTimeModel()
+    for _ in range(300):
+        model.observe(512, 0.010 + 0.0005 * 512)
+    assert model.rate(512) == 0.0  # one size only, ever: a and b cannot be told apart
+    for tokens in [1, 8, 512, 16, 300, 2, 512, 64] * 4:
+        model.observe(tokens, 0.010 + 0.0005 * tokens)
+    for _ in range(600):  # long enough for the other sizes' weights to decay below the fit's tolerance
+        model.observe(512, 0.010 + 0.0005 * 512)
+        assert model.seconds(512) == pytest.approx(0.010 + 0.0005 * 512, rel=1e-6)
+    assert model.coefficients() == pytest.approx((0.010, 0.0005), rel=1e-3)
+    for _ in range(600):  # the machine got busier: full steps take twice as long
+        model.observe(512, 2 * (0.010 + 0.0005 * 512))
+    assert model.seconds(512) == pytest.approx(2 * (0.010 + 0.0005 * 512), rel=1e-6)
+
+
 def test_stats_refresh_after_abort_without_a_step() -> None:
     eng = tiny_engine(MODEL)
     eng.add_request("a", prompts(12)[5], greedy(50))

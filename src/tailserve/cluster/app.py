@@ -1,11 +1,11 @@
 """The Ray Serve application: the replica deployment (one AsyncEngine each, our router, autoscaling,
 draining) bound under the ingress deployment.
 
-Autoscaling uses Ray Serve's own policy on ongoing requests per replica (`target_ongoing`), not a
-custom one on predicted TTFT: requests in flight are exactly what fills a replica's running slots and
-queue, Ray measures them at every handle with no extra reporting, and its policy already has the
-up/down delays that keep a burst from flapping replicas. Predicted TTFT would scale on a figure the
-engine only has once it has measured a prefill rate, i.e. never for a fresh replica. Scale-down
+Autoscaling uses Ray Serve's own policy on ongoing requests per replica (`target_ongoing`): requests
+in flight are what fills a replica's running slots and queue, Ray measures them at every handle with
+no extra reporting, and its policy has the up/down delays that keep a burst from flapping replicas.
+With `scale_on_ttft`, cluster/autoscale.py's policy also scales up at once when the replicas' predicted
+TTFT passes it (a burst of long prompts fills the queue in time before it does in count). Scale-down
 drains: Ray stops routing to the replica, waits for its requests (up to `shutdown_grace`), then calls
 its `__del__`, which drains what is left as `tailserve serve` does on SIGTERM.
 """
@@ -16,8 +16,9 @@ import dataclasses
 from typing import Any
 
 from ray import serve
-from ray.serve.config import AutoscalingConfig, BackpressureConfig, RequestRouterConfig
+from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, BackpressureConfig, RequestRouterConfig
 
+from tailserve.cluster.autoscale import PredictedTtftPolicy
 from tailserve.cluster.config import REPLICA_DEPLOYMENT, ClusterConfig
 from tailserve.cluster.ingress import Ingress
 from tailserve.cluster.replica import EngineReplica
@@ -56,8 +57,16 @@ def replica_options(cluster: ClusterConfig, engine: EngineConfig, server: Server
             downscale_delay_s=cluster.downscale_delay,
             metrics_interval_s=0.5,
             look_back_period_s=2.0,
+            **({"policy": ttft_policy(cluster.scale_on_ttft)} if cluster.scale_on_ttft else {}),
         )
     return opts
+
+
+def ttft_policy(target_ttft_s: float) -> AutoscalingPolicy:
+    """Ray's policy raised by the replicas' predicted TTFT (cluster/autoscale.py)."""
+    return AutoscalingPolicy(
+        policy_function=PredictedTtftPolicy, policy_kwargs={"target_ttft_s": target_ttft_s}
+    )
 
 
 def build(

@@ -20,6 +20,9 @@ class ClusterConfig:
     # Requests in flight per replica that autoscaling aims at (Ray's target_ongoing_requests).
     target_ongoing: float = 8.0
     upscale_delay: float = 2.0  # seconds load must stay above target before a replica is added
+    # Also scale up, at once, when the replicas' mean predicted TTFT of a new request passes this many
+    # seconds (cluster/autoscale.py); unset: on requests in flight alone.
+    scale_on_ttft: float | None = None
     downscale_delay: float = 30.0  # seconds load must stay below target before one is drained
     max_queued: int = 64  # requests waiting at the ingress when every replica is full; then 429
     load_factor: float = 1.25  # affinity's load bound: no replica above this factor of the mean
@@ -34,6 +37,8 @@ class ClusterConfig:
             raise ValueError(f"--router must be affinity or ray, not {self.router!r}")
         if self.replica_cpus <= 0:
             raise ValueError("--replica-cpus must be > 0")
+        if self.scale_on_ttft is not None and (self.scale_on_ttft <= 0 or self.max_replicas is None):
+            raise ValueError("--scale-on-ttft takes seconds > 0, and --max-replicas to scale up to")
 
     @property
     def enabled(self) -> bool:

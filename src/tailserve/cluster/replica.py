@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from tailserve.cluster.asgi import Start, play
+from tailserve.cluster.autoscale import TTFT_METRIC
 from tailserve.config import EngineConfig, ServerConfig
 from tailserve.obs.observer import log_requests_to_stderr
 from tailserve.obs.startup import StartupTimer
@@ -69,6 +70,10 @@ class EngineReplica:
             if isinstance(item, Start):
                 item.headers.append((b"x-tailserve-replica", self.name.encode()))
             yield item
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve calls this every `metrics_interval_s`; cluster/autoscale.py's policy reads it."""
+        return {TTFT_METRIC: routing_stats(self.server)["ttft"] or 0.0}
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Ray Serve calls this every `request_routing_stats_period_s`; the router reads the result."""
