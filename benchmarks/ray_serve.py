@@ -13,11 +13,9 @@
 3. 2 replicas × 1 thread vs 1 replica × 2 threads: output tokens/s at c=16.
 4. Scale-up: autoscaling 1 → 2 replicas under a burst; from Ray's decision (the deployment turns
    UPSCALING) to the new replica RUNNING, i.e. constructed: process, imports, model load, warm-up.
-   With `--scale-on-ttft S`, the decision is cluster/autoscale.py's on the replicas' predicted TTFT
-   alone (Ray's own policy held off by a target and a delay the burst cannot reach).
 
     flock /work/bench.lock .venv/bin/python benchmarks/ray_serve.py [--rounds 3]
-        [--parts overhead,delivery,routing,shapes,scaleup] [--default-path] [--scale-on-ttft S]
+        [--parts overhead,delivery,routing,shapes,scaleup] [--default-path]
 
 The cluster runs on tailserve's data path (cluster/data_path.py: Ray Serve's throughput-optimized mode,
 the ingress replica serving HTTP itself); `--default-path` runs it on Ray Serve's defaults instead
@@ -274,11 +272,6 @@ def main() -> int:
     ap.add_argument("--parts", default="overhead,delivery,routing,shapes,scaleup")
     ap.add_argument("--default-path", action="store_true", help="Ray Serve's default data path")
     ap.add_argument("--tag", default="", help="recorded/ray_serve-TAG.json instead of ray_serve.json")
-    ap.add_argument(
-        "--scale-on-ttft",
-        type=float,
-        help="scaleup: on the replicas' predicted TTFT (seconds) alone, Ray's own policy held off",
-    )
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     from tailserve.cluster import data_path
@@ -408,13 +401,6 @@ def main() -> int:
         if "scaleup" in parts:
             # 4. from the autoscaler's decision to a second replica serving
             scale = {"replicas": 1, "max_replicas": 2, "target_ongoing": 2.0, "upscale_delay": 0.5}
-            if args.scale_on_ttft:
-                scale |= {
-                    "target_ongoing": 1000.0,
-                    "upscale_delay": 60.0,
-                    "scale_on_ttft": args.scale_on_ttft,
-                }
-            results["scale_on_ttft"] = args.scale_on_ttft
             results["scaleup"] = []
             for r in range(args.rounds):
                 deploy(serve, {**scale, "replica_cpus": 1.0, "ingress_cpus": 0.5}, {}, "bench", here)
