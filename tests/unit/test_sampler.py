@@ -6,7 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tailserve.layers.sampler import BLOCK, Sampler, SampleRow, cutoff, draw, filter_top_k_top_p, softmax
+from tailserve.layers.sampler import (
+    BLOCK,
+    Sampler,
+    SampleRow,
+    cutoff,
+    draw,
+    exp_weights,
+    filter_top_k_top_p,
+    softmax,
+)
 from tailserve.sampling import SamplingParams
 
 SAMPLED = SamplingParams(temperature=0.9, top_k=40, top_p=0.95)
@@ -49,9 +58,17 @@ def test_draws_follow_the_weights_and_never_pick_a_zero(n: int) -> None:
     assert close(counts, w / w.sum())
 
 
-def test_top_k_then_top_p_keep_what_the_rule_says() -> None:
-    x = logits_of(1)[0]
-    for top_k, top_p in [(0, 0.9), (50, 1.0), (50, 0.6), (-1, 0.3), (0, 1e-9)]:
+@pytest.mark.parametrize(
+    ("vocab", "scale"),
+    [
+        (1000, 3.0),
+        (49152, 3.0),
+        (49152, 12.0),
+    ],  # beyond CANDIDATES: a flat row (the cut beyond them) and a peaked one
+)
+def test_top_k_then_top_p_keep_what_the_rule_says(vocab: int, scale: float) -> None:
+    x = logits_of(1, vocab)[0] * (scale / 3.0)
+    for top_k, top_p in [(0, 0.9), (50, 1.0), (50, 0.6), (-1, 0.3), (0, 1e-9), (0, 0.99), (2000, 0.95)]:
         kept = np.isfinite(filter_top_k_top_p(x[None], top_k, top_p)[0])
         order = np.argsort(-x)
         if top_k > 0:
@@ -92,3 +109,12 @@ def test_logprobs_are_the_models_before_temperature_and_banned_tokens_never_come
     assert np.isclose(
         out.logprobs[1][0], np.log(softmax(x[1].astype(np.float64))[out.token_ids[1]]), atol=1e-5
     )
+
+
+def test_exp_weights_of_a_peaked_row_avoid_subnormals_and_keep_banned_tokens_at_zero() -> None:
+    row = np.array([0.0, -10.0, -95.0, -np.inf, -300.0], np.float32)
+    w = exp_weights(row, 0.0)
+    assert w.dtype == np.float64  # -95: a subnormal in float32
+    assert w[3] == 0.0 and w[4] > 0.0 and np.allclose(w[:3], np.exp(row[:3].astype(np.float64)))
+    flat = exp_weights(np.array([0.0, -10.0, -79.0], np.float32), 0.0)
+    assert flat.dtype == np.float32 and np.allclose(flat, np.exp([0.0, -10.0, -79.0]))
