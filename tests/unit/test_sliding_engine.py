@@ -144,7 +144,7 @@ def one_pool(eng: LLMEngine) -> LLMEngine:
     """The same engine with every layer's KV in one pool, as before the split: the reference."""
     bm = BlockManager(eng.block_manager.full.num_blocks, eng.config.block_size, eng.config.prefix_cache)
     eng.block_manager = eng.scheduler.bm = bm
-    eng.runner = make_runner(eng.model, bm.num_blocks, eng.config.block_size, eng.dtype, eng.device)
+    eng.runner = make_runner(eng.model, bm.num_blocks, eng.config.block_size)
     return eng
 
 

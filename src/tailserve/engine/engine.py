@@ -77,10 +77,6 @@ class LLMEngine:
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
-        # The fused step: bf16 on the CPU; the PyTorch model (models/llama.py): its own device and dtype.
-        fused = isinstance(model, FusedLlama)
-        self.device = "cpu" if fused else str(next(model.parameters()).device)
-        self.dtype = "bfloat16" if fused else str(model.embed.dtype).removeprefix("torch.")
         mc = model.config
         longest = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         plan = pools_for(model, config, longest)  # one KV pool, or two (kv_pools.py)
@@ -100,9 +96,7 @@ class LLMEngine:
             long_prefill_threshold=config.long_prefill_threshold,
             priority_aging=config.priority_aging,
         )
-        self.runner = make_runner(
-            model, num_blocks, config.block_size, self.dtype, self.device, plan.sliding_blocks
-        )
+        self.runner = make_runner(model, num_blocks, config.block_size, plan.sliding_blocks)
         self.sampler = Sampler(config.seed)
         # A model may pad its vocabulary past the tokenizer's: those ids must never be sampled.
         self.num_sampleable = min(mc.vocab_size, getattr(tokenizer, "vocab_size", mc.vocab_size))

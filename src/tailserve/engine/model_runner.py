@@ -97,15 +97,22 @@ def sampled(batch: list[ScheduledSeq]) -> list[ScheduledSeq]:
     return [s for s in batch if s.seq.num_computed + s.num_new_tokens == s.seq.num_tokens]
 
 
-def make_runner(
-    model: Any, num_blocks: int, block_size: int, dtype: str, device: str, sliding_blocks: int = 0
-) -> Any:
+def pool_shapes(model: Any, num_blocks: int, block_size: int, sliding_blocks: int) -> list[tuple[int, ...]]:
+    """Each layer's K (or V) pool shape: the sliding layers' hold `sliding_blocks` when it is not 0."""
+    c = model.config
+    return [
+        model.kv_cache_shape(sliding_blocks if sliding_blocks and c.is_sliding(i) else num_blocks, block_size)
+        for i in range(c.num_layers)
+    ]
+
+
+def make_runner(model: Any, num_blocks: int, block_size: int, sliding_blocks: int = 0) -> Any:
     """The runner of a model: this module's for the fused step, else the PyTorch one (imported only then)."""
     if isinstance(model, FusedLlama):
         return ModelRunner(model, num_blocks, block_size, sliding_blocks)
     from tailserve.engine.torch_runner import TorchRunner
 
-    return TorchRunner(model, num_blocks, block_size, dtype, device, sliding_blocks)
+    return TorchRunner(model, num_blocks, block_size, sliding_blocks)
 
 
 class ModelRunner:
@@ -116,11 +123,7 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.split = sliding_blocks > 0  # the sliding layers' KV in a pool of their own
-        c = model.config
-        shapes = [
-            model.kv_cache_shape(sliding_blocks if self.split and c.is_sliding(i) else num_blocks, block_size)
-            for i in range(c.num_layers)
-        ]
+        shapes = pool_shapes(model, num_blocks, block_size, sliding_blocks)
         self.kv_caches = [(zeroed(shape, KV_DTYPE), zeroed(shape, KV_DTYPE)) for shape in shapes]
         self._caches = model.caches([k for k, _ in self.kv_caches], [v for _, v in self.kv_caches])
 

@@ -13,43 +13,32 @@ import torch
 
 from tailserve.engine import model_runner
 from tailserve.engine.block_manager import BlockTable
-from tailserve.engine.model_runner import RunResult, sample_rows, sampled, sliding_blocks
+from tailserve.engine.model_runner import RunResult, pool_shapes, sample_rows, sampled, sliding_blocks
 from tailserve.engine.scheduler import ScheduledSeq
 from tailserve.layers.attention import AttentionMetadata, PrefillChunk
 from tailserve.models.llama import LlamaModel
 
 
-def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
+def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zero tensor; on a CPU the bytes of engine/model_runner.py's `zeroed` (an anonymous map: why)."""
-    if torch.device(device).type != "cpu":
+    if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     raw = model_runner.zeroed((math.prod(shape) * dtype.itemsize,), np.uint8)
     return torch.from_numpy(raw).view(dtype).view(shape)
 
 
 class TorchRunner:
-    def __init__(
-        self,
-        model: LlamaModel,
-        num_blocks: int,
-        block_size: int,
-        dtype: str,
-        device: str,
-        sliding_blocks: int = 0,
-    ) -> None:
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, sliding_blocks: int = 0) -> None:
+        """The KV pool in the model's own activation dtype, on its device."""
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.split = sliding_blocks > 0  # the sliding layers' KV in a pool of their own
-        self.device = torch.device(device)
-        c = model.config
-        shapes = [
-            model.kv_cache_shape(sliding_blocks if self.split and c.is_sliding(i) else num_blocks, block_size)
-            for i in range(c.num_layers)
-        ]
-        torch_dtype = getattr(torch, dtype)
+        self.device = next(model.parameters()).device
+        shapes = pool_shapes(model, num_blocks, block_size, sliding_blocks)
+        dtype = model.embed.dtype
         self.kv_caches = [
-            (zeroed(shape, torch_dtype, device), zeroed(shape, torch_dtype, device)) for shape in shapes
+            (zeroed(shape, dtype, self.device), zeroed(shape, dtype, self.device)) for shape in shapes
         ]
 
     @torch.inference_mode()

@@ -10,7 +10,7 @@ from tailserve.layers import kernels
 from tailserve.layers.kernels import TsLinear
 
 
-def packed_linear(
+def _c_linear(
     kind: int, w: torch.Tensor, s: torch.Tensor | None, n: int, k: int, group: int = 0
 ) -> TsLinear:
     """A packed weight's C view (kinds: csrc/linear.h); the tensors must outlive it."""
@@ -32,13 +32,13 @@ def packed_linear(
 
 
 def linear(
-    kind: int, w: torch.Tensor, s: torch.Tensor | None, n: int, x: torch.Tensor, group: int = 0
+    kind: int, w: torch.Tensor, s: torch.Tensor | None, n: int, x: torch.Tensor, group: int
 ) -> torch.Tensor:
     """x [M, K] bf16 @ W.T for the packed W: [M, n] bf16."""
     if x.dtype != torch.bfloat16 or not x.is_contiguous() or x.dim() != 2:
         raise RuntimeError("x must be contiguous bf16 [M, in_features]")
     y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
-    lin = packed_linear(kind, w, s, n, x.shape[1], group)
+    lin = _c_linear(kind, w, s, n, x.shape[1], group)
     kernels.ops().call("ts_linear", lin, x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
     return y
 

@@ -48,6 +48,16 @@ class Linear(nn.Module, ABC):
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         """[M, in_features] → [M, out_features]."""
 
+    def kernel_weight(self) -> tuple[int, torch.Tensor, torch.Tensor | None, int]:
+        """(kind, packed buffer, scales, group) as the C++ linears take them (csrc/linear.h), on the
+        kernel and vnni backends: this layer's own calls and the fused step's packing read them."""
+        raise TypeError(f"{type(self).__name__} on the {self.backend} backend has no C++ packed weight")
+
+    def _kernel_mm(self, x: torch.Tensor) -> torch.Tensor:
+        kind, w, s, group = self.kernel_weight()
+        y = kernel_ops.linear(kind, w, s, self.out_features, x.to(torch.bfloat16).contiguous(), group)
+        return y.to(x.dtype)
+
     def extra_repr(self) -> str:
         return f"{self.in_features}→{self.out_features}, backend={self.backend}"
 
@@ -65,10 +75,11 @@ class DenseLinear(Linear):
         else:
             self.weight = nn.Parameter(weight, requires_grad=False)
 
+    def kernel_weight(self) -> tuple[int, torch.Tensor, torch.Tensor | None, int]:
+        return (BF16, self.packed, None, 0) if self.backend == "kernel" else super().kernel_weight()
+
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "kernel":
-            return kernel_ops.linear(BF16, self.packed, None, self.out_features, x.contiguous())
-        return F.linear(x, self.weight)
+        return self._kernel_mm(x) if self.backend == "kernel" else F.linear(x, self.weight)
 
 
 class Int8Linear(Linear):
@@ -86,10 +97,12 @@ class Int8Linear(Linear):
             self.register_buffer("q", q)
             self.register_buffer("scale", scale.to(dtype))
 
+    def kernel_weight(self) -> tuple[int, torch.Tensor, torch.Tensor | None, int]:
+        return (INT8, self.packed, self.scale, 0) if self.backend == "kernel" else super().kernel_weight()
+
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "kernel":
-            xb = x.to(torch.bfloat16).contiguous()
-            return kernel_ops.linear(INT8, self.packed, self.scale, self.out_features, xb).to(x.dtype)
+            return self._kernel_mm(x)
         if self.backend == "torch":
             return torch._weight_int8pack_mm(x.contiguous(), self.q, self.scale)
         return F.linear(x, self.q.to(x.dtype)) * self.scale
@@ -122,13 +135,14 @@ class Int4Linear(Linear):
             self.register_buffer("q", q)
             self.register_buffer("scales", torch.stack([scale, lo]))
 
+    def kernel_weight(self) -> tuple[int, torch.Tensor, torch.Tensor | None, int]:
+        if self.backend not in ("kernel", "vnni"):
+            return super().kernel_weight()
+        return VNNI_INT4 if self.backend == "vnni" else INT4, self.packed, self.scales, self.group
+
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend in ("kernel", "vnni"):
-            xb = x.to(torch.bfloat16).contiguous()
-            kind = VNNI_INT4 if self.backend == "vnni" else INT4
-            return kernel_ops.linear(kind, self.packed, self.scales, self.out_features, xb, self.group).to(
-                x.dtype
-            )
+            return self._kernel_mm(x)
         if self.backend == "torch":
             xb = x.to(torch.bfloat16).contiguous()
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, self.group, self.scales)
@@ -158,11 +172,14 @@ class Int8GroupLinear(Linear):
             self.register_buffer("q", q)
             self.register_buffer("scale", scale)
 
+    def kernel_weight(self) -> tuple[int, torch.Tensor, torch.Tensor | None, int]:
+        if self.backend != "vnni":
+            return super().kernel_weight()
+        return VNNI_INT8, self.packed, self.scales, self.group
+
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "vnni":
-            xb = x.to(torch.bfloat16).contiguous()
-            y = kernel_ops.linear(VNNI_INT8, self.packed, self.scales, self.out_features, xb, self.group)
-            return y.to(x.dtype)
+            return self._kernel_mm(x)
         return F.linear(x, quant.dequantize_int8_groups(self.q, self.scale).to(x.dtype))
 
 

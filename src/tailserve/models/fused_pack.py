@@ -8,19 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tailserve.layers.linear import (
-    BF16,
-    INT4,
-    INT8,
-    VNNI_INT4,
-    VNNI_INT8,
-    DenseLinear,
-    Int4Linear,
-    Int8GroupLinear,
-    Int8Linear,
-    Linear,
-    make_linear,
-)
+from tailserve.layers.linear import make_linear
 from tailserve.models.fused import SWIGLU_HALF, PackedLayer, PackedLinear, PackedModel
 from tailserve.models.llama import _layer_weights, rope_tables
 from tailserve.models.loader import ModelConfig
@@ -41,20 +29,10 @@ def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def packed_linear(weight: torch.Tensor, quantization: str) -> PackedLinear:
     """One source weight [out, in] quantized and packed for the C++ linears (kinds: csrc/linear.h)."""
-    layer: Linear = make_linear(weight, quantization, torch.bfloat16, vnni=True)
-    assert layer.backend in ("kernel", "vnni"), "the fused step needs the C++ linears"
-    n, k = layer.out_features, layer.in_features
-    if isinstance(layer, DenseLinear):
-        return PackedLinear(BF16, _array(layer.packed).view(np.uint8), None, n, k, 0)
-    if isinstance(layer, Int8Linear):
-        return PackedLinear(INT8, _array(layer.packed).view(np.uint8), _array(layer.scale), n, k, 0)
-    if isinstance(layer, Int8GroupLinear):
-        return PackedLinear(
-            VNNI_INT8, _array(layer.packed).view(np.uint8), _array(layer.scales), n, k, layer.group
-        )
-    assert isinstance(layer, Int4Linear)
-    kind = VNNI_INT4 if layer.backend == "vnni" else INT4
-    return PackedLinear(kind, _array(layer.packed).view(np.uint8), _array(layer.scales), n, k, layer.group)
+    layer = make_linear(weight, quantization, torch.bfloat16, vnni=True)
+    kind, w, s, group = layer.kernel_weight()  # (the fused step needs the C++ linears)
+    scales = None if s is None else _array(s)
+    return PackedLinear(kind, _array(w).view(np.uint8), scales, layer.out_features, layer.in_features, group)
 
 
 def norm_weight(config: ModelConfig, w: torch.Tensor) -> np.ndarray:
