@@ -3,10 +3,12 @@ test, with the tiny random-weight model served on it as the `tailserve serve --r
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,40 @@ class LiveCluster:
             assert time.monotonic() - t0 < timeout, f"{self.running_replicas()} replicas, not {n}"
             time.sleep(0.2)
         return time.monotonic() - t0
+
+
+def sustained_burst(
+    url: str,
+    body: dict,
+    workers: int,
+    until: Callable[[], float],
+    check: Callable[[Any], None] = lambda r: None,
+) -> tuple[float, Counter[int]]:
+    """`workers` clients posting `body` to `url` back to back (0.2 s apart after an answer other than
+    200, each answer passed to `check`) until `until()` returns: its result, and the statuses seen."""
+    import httpx
+
+    statuses: Counter[int] = Counter()
+
+    async def worker(client: httpx.AsyncClient, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            r = await client.post(url, json=body)
+            statuses[r.status_code] += 1
+            check(r)
+            if r.status_code != 200:
+                await asyncio.sleep(0.2)
+
+    async def main() -> float:
+        stop = asyncio.Event()
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=100)) as client:
+            tasks = [asyncio.create_task(worker(client, stop)) for _ in range(workers)]
+            try:
+                return await asyncio.to_thread(until)
+            finally:
+                stop.set()
+                await asyncio.gather(*tasks)
+
+    return asyncio.run(main()), statuses
 
 
 def _free_port() -> int:

@@ -15,7 +15,7 @@ import httpx
 import openai
 import ray
 
-from tests.cluster.conftest import MODEL, LiveCluster
+from tests.cluster.conftest import MODEL, LiveCluster, sustained_burst
 
 REPLICA = "x-tailserve-replica"
 
@@ -204,29 +204,15 @@ def test_killed_replica_requests_are_resent(cluster: LiveCluster) -> None:
 def test_burst_scales_up_then_down_when_idle(cluster: LiveCluster) -> None:
     cluster.wait_replicas(2, timeout=60)
     body = {"model": MODEL, "prompt": "burst", "max_tokens": 300, "ignore_eos": True}
-    statuses: Counter[int] = Counter()
 
-    async def worker(client: httpx.AsyncClient, stop: asyncio.Event) -> None:
-        while not stop.is_set():  # a sustained burst: the load lasts until the new replica serves
-            r = await client.post(cluster.base_url + "/completions", json=body)
-            statuses[r.status_code] += 1
-            if r.status_code == 429:  # the cluster's (all full), or a replica's own admission
-                assert (
-                    r.json()["error"]["code"] in ("cluster_full", "queue_full") and r.headers["retry-after"]
-                )
-                await asyncio.sleep(0.2)
+    def refused_as_full(r: httpx.Response) -> None:
+        if r.status_code == 429:  # the cluster's (all full), or a replica's own admission
+            assert r.json()["error"]["code"] in ("cluster_full", "queue_full") and r.headers["retry-after"]
 
-    async def main() -> float:
-        stop = asyncio.Event()
-        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=100)) as client:
-            tasks = [asyncio.create_task(worker(client, stop)) for _ in range(48)]
-            try:
-                return await asyncio.to_thread(cluster.wait_replicas, 3, 90)
-            finally:
-                stop.set()
-                await asyncio.gather(*tasks)
-
-    scale_up = asyncio.run(main())
+    # A sustained burst: the load lasts until the new replica serves.
+    scale_up, statuses = sustained_burst(
+        cluster.base_url + "/completions", body, 48, lambda: cluster.wait_replicas(3, 90), refused_as_full
+    )
     init = max(s["init_s"] for s in cluster.states())
     print(
         f"scale-up: {scale_up:.1f} s from the burst to 3 replicas serving; a replica's own start {init:.2f} s"

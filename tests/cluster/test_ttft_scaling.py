@@ -3,14 +3,13 @@ folder: it deploys the shared app anew with a shape no other test expects."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import replace
 
 import httpx
 
 from tailserve.cluster import data_path
-from tests.cluster.conftest import MODEL, LiveCluster
+from tests.cluster.conftest import MODEL, LiveCluster, sustained_burst
 
 
 def ingress_after_redeploy(cluster: LiveCluster, timeout: float) -> str:
@@ -46,22 +45,5 @@ def test_a_backed_up_queue_scales_up_on_predicted_ttft_alone(cluster: LiveCluste
     cluster.wait_replicas(2, timeout=60)
     base_url = ingress_after_redeploy(cluster, timeout=60)
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 40, "ignore_eos": True}
-
-    async def worker(client: httpx.AsyncClient, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            r = await client.post(base_url + "/completions", json=body)
-            if r.status_code != 200:
-                await asyncio.sleep(0.1)
-
-    async def main() -> float:
-        stop = asyncio.Event()
-        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as client:
-            tasks = [asyncio.create_task(worker(client, stop)) for _ in range(32)]
-            try:
-                return await asyncio.to_thread(cluster.wait_replicas, 3, 45)
-            finally:
-                stop.set()
-                await asyncio.gather(*tasks)
-
-    took = asyncio.run(main())
+    took, _ = sustained_burst(base_url + "/completions", body, 32, lambda: cluster.wait_replicas(3, 90))
     print(f"scale-up on predicted TTFT ({4 * idle * 1e3:.0f} ms): {took:.1f} s from the burst to 3 replicas")
