@@ -8,7 +8,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,6 +33,9 @@ from tailserve.layers.sampler import Sampler, SampleRow
 from tailserve.models.fused import FusedLlama
 from tailserve.sampling import SamplingParams
 from tailserve.structured.grammar import Grammar
+
+if TYPE_CHECKING:  # the PyTorch model: imported only where it is served (engine/load.py)
+    from tailserve.models.llama import LlamaModel
 
 log = logging.getLogger("tailserve.engine")
 
@@ -67,7 +70,7 @@ class LLMEngine:
     def __init__(
         self,
         config: EngineConfig,
-        model: Any,
+        model: FusedLlama | LlamaModel,
         tokenizer=None,
         draft: FusedLlama | None = None,
     ) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tailserve.config import EngineConfig
 from tailserve.engine.engine import LLMEngine
@@ -21,6 +21,9 @@ from tailserve.models.loader import load_config, load_config_and_weights, resolv
 from tailserve.models.meta_cache import cached_config, cached_tokenizer
 from tailserve.obs.startup import StartupTimer
 from tailserve.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # imported by load_torch_model alone: the fused path never imports torch
+    from tailserve.models.llama import LlamaModel
 
 log = logging.getLogger("tailserve.engine")
 
@@ -107,7 +110,9 @@ def load_draft(name: str, target_path: Path, threads: int, weight_cache: bool) -
     return draft
 
 
-def load_torch_model(path: Path, config: EngineConfig, device: str, dtype: str, quantization: str) -> Any:
+def load_torch_model(
+    path: Path, config: EngineConfig, device: str, dtype: str, quantization: str
+) -> LlamaModel:
     """The PyTorch model (models/llama.py): the one path that imports torch to serve."""
     import torch
 
@@ -140,7 +145,7 @@ def load_engine(config: EngineConfig, timer: StartupTimer | None = None) -> LLME
     # A draft model is named, or "layers:N" (the default) takes the target's own first layers.
     draft_name = config.draft_model or ""
     separate = config.speculative == "draft" and draft_name != "" and not draft_name.startswith("layers:")
-    model: Any
+    model: FusedLlama | LlamaModel
     draft: FusedLlama | None = None
     if fused:
         tier = kernels.active_tier()  # built once per tier and cached; loaded here

@@ -14,7 +14,7 @@ import itertools
 import math
 import mmap
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,6 +25,10 @@ from tailserve.engine.scheduler import ScheduledSeq
 from tailserve.engine.sequence import Sequence
 from tailserve.models.fused import KV_DTYPE, FusedLlama
 
+if TYPE_CHECKING:  # the PyTorch side: imported only where it runs
+    from tailserve.engine.torch_runner import TorchRunner
+    from tailserve.models.llama import LlamaModel
+
 
 @dataclass
 class RunResult:
@@ -33,17 +37,17 @@ class RunResult:
     rows: list[int]  # the first logits row of each of them
 
 
-def kv_itemsize(model: Any) -> int:
+def kv_itemsize(model: FusedLlama | LlamaModel) -> int:
     """Bytes per KV element: the fused step's bf16, or the PyTorch model's activation dtype."""
     return np.dtype(KV_DTYPE).itemsize if isinstance(model, FusedLlama) else model.embed.dtype.itemsize
 
 
-def kv_bytes_per_block(model: Any, block_size: int) -> int:
+def kv_bytes_per_block(model: FusedLlama | LlamaModel, block_size: int) -> int:
     c = model.config
     return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * kv_itemsize(model)
 
 
-def pools_for(model: Any, config: EngineConfig, max_model_len: int) -> PoolPlan:
+def pools_for(model: FusedLlama | LlamaModel, config: EngineConfig, max_model_len: int) -> PoolPlan:
     """The engine's KV budget (`kv_cache_memory` GiB) as this model's pools (engine/kv_pools.py)."""
     c = model.config
     try:
@@ -97,7 +101,9 @@ def sampled(batch: list[ScheduledSeq]) -> list[ScheduledSeq]:
     return [s for s in batch if s.seq.num_computed + s.num_new_tokens == s.seq.num_tokens]
 
 
-def pool_shapes(model: Any, num_blocks: int, block_size: int, sliding_blocks: int) -> list[tuple[int, ...]]:
+def pool_shapes(
+    model: FusedLlama | LlamaModel, num_blocks: int, block_size: int, sliding_blocks: int
+) -> list[tuple[int, ...]]:
     """Each layer's K (or V) pool shape: the sliding layers' hold `sliding_blocks` when it is not 0."""
     c = model.config
     return [
@@ -106,7 +112,9 @@ def pool_shapes(model: Any, num_blocks: int, block_size: int, sliding_blocks: in
     ]
 
 
-def make_runner(model: Any, num_blocks: int, block_size: int, sliding_blocks: int = 0) -> Any:
+def make_runner(
+    model: FusedLlama | LlamaModel, num_blocks: int, block_size: int, sliding_blocks: int = 0
+) -> ModelRunner | TorchRunner:
     """The runner of a model: this module's for the fused step, else the PyTorch one (imported only then)."""
     if isinstance(model, FusedLlama):
         return ModelRunner(model, num_blocks, block_size, sliding_blocks)

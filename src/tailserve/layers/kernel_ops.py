@@ -10,9 +10,7 @@ from tailserve.layers import kernels
 from tailserve.layers.kernels import TsLinear
 
 
-def _c_linear(
-    kind: int, w: torch.Tensor, s: torch.Tensor | None, n: int, k: int, group: int = 0
-) -> TsLinear:
+def _c_linear(kind: int, w: torch.Tensor, s: torch.Tensor | None, n: int, k: int, group: int) -> TsLinear:
     """A packed weight's C view (kinds: csrc/linear.h); the tensors must outlive it."""
     assert w.is_contiguous() and (s is None or s.is_contiguous()), "packed weights are contiguous"
     if s is not None and kind == 1:
