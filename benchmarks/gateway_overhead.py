@@ -6,8 +6,10 @@ All three endpoints are up at once in front of ONE `tailserve serve`; each round
 prompts in the same order), the endpoints' order reversed every other round so the machine's drift
 hits all alike; before each, one unrecorded pass of the same prompts warms the backend's prefix cache
 for all three alike. Reported, pooled over rounds: TTFT p50/p99 and ITL p50 per endpoint, the added TTFT
-(p50 and p99 differences to direct) and, at concurrency 1, the median of per-request differences
-(same prompt, same position in the run).
+(p50 and p99 differences to direct, each with a 95 % interval from resampling whole rounds: on a
+2-core machine the difference moves between runs by as much as the gateway's targets, and one run's
+figure says nothing without it) and the median of per-request differences (same prompt, same position
+in the run).
 
 LiteLLM lives in its own venv ($PEERS_HOME/litellm-venv, default /tmp/tailserve-peers), made on first
 use with `pip install 'litellm[proxy]'`, so its pins never touch ours.
@@ -27,7 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness import RECORDED, RESULTS, closed_loop, header, serving, tailserve_cmd
+from harness import RECORDED, RESULTS, added_interval, closed_loop, header, quantile, serving, tailserve_cmd
 
 MODEL = "smollm2-135m-instruct"
 PORTS = {"backend": 8130, "direct": 8130, "gateway": 8131, "litellm": 8132}
@@ -72,11 +74,6 @@ def pooled(runs: list[dict], key: str) -> list[float]:
             value = r[key]
             out.extend(value if isinstance(value, list) else [value])
     return out
-
-
-def q(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p * len(xs)))]
 
 
 def paired_ttft(a: list[dict], b: list[dict]) -> list[float]:
@@ -150,24 +147,31 @@ def main() -> None:
             ttft, itl = pooled(runs[name][conc], "ttft_s"), pooled(runs[name][conc], "itl_s")
             failed = sum(len(run["requests"]) - len(pooled([run], "ttft_s")) for run in runs[name][conc])
             summary[f"{name}-c{conc}"] = {
-                "ttft_p50_s": q(ttft, 0.5),
-                "ttft_p99_s": q(ttft, 0.99),
-                "itl_p50_s": q(itl, 0.5),
-                "itl_p99_s": q(itl, 0.99),
+                "ttft_p50_s": quantile(ttft, 0.5),
+                "ttft_p99_s": quantile(ttft, 0.99),
+                "itl_p50_s": quantile(itl, 0.5),
+                "itl_p99_s": quantile(itl, 0.99),
                 "requests_ok": len(ttft),
                 "requests_failed": failed,
             }
             if name != "direct":
-                summary[f"{name}-c{conc}"]["ttft_paired_median_diff_s"] = statistics.median(
+                entry = summary[f"{name}-c{conc}"]
+                entry["ttft_paired_median_diff_s"] = statistics.median(
                     paired_ttft(runs["direct"][conc], runs[name][conc])
                 )
+                base = [pooled([run], "ttft_s") for run in runs["direct"][conc]]
+                other = [pooled([run], "ttft_s") for run in runs[name][conc]]
+                for p, key in ((0.5, "p50"), (0.99, "p99")):
+                    _, low, high = added_interval(base, other, p)
+                    entry[f"ttft_added_{key}_ci95_s"] = [low, high]
     RECORDED.mkdir(parents=True, exist_ok=True)
     (RECORDED / f"gateway_overhead{'-' + args.tag if args.tag else ''}.json").write_text(
         json.dumps({"config": vars(args), "summary": summary}, indent=2)
     )
     print(header("Gateway overhead", "python benchmarks/gateway_overhead.py"))
     print(
-        "| endpoint | conc | ok | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | added p50 | added p99 | paired |"
+        "| endpoint | conc | ok | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | added p50 [95 % CI] "
+        "| added p99 [95 % CI] | paired |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for conc in (1, 16):
@@ -179,7 +183,10 @@ def main() -> None:
             if name == "direct":
                 cells += ["", "", ""]
             else:
-                cells += [f"{(s[k] - d[k]) * 1e3:+.1f} ms" for k in ("ttft_p50_s", "ttft_p99_s")]
+                for key in ("p50", "p99"):
+                    low, high = s[f"ttft_added_{key}_ci95_s"]
+                    added = s[f"ttft_{key}_s"] - d[f"ttft_{key}_s"]
+                    cells.append(f"{added * 1e3:+.1f} ms [{low * 1e3:+.1f}, {high * 1e3:+.1f}]")
                 cells.append(f"{s['ttft_paired_median_diff_s'] * 1e3:+.1f} ms")
             print("| " + " | ".join(cells) + " |")
 

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import signal
 import subprocess
 import sys
@@ -162,3 +163,30 @@ def header(title: str, command: str) -> str:
         f"{os.cpu_count()}-core {platform.machine()} ({cpu_name()}), tailserve CPU tier "
         f"{kernels.choose_tier()}, no GPU\n"
     )
+
+
+def quantile(xs: list[float], p: float) -> float:
+    """The `p` quantile of `xs`, the nearest rank below (the benchmarks' one definition)."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))]
+
+
+def added_interval(
+    base: list[list[float]], other: list[list[float]], p: float, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """How much `other` adds to `base` at quantile `p`, pooled over rounds, with a 95 % interval.
+
+    `base[r]` and `other[r]` are round r's samples of the two endpoints (same prompts, alternating
+    order). The interval resamples whole rounds, the pair kept together, so it holds the machine's
+    drift between rounds as well as the sampling noise within them: an estimate whose interval
+    straddles a target neither meets nor misses it. Returns (estimate, low, high)."""
+    rng = random.Random(seed)
+    n = len(base)
+
+    def diff(rounds: list[int]) -> float:
+        a = [x for r in rounds for x in base[r]]
+        b = [x for r in rounds for x in other[r]]
+        return quantile(b, p) - quantile(a, p)
+
+    boots = sorted(diff([rng.randrange(n) for _ in range(n)]) for _ in range(resamples))
+    return diff(list(range(n))), boots[int(0.025 * resamples)], boots[int(0.975 * resamples) - 1]

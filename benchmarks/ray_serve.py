@@ -2,7 +2,8 @@
 
 1. Overhead: one replica behind the Ray Serve ingress vs one `tailserve serve`, same engine flags
    (the default model, 1 engine thread each), streaming completions of 32 tokens at c=1 and c=16;
-   rounds alternate between the two and are pooled: TTFT p50/p99, ITL p50/p99.
+   rounds alternate between the two and are pooled: TTFT p50/p99, ITL p50/p99, and the added TTFT
+   with a 95 % interval from resampling whole rounds (harness.added_interval).
 1b. Delivery: the same two endpoints and load, each request's TTFT split in three by its server's
    request log (found by its X-Request-ID): delivery (client send → the server app has it), the
    engine's own TTFT, and return (first token → client); at c=16, requests of the opening burst apart
@@ -38,6 +39,7 @@ import time
 from pathlib import Path
 
 import httpx
+from harness import added_interval
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
@@ -304,9 +306,11 @@ def main() -> int:
                     "ray": {"ttft": [], "itl": []},
                     "serve": {"ttft": [], "itl": []},
                 }
+                rounds: dict[str, list[list[float]]] = {"ray": [], "serve": []}
                 for name, got in alternate({"ray": ray_url, "serve": plain_url}, args, c):
                     pooled[name]["ttft"] += got["ttft"]
                     pooled[name]["itl"] += got["itl"]
+                    rounds[name].append(got["ttft"])
                 overhead[c] = {
                     n: {
                         "ttft_p50": q(v["ttft"], 0.5),
@@ -316,6 +320,9 @@ def main() -> int:
                     }
                     for n, v in pooled.items()
                 }
+                for p, key in ((0.5, "p50"), (0.99, "p99")):
+                    added, low, high = added_interval(rounds["serve"], rounds["ray"], p)
+                    overhead[c][f"ttft_added_{key}_ms"] = [added * 1000, low * 1000, high * 1000]
                 print(f"c={c}", json.dumps(overhead[c]), flush=True)
             results["overhead"] = overhead
             serve.delete("bench")
