@@ -1,26 +1,29 @@
-"""What the gateway adds: the same tailserve backend measured directly, through `tailserve gateway`,
-and through the LiteLLM proxy (`litellm[proxy]` from PyPI), in one run.
+"""What the gateway adds: the same tailserve backend measured directly, through `tailserve gateway`, and
+through the LiteLLM proxy (`litellm[proxy]` from PyPI), in one run.
 
 All three endpoints are up at once in front of ONE `tailserve serve`; each round runs `tailserve bench
 --workload chat` against each of them at concurrency 1 and 16 (seed = round, so the three see the same
-prompts in the same order), the endpoints' order reversed every other round so the machine's drift
-hits all alike; before each, one unrecorded pass of the same prompts warms the backend's prefix cache
-for all three alike. Reported, pooled over rounds: TTFT p50/p99 and ITL p50 per endpoint, the added TTFT
-(p50 and p99 differences to direct, each with a 95 % interval from resampling whole rounds: on a
-2-core machine the difference moves between runs by as much as the gateway's targets, and one run's
-figure says nothing without it) and the median of per-request differences (same prompt, same position
-in the run).
+prompts in the same order), the endpoints' order cycling through every permutation so that each takes
+each place, and follows each other, equally often (the machine's drift and whatever one run leaves the
+next hit all alike: with the order only reversed, the middle endpoint of three never ran first, and the
+runs just after the warm-up pass were faster); before each, one unrecorded pass of the same prompts
+warms the backend's prefix cache for all three alike. Reported, pooled over rounds: TTFT p50/p99 and ITL
+p50 per endpoint, the added TTFT (p50 and p99 differences to direct, each with a 95 % interval from
+resampling whole rounds: on a 2-core machine the difference moves between runs by as much as the
+gateway's targets, and one run's figure says nothing without it) and the median of per-request
+differences (same prompt, same position in the run).
 
 LiteLLM lives in its own venv ($PEERS_HOME/litellm-venv, default /tmp/tailserve-peers), made on first
 use with `pip install 'litellm[proxy]'`, so its pins never touch ours.
 
-    .venv/bin/python benchmarks/gateway_overhead.py [--rounds 3] [--requests-c1 16] [--requests-c16 64]
+    .venv/bin/python benchmarks/gateway_overhead.py [--rounds 6] [--requests-c1 16] [--requests-c16 64]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import secrets
@@ -87,7 +90,7 @@ def paired_ttft(a: list[dict], b: list[dict]) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=6, help="a multiple of the orders (2 or 6) balances")
     ap.add_argument("--requests-c1", type=int, default=16)
     ap.add_argument("--requests-c16", type=int, default=64)
     ap.add_argument("--output-tokens", type=int, default=64)
@@ -125,8 +128,9 @@ def main() -> None:
                     ready_path="/health/liveliness",  # /v1/models wants the key
                 )
             )
+        orders = list(itertools.permutations(names))
         for r in range(args.rounds):
-            order = names if r % 2 == 0 else names[::-1]
+            order = orders[r % len(orders)]
             for conc, n in ((1, args.requests_c1), (16, args.requests_c16)):
                 # The round's prompts once directly, unrecorded: every endpoint then meets the same warm
                 # prefix cache, and the first one measured is not the one that pays for filling it.
