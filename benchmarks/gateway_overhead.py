@@ -5,13 +5,12 @@ All three endpoints are up at once in front of ONE `tailserve serve`; each round
 --workload chat` against each of them at concurrency 1 and 16 (seed = round, so the three see the same
 prompts in the same order), the endpoints' order cycling through every permutation so that each takes
 each place, and follows each other, equally often (the machine's drift and whatever one run leaves the
-next hit all alike: with the order only reversed, the middle endpoint of three never ran first, and the
-runs just after the warm-up pass were faster); before each, one unrecorded pass of the same prompts
-warms the backend's prefix cache for all three alike. Reported, pooled over rounds: TTFT p50/p99 and ITL
-p50 per endpoint, the added TTFT (p50 and p99 differences to direct, each with a 95 % interval from
-resampling whole rounds: on a 2-core machine the difference moves between runs by as much as the
-gateway's targets, and one run's figure says nothing without it) and the median of per-request
-differences (same prompt, same position in the run).
+next hit all alike: with the order only reversed, the middle endpoint of three never ran first or last);
+before each, one unrecorded pass of the same prompts warms the backend's prefix cache for all three
+alike. Reported, pooled over rounds: TTFT p50/p99 and ITL p50 per endpoint, the added TTFT (p50 and p99
+differences to direct, each with a 95 % interval from resampling whole rounds: on a 2-core machine the
+difference moves between runs by as much as the gateway's targets, and one run's figure says nothing
+without it) and the median of per-request differences (same prompt, same position in the run).
 
 LiteLLM lives in its own venv ($PEERS_HOME/litellm-venv, default /tmp/tailserve-peers), made on first
 use with `pip install 'litellm[proxy]'`, so its pins never touch ours.
