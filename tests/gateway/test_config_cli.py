@@ -159,7 +159,7 @@ def test_spawn_entries_expand_to_replicas_answering_to_the_public_name() -> None
         def __init__(self) -> None:
             self.calls: list[list[str]] = []
 
-        def start(self, args: list[str]) -> str:
+        def start(self, args: list[str], cpus: list[int] | None = None) -> str:
             self.calls.append(args)
             return f"http://127.0.0.1:{9000 + len(self.calls)}"
 
@@ -199,3 +199,61 @@ def test_spawned_process_dies_with_its_parent() -> None:
         time.sleep(0.05)
     os.kill(child, 9)
     pytest.fail("the spawned child outlived its parent")
+
+
+def test_cpu_shares_split_the_cpus_into_disjoint_slices() -> None:
+    from tailserve.gateway.spawn import cpu_shares
+
+    assert cpu_shares([0, 1], 1) == [[0, 1]]
+    assert cpu_shares([0, 1], 2) == [[0], [1]]
+    assert cpu_shares(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert cpu_shares([4, 6, 8], 3) == [[4], [6], [8]]
+    assert cpu_shares([0, 1], 3) == [[0], [1], [0]]  # more replicas than CPUs: one each, in turn
+
+
+def test_spawned_replicas_get_cpus_of_their_own_unless_they_set_their_threads(monkeypatch) -> None:
+    """Replicas left to their default thread count are held to disjoint CPU shares (outside the
+    gateway's own `cpus`); one given `--num-threads` is the user's to place and is not pinned."""
+    from tailserve.gateway import pools
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.cpus: list[list[int] | None] = []
+
+        def start(self, args: list[str], cpus: list[int] | None = None) -> str:
+            self.cpus.append(cpus)
+            return f"http://127.0.0.1:{9000 + len(self.cpus)}"
+
+    monkeypatch.setattr(pools, "usable_cpus", lambda: {0, 1, 2, 3, 4})
+    config = parse_config(
+        {
+            "models": {
+                "a": {"backends": [{"spawn": {"replicas": 2}}]},
+                "b": {"backends": [{"spawn": {"args": ["--num-threads", "3"]}}, {"spawn": {}}]},
+            }
+        }
+    )
+    rec = Recorder()
+    pools.resolve_urls(config, rec)  # type: ignore[arg-type]
+    assert rec.cpus == [[0, 1], [2, 3], None, [4]]
+
+    config.cpus = [0]  # the gateway's own core is left to it
+    rec = Recorder()
+    pools.resolve_urls(config, rec)  # type: ignore[arg-type]
+    assert rec.cpus == [[1, 2], [3], None, [4]]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sched_setaffinity is Linux's")
+def test_a_spawned_child_runs_on_its_share_alone() -> None:
+    from tailserve.gateway.spawn import _child_setup
+
+    cpu = max(os.sched_getaffinity(0))
+    out = subprocess.run(
+        [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+        preexec_fn=_child_setup([cpu]),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert out.stdout.strip() == f"[{cpu}]"

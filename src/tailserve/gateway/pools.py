@@ -7,9 +7,9 @@ import logging
 
 import httpx
 
-from tailserve.gateway.config import GatewayConfig
+from tailserve.gateway.config import GatewayConfig, usable_cpus
 from tailserve.gateway.h1client import Client
-from tailserve.gateway.spawn import Spawned
+from tailserve.gateway.spawn import Spawned, cpu_shares
 from tailserve.gateway.upstream import Pool, Upstream, api_base, list_models, make_client
 from tailserve.routing.backends import Backend
 from tailserve.routing.breaker import BreakerConfig
@@ -28,8 +28,24 @@ def detect_kind(url: str, api_key: str | None = None) -> str:
     return "tailserve" if any(c.get("owned_by") == "tailserve" for c in cards) else "openai"
 
 
+def spawn_cpus(config: GatewayConfig) -> list[int]:
+    """The CPUs spawned backends share: those this process may use, less the gateway's own `cpus` where
+    that leaves any."""
+    usable = sorted(usable_cpus())
+    rest = [c for c in usable if c not in (config.cpus or [])]
+    return rest or usable
+
+
 def resolve_urls(config: GatewayConfig, spawned: Spawned) -> dict[tuple[str, int], list[tuple[str, str]]]:
-    """(model, backend index) → [(url, kind)]: spawns the `spawn:` entries (not waiting for them)."""
+    """(model, backend index) → [(url, kind)]: spawns the `spawn:` entries (not waiting for them), each
+    replica that does not set its own `--num-threads` on a CPU share of its own (spawn.py)."""
+    pinned = [
+        b.spawn.replicas
+        for spec in config.models.values()
+        for b in spec.backends
+        if b.spawn is not None and not _sets_threads(b.spawn.args)
+    ]
+    shares = iter(cpu_shares(spawn_cpus(config), sum(pinned)) if pinned else [])
     out: dict[tuple[str, int], list[tuple[str, str]]] = {}
     for name, spec in config.models.items():
         for i, b in enumerate(spec.backends):
@@ -37,12 +53,20 @@ def resolve_urls(config: GatewayConfig, spawned: Spawned) -> dict[tuple[str, int
                 args = list(b.spawn.args)
                 if not any(a.startswith("--served-model-name") for a in args):
                     args += ["--served-model-name", b.model or name]  # so it answers to the name we send
-                out[name, i] = [(spawned.start(args), "tailserve") for _ in range(b.spawn.replicas)]
+                own = _sets_threads(args)
+                out[name, i] = [
+                    (spawned.start(args, None if own else next(shares)), "tailserve")
+                    for _ in range(b.spawn.replicas)
+                ]
             else:
                 assert b.url is not None
                 kind = detect_kind(b.url, b.api_key) if b.kind == "auto" else b.kind
                 out[name, i] = [(b.url, kind)]
     return out
+
+
+def _sets_threads(args: list[str]) -> bool:
+    return any(a == "--num-threads" or a.startswith("--num-threads=") for a in args)
 
 
 def make_pools(config: GatewayConfig, urls: dict[tuple[str, int], list[tuple[str, str]]]) -> dict[str, Pool]:
