@@ -133,7 +133,8 @@ class GatewayConfig(_Strict):
     poll_interval: float = Field(1.0, ge=0)  # seconds between reads of tailserve backends' load; 0: off
     # The CPUs the gateway runs on (sched_setaffinity). Its one event loop thread, woken twice per
     # request, otherwise moves between cores and starts each request with cold caches: pinned, the hop
-    # costs ~0.2 ms less at one stream (BENCHMARKS.md). Give it a core the backends' engines leave free.
+    # costs ~0.2 ms less at one stream (BENCHMARKS.md). Give it a core the backends' engines leave free
+    # (spawned backends share the other CPUs: spawn.py).
     cpus: list[int] | None = Field(None, min_length=1)
     otel_exporter: Literal["console", "otlp"] | None = None
     retry: RetrySpec = Field(default_factory=RetrySpec)
