@@ -46,6 +46,7 @@ class Fake:
     answers: dict[str, tuple[str, str]] = field(default_factory=dict)
     waiting: float = 0.0  # the queue its /metrics reports
     load: str | None = None  # its X-Tailserve-Load header on answers, and (parsed) its /load JSON
+    starting: int = 0  # /v1/models answers 503 this many times first, as a server loading its model
     requests: list[tuple[dict[str, Any], dict[str, str]]] = field(default_factory=list)
     closed_streams: int = 0  # streams that ended because the other side went away
     url: str = ""
@@ -55,6 +56,9 @@ class Fake:
 
     def app(self) -> Starlette:
         async def models(request: Request) -> Response:
+            if self.starting > 0:
+                self.starting -= 1
+                return JSONResponse({"error": {"message": "loading"}}, status_code=503)
             return JSONResponse({"object": "list", "data": [{"id": self.model, "owned_by": self.owned_by}]})
 
         async def metrics(request: Request) -> Response:

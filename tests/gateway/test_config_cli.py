@@ -257,3 +257,24 @@ def test_a_spawned_child_runs_on_its_share_alone() -> None:
         check=True,
     )
     assert out.stdout.strip() == f"[{cpu}]"
+
+
+def test_a_backend_still_starting_is_waited_for_and_a_broken_one_is_not() -> None:
+    from tailserve.gateway.cli import config_from_backends
+
+    with fakes(Fake(model="alpha", starting=3)) as (f,):
+        with pytest.raises(ConfigError, match="503"):
+            config_from_backends([f.url])  # no wait: the 503 is final
+        assert config_from_backends([f.url], wait=30)["models"]["alpha"]["backends"][0]["url"] == f.url
+    with fakes(Fake(model="alpha")) as (f,):
+        start = time.monotonic()
+        with pytest.raises(ConfigError, match="404"):
+            config_from_backends([f.url + "/nowhere"], wait=30)  # not starting: wrong, and said at once
+        assert time.monotonic() - start < 5
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match="cannot list its models"):
+        config_from_backends([f"http://127.0.0.1:{port}"], wait=1.0)
+    assert 1.0 <= time.monotonic() - start < 10

@@ -8,21 +8,47 @@ import gc
 import logging
 import os
 import signal
+import time
 from collections.abc import Coroutine
 from typing import Any
 
 log = logging.getLogger("tailserve.gateway")
+BACKEND_POLL = 0.5  # seconds between looks at a --backend that is still starting
 
 
-def config_from_backends(urls: list[str], api_key: str | None = None) -> dict[str, Any]:
-    """A config serving every model the backends list in their /v1/models, each on the backends listing it."""
-    from tailserve.gateway.config import ConfigError
+def models_when_up(url: str, api_key: str | None, wait: float) -> list[dict]:
+    """A backend's /v1/models once it answers. One still starting (refusing connections, or a 503
+    while it loads its model: a gateway and its backends are often started together) is waited for up
+    to `wait` seconds; any other failure is final at once."""
+    import httpx
+
     from tailserve.gateway.upstream import list_models
+
+    end = time.monotonic() + wait
+    told = False
+    while True:
+        try:
+            return list_models(url, api_key=api_key)
+        except (httpx.ConnectError, httpx.HTTPStatusError) as e:
+            if isinstance(e, httpx.HTTPStatusError) and e.response.status_code != 503:
+                raise
+            if time.monotonic() >= end:
+                raise
+            if not told:
+                log.info("--backend %s is not up yet (%s); waiting up to %g s for it", url, e, wait)
+                told = True
+            time.sleep(BACKEND_POLL)
+
+
+def config_from_backends(urls: list[str], api_key: str | None = None, wait: float = 0.0) -> dict[str, Any]:
+    """A config serving every model the backends list in their /v1/models, each on the backends listing
+    it; a backend still starting is waited for up to `wait` seconds."""
+    from tailserve.gateway.config import ConfigError
 
     models: dict[str, dict[str, Any]] = {}
     for url in urls:
         try:
-            cards = list_models(url, api_key=api_key)
+            cards = models_when_up(url, api_key, wait)
         except Exception as e:
             raise ConfigError(f"--backend {url}: cannot list its models: {e}") from None
         for card in cards:
@@ -53,7 +79,9 @@ def _gateway(args: argparse.Namespace) -> int:
             config = load_config(args.config)
         else:
             config = parse_config(
-                config_from_backends(args.backend, os.environ.get("TAILSERVE_BACKEND_API_KEY"))
+                config_from_backends(
+                    args.backend, os.environ.get("TAILSERVE_BACKEND_API_KEY"), args.backend_wait
+                )
             )
         overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
         config = config.model_copy(update=overrides)
@@ -127,6 +155,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="an OpenAI-compatible URL (repeatable); serves its models",
+    )
+    p.add_argument(
+        "--backend-wait",
+        type=float,
+        default=300.0,
+        help="seconds to wait for a --backend that is still starting (refusing connections, or 503)",
     )
     p.add_argument("--host", default=None, help="overrides the config's host")
     p.add_argument("--port", type=int, default=None, help="overrides the config's port")
