@@ -4,13 +4,14 @@ through the LiteLLM proxy (`litellm[proxy]` from PyPI), in one run.
 All three endpoints are up at once in front of ONE `tailserve serve`; each round runs `tailserve bench
 --workload chat` against each of them at concurrency 1 and 16 (seed = round, so the three see the same
 prompts in the same order), the endpoints' order cycling through every permutation so that each takes
-each place, and follows each other, equally often (the machine's drift and whatever one run leaves the
-next hit all alike: with the order only reversed, the middle endpoint of three never ran first or last);
-before each, one unrecorded pass of the same prompts warms the backend's prefix cache for all three
-alike. Reported, pooled over rounds: TTFT p50/p99 and ITL p50 per endpoint, the added TTFT (p50 and p99
-differences to direct, each with a 95 % interval from resampling whole rounds: on a 2-core machine the
-difference moves between runs by as much as the gateway's targets, and one run's figure says nothing
-without it) and the median of per-request differences (same prompt, same position in the run).
+each place, and follows each other, equally often (harness.round_order; the machine's drift and whatever
+one run leaves the next hit all alike: with the order only reversed, the middle endpoint of three never
+ran first or last); before each, one unrecorded pass of the same prompts warms the backend's prefix
+cache for all three alike. Reported, pooled over rounds: TTFT p50/p99 and ITL p50 per endpoint, the
+added TTFT (p50 and p99 differences to direct, each with a 95 % interval from resampling whole rounds:
+on a 2-core machine the difference moves between runs by as much as the gateway's targets, and one run's
+figure says nothing without it) and the median of per-request differences (same prompt, same position in
+the run).
 
 LiteLLM lives in its own venv ($PEERS_HOME/litellm-venv, default /tmp/tailserve-peers), made on first
 use with `pip install 'litellm[proxy]'`, so its pins never touch ours.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import os
 import secrets
@@ -31,7 +31,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness import RECORDED, RESULTS, added_interval, closed_loop, header, quantile, serving, tailserve_cmd
+from harness import (
+    RECORDED,
+    RESULTS,
+    added_interval,
+    closed_loop,
+    header,
+    quantile,
+    round_order,
+    serving,
+    tailserve_cmd,
+)
 
 MODEL = "smollm2-135m-instruct"
 PORTS = {"backend": 8130, "direct": 8130, "gateway": 8131, "litellm": 8132}
@@ -127,9 +137,8 @@ def main() -> None:
                     ready_path="/health/liveliness",  # /v1/models wants the key
                 )
             )
-        orders = list(itertools.permutations(names))
         for r in range(args.rounds):
-            order = orders[r % len(orders)]
+            order = round_order(names, r)
             for conc, n in ((1, args.requests_c1), (16, args.requests_c16)):
                 # The round's prompts once directly, unrecorded: every endpoint then meets the same warm
                 # prefix cache, and the first one measured is not the one that pays for filling it.

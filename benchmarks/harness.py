@@ -7,6 +7,7 @@ Every server is stopped by its PID when the block ends; every bench run is bound
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -190,3 +191,15 @@ def added_interval(
 
     boots = sorted(diff([rng.randrange(n) for _ in range(n)]) for _ in range(resamples))
     return diff(list(range(n))), boots[int(0.025 * resamples)], boots[int(0.975 * resamples) - 1]
+
+
+def round_order(names: list[str], r: int) -> list[str]:
+    """Round r's order of the endpoints. Up to three, every permutation in turn: over 2 or 6 rounds
+    each takes each place and follows each other one equally often. Beyond, rotations: each place
+    equally often over len(names) rounds. (Reversing every other round balances two, not three: the
+    middle one never runs first or last.)"""
+    if len(names) <= 3:
+        orders = list(itertools.permutations(names))
+        return list(orders[r % len(orders)])
+    k = r % len(names)
+    return names[k:] + names[:k]

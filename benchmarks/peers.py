@@ -2,8 +2,9 @@
 
 The servers are all started on 127.0.0.1 (an idle one takes ~1 % of a core), then loaded with
 `tailserve bench --workload chat` (64 output tokens, ignore_eos, greedy) at each concurrency for
-`--rounds` rounds, round r with seed r, the servers' order reversed every other round, so the machine's
-drift (it moves 10–30 % over minutes) hits every server alike. Each row pools its rounds' requests:
+`--rounds` rounds, round r with seed r, the servers' order changing every round so that each takes each
+place equally often (harness.round_order), so the machine's drift (it moves 10–30 % over minutes) hits
+every server alike. Each row pools its rounds' requests:
 TTFT and ITL percentiles over all of them (a p99 of one 32-request run is its maximum), throughput the
 median round. Prints a markdown table with ratios against tailserve and each row's share of the
 machine's bandwidth and compute ceilings (ceilings.py, measured first), and writes
@@ -32,7 +33,7 @@ import statistics
 from pathlib import Path
 
 from ceilings import MODELS, measure, shares
-from harness import PEERS, RECORDED, RESULTS, closed_loop, header, serving, tailserve_cmd
+from harness import PEERS, RECORDED, RESULTS, closed_loop, header, round_order, serving, tailserve_cmd
 
 from tailserve.bench.stats import dist
 from tailserve.layers import kernels
@@ -122,7 +123,7 @@ def main() -> None:
         for c in levels:
             n = max(16, args.requests_per_stream * c)
             for rnd in range(args.rounds):
-                for name in names if rnd % 2 == 0 else names[::-1]:
+                for name in round_order(names, rnd):
                     out = RESULTS / f"peers-{name}-c{c}-r{rnd}"
                     run = closed_loop(urls[name], out, "chat", c, n, args.output_tokens, rnd)
                     runs[name][c].append(run)
