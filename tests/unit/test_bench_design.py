@@ -3,15 +3,21 @@ places, and an added-latency interval that covers what it should."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import random
 import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-from harness import added_interval, round_order
+# Loaded from its file, not by putting benchmarks/ on sys.path: its kernels.py would shadow the
+# `kernels` package that transformers imports, for every test after this one.
+_path = Path(__file__).resolve().parents[2] / "benchmarks" / "harness.py"
+_spec = importlib.util.spec_from_file_location("bench_harness", _path)
+assert _spec is not None and _spec.loader is not None
+harness = sys.modules["bench_harness"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
+_spec.loader.exec_module(harness)
+added_interval, round_order = harness.added_interval, harness.round_order
 
 
 def test_every_endpoint_takes_every_place_and_follows_every_other_equally_often() -> None:
