@@ -18,13 +18,14 @@ import argparse
 import json
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from tailserve.config import EngineConfig
 from tailserve.engine.engine import LLMEngine
 from tailserve.layers.attention import AttentionMetadata, PrefillChunk
-from tailserve.models.fused import FusedLlama
+from tailserve.models.fused import KV_DTYPE, FusedLlama
 from tailserve.models.llama import LlamaModel
 from tailserve.models.loader import load_config_and_weights, resolve_model
 from tailserve.sampling import SamplingParams
@@ -70,13 +71,10 @@ def log_probs(model: LlamaModel | FusedLlama, ids: list[int]) -> torch.Tensor:
     c, t = model.config, len(ids)
     if isinstance(model, FusedLlama):
         nblk = -(-t // BLOCK)
-        kv = [
-            torch.zeros(model.kv_cache_shape(nblk, BLOCK), dtype=torch.bfloat16)
-            for _ in range(2 * c.num_layers)
-        ]
-        seqs, tables = torch.tensor([[0, t]]), torch.arange(nblk)[None]
-        lg = model.compute_logits(torch.tensor(ids), seqs, tables, BLOCK, torch.arange(t), kv[::2], kv[1::2])
-        return lg.log_softmax(-1)
+        kv = [np.zeros(model.kv_cache_shape(nblk, BLOCK), KV_DTYPE) for _ in range(2 * c.num_layers)]
+        seqs, tables = np.array([[0, t]]), np.arange(nblk)[None]
+        lg = model.compute_logits(np.array(ids), seqs, tables, BLOCK, np.arange(t), kv[::2], kv[1::2])
+        return torch.from_numpy(lg).log_softmax(-1)
     pools = [
         (
             torch.zeros(t, c.num_kv_heads, c.head_dim, dtype=model.embed.dtype),
