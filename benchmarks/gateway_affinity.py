@@ -29,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-from harness import RECORDED, RESULTS, closed_loop, header, serving, tailserve_cmd
+from harness import RECORDED, RESULTS, closed_loop, header, quantile, serving, tailserve_cmd
 
 MODEL = "smollm2-135m-instruct"
 BACKEND_PORTS = (8170, 8171)
@@ -61,11 +61,6 @@ def choices(log: Path, start: int) -> tuple[list[tuple[str, str, str]], int]:
     """(key, backend, reason) of each choice the gateway logged after byte `start`; and the new end."""
     data = log.read_bytes()
     return [m.groups() for m in ROUTE.finditer(data[start:].decode(errors="replace"))], len(data)
-
-
-def q(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p * len(xs)))]
 
 
 def main() -> None:
@@ -152,8 +147,8 @@ def main() -> None:
             "requests_ok": len(s["ttft"]),
             "requests_failed": s["failed"],
             "prefix_hit_rate": s["hits"] / max(1.0, s["queries"]),
-            "ttft_p50_s": q(s["ttft"], 0.5),
-            "ttft_p99_s": q(s["ttft"], 0.99),
+            "ttft_p50_s": quantile(s["ttft"], 0.5),
+            "ttft_p99_s": quantile(s["ttft"], 0.99),
             "cold_prompt_backend_pairs": s["cold"],
             "choices_by_reason": dict(s["reasons"]),
         }

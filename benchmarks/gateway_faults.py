@@ -18,7 +18,7 @@ import threading
 import time
 
 import httpx
-from harness import RECORDED, RESULTS, bench, header, serving, tailserve_cmd
+from harness import RECORDED, RESULTS, bench, header, quantile, serving, tailserve_cmd
 
 MODEL = "smollm2-135m-instruct"
 PORTS = (8140, 8141)
@@ -27,8 +27,7 @@ STATE_NAMES = {0: "closed", 1: "half-open", 2: "open"}
 
 
 def q(xs: list[float], p: float) -> float | None:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else None
+    return quantile(xs, p) if xs else None
 
 
 class Sampler:

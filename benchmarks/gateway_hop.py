@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from harness import quantile
 
 MODEL = "fake"
 PORT = 8150
@@ -98,11 +99,6 @@ async def one(client: httpx.AsyncClient, url: str, body: bytes) -> tuple[float, 
         r.raise_for_status()
         times = [time.perf_counter() async for _ in r.aiter_raw()]
     return times[0] - start, [b - a for a, b in itertools.pairwise(times)]
-
-
-def q(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p * len(xs)))]
 
 
 def cpu_seconds(url: str) -> float:
@@ -189,10 +185,10 @@ def main() -> None:
     for conc, res in results.items():
         for n, r in res.items():
             summary[f"{n} c={conc}"] = {
-                "ttft_p50_s": q(r["ttft"], 0.5),
-                "ttft_p99_s": q(r["ttft"], 0.99),
-                "itl_p50_s": q(r["itl"], 0.5),
-                "itl_p99_s": q(r["itl"], 0.99),
+                "ttft_p50_s": quantile(r["ttft"], 0.5),
+                "ttft_p99_s": quantile(r["ttft"], 0.99),
+                "itl_p50_s": quantile(r["itl"], 0.5),
+                "itl_p99_s": quantile(r["itl"], 0.99),
                 "n": len(r["ttft"]),
                 "cpu_per_request_s": sum(r["cpu"]) / len(r["cpu"]),
             }

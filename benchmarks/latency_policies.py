@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import RECORDED, RESULTS, header, serving, tailserve_cmd
+from harness import RECORDED, RESULTS, header, quantile, serving, tailserve_cmd
 
 from tailserve.routing.tiers import FeatureRouter
 
@@ -38,8 +38,7 @@ TIER_HEADER = "x-tailserve-tier"
 
 
 def q(xs: list[float], p: float) -> float | None:
-    xs = sorted(xs)
-    return round(xs[min(len(xs) - 1, int(p * len(xs)))], 4) if xs else None
+    return round(quantile(xs, p), 4) if xs else None
 
 
 async def one(client: httpx.AsyncClient, url: str, body: dict, headers: dict[str, str]) -> dict[str, Any]:

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 import httpx
-from harness import added_interval
+from harness import added_interval, quantile
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
@@ -194,8 +194,7 @@ def delivery_split(entries: dict[str, dict], concurrency: int) -> dict[str, dict
 
 
 def q(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p * len(xs)))] * 1000
+    return quantile(xs, p) * 1000  # in ms
 
 
 def completion(prompt: str, tokens: int = 32) -> dict:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import quantile
 
 from tailserve.tokenizer import Tokenizer
 
@@ -169,11 +170,6 @@ class _Vocab:
         return self.tok.encode(s, add_special_tokens=False)
 
 
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -209,8 +205,9 @@ def main() -> None:
             for _ in range(args.repeat):
                 steps += lib.walk(compiled, tokens)
             print(
-                f"  {name:<16}{1e3 * min(compile_s):>11.1f}{len(tokens):>7}{1e6 * pct(steps, 0.5):>13.0f}"
-                f"{1e6 * pct(steps, 0.99):>13.0f}{1e6 * statistics.fmean(steps):>9.0f}"
+                f"  {name:<16}{1e3 * min(compile_s):>11.1f}{len(tokens):>7}"
+                f"{1e6 * quantile(steps, 0.5):>13.0f}{1e6 * quantile(steps, 0.99):>13.0f}"
+                f"{1e6 * statistics.fmean(steps):>9.0f}"
             )
     from tailserve.structured.bitmask import to_bias
 
@@ -235,7 +232,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t0)
-            print(f"{rows:>2} rows, {what:<30} p50 {1e6 * pct(times, 0.5):6.0f} us")
+            print(f"{rows:>2} rows, {what:<30} p50 {1e6 * quantile(times, 0.5):6.0f} us")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ import itertools
 import statistics
 import time
 
+from harness import quantile
+
 from tailserve.config import EngineConfig
 from tailserve.engine.engine import LLMEngine
 from tailserve.sampling import SamplingParams
@@ -101,11 +103,6 @@ def ttft(engine: LLMEngine, compiler: GrammarCompiler, spec: GrammarSpec | None,
     return first
 
 
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -149,9 +146,9 @@ def main() -> None:
         times["warm"].append(ttft(engine, compiler, warm, next(n)))
         cold = GrammarSpec.json_schema(order_schema(next(fresh)))
         times["cold"].append(ttft(engine, compiler, cold, next(n)))
-    base50, base99 = pct(times["none"], 0.5), pct(times["none"], 0.99)
+    base50, base99 = quantile(times["none"], 0.5), quantile(times["none"], 0.99)
     for mode, xs in times.items():
-        p50, p99 = pct(xs, 0.5), pct(xs, 0.99)
+        p50, p99 = quantile(xs, 0.5), quantile(xs, 0.99)
         print(
             f"TTFT {mode:<5} p50 {1e3 * p50:6.1f} ms  p99 {1e3 * p99:6.1f} ms  "
             f"added p50 {1e3 * (p50 - base50):+6.1f} ms  p99 {1e3 * (p99 - base99):+6.1f} ms"

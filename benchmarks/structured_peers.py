@@ -19,7 +19,7 @@ import statistics
 import time
 
 import httpx
-from harness import PEERS, RESULTS, serving, tailserve_cmd
+from harness import PEERS, RESULTS, quantile, serving, tailserve_cmd
 
 from tailserve.models.loader import resolve_model
 
@@ -81,11 +81,6 @@ async def closed_loop(
     return {"ttft": [r["ttft"] for r in results], "tok_s": sum(r["tokens"] for r in results) / wall}
 
 
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--concurrency", default="1,16")
@@ -128,8 +123,8 @@ def main() -> None:
     for (c, constrained, name), row in rows.items():
         print(
             f"| {c} | {'json_schema' if constrained else 'free'} | {name} | "
-            f"{1e3 * pct(row['ttft'], 0.5):.0f} ms | "
-            f"{1e3 * pct(row['ttft'], 0.99):.0f} ms | {statistics.median(row['tok_s']):.1f} |"
+            f"{1e3 * quantile(row['ttft'], 0.5):.0f} ms | "
+            f"{1e3 * quantile(row['ttft'], 0.99):.0f} ms | {statistics.median(row['tok_s']):.1f} |"
         )
 
 
